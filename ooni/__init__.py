@@ -1,0 +1,1 @@
+"""kzprobe.ooni."""
