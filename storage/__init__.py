@@ -1,1 +1,301 @@
-"""kzprobe.storage."""
+"""Storage: every observation, verdict and trace, in SQLite by default (SQLAlchemy 2).
+
+The API is synchronous on purpose.  SQLAlchemy's async layer is asyncio-only, and kzprobe runs
+on trio; the probe engine therefore hands batches to one writer that calls these methods from a
+worker thread (``trio.to_thread.run_sync``).  Each ``add_observations`` call commits, so a run
+killed with ``kill -9`` keeps everything it had measured up to the last completed step.
+
+Default database: ``$KZPROBE_DB`` if set, else ``$XDG_DATA_HOME/kzprobe/kzprobe.db`` (that is
+``~/.local/share/kzprobe/kzprobe.db``).  ``--db`` takes a path or a SQLAlchemy URL.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import create_engine, delete, event, func, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from kzprobe import __version__
+from kzprobe.model import Claim, Observation, Target, Verdict, now
+from kzprobe.storage.models import (
+    SCHEMA_VERSION,
+    Base,
+    Meta,
+    ObservationRow,
+    RunRow,
+    TargetRow,
+    TraceRow,
+    VerdictRow,
+)
+
+__all__ = ["SCHEMA_VERSION", "RunInfo", "StorageError", "Store", "default_db_path", "resolve_db_url"]
+
+
+class StorageError(Exception):
+    """A database that cannot be opened or used; the message is fit for a one-line CLI error."""
+
+
+def default_db_path() -> Path:
+    env = os.environ.get("KZPROBE_DB")
+    if env:
+        return Path(env)
+    base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return base / "kzprobe" / "kzprobe.db"
+
+
+def resolve_db_url(db: str | os.PathLike[str] | None) -> str:
+    """A path or SQLAlchemy URL -> a SQLAlchemy URL; creates the parent folder of a SQLite path."""
+    if db is not None and "://" in str(db):
+        return str(db)
+    path = Path(db) if db is not None else default_db_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(f"{path}: cannot create its folder: {exc.strerror}") from None
+    return f"sqlite:///{path.resolve()}"
+
+
+@dataclass(frozen=True, slots=True)
+class RunInfo:
+    id: int
+    source: str
+    started: float
+    ended: float | None
+    state: str
+    vantage: dict[str, Any]
+    n_targets: int
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    # WAL: readers (kzprobe verdicts, report) never block the writer of a running probe.
+    cur.execute("PRAGMA journal_mode=WAL")
+    # NORMAL is durable across a process kill (the WAL is in the OS); only power loss can lose
+    # the last transactions, which is acceptable for measurements and much faster.
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=10000")
+    cur.close()
+
+
+class Store:
+    """A kzprobe database.  Thread-safe in the sense SQLAlchemy sessions are: one writer."""
+
+    def __init__(self, db: str | os.PathLike[str] | None = None) -> None:
+        self.url = resolve_db_url(db)
+        try:
+            self.engine: Engine = create_engine(self.url)
+            if self.engine.dialect.name == "sqlite":
+                event.listen(self.engine, "connect", _sqlite_pragmas)
+            Base.metadata.create_all(self.engine)
+            self._session = sessionmaker(self.engine, expire_on_commit=False)
+            self._check_schema()
+        except SQLAlchemyError as exc:
+            raise StorageError(f"{self.url}: cannot open the database: {exc.__class__.__name__}: "
+                               f"{str(exc).splitlines()[0]}") from None
+
+    def _check_schema(self) -> None:
+        with self._session.begin() as s:
+            row = s.get(Meta, "schema_version")
+            if row is None:
+                s.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
+            elif int(row.value) > SCHEMA_VERSION:
+                raise StorageError(
+                    f"{self.url}: schema version {row.value} is newer than this kzprobe's "
+                    f"({SCHEMA_VERSION}); upgrade kzprobe"
+                )
+
+    def session(self) -> Session:
+        return self._session()
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # --- writing -------------------------------------------------------------------------------
+    def new_run(
+        self,
+        *,
+        source: str = "live",
+        vantage: dict[str, Any] | None = None,
+        options: dict[str, Any] | None = None,
+        started: float | None = None,
+        software: str = "kzprobe",
+        software_version: str = __version__,
+    ) -> int:
+        with self._session.begin() as s:
+            run = RunRow(
+                source=source,
+                software=software,
+                software_version=software_version,
+                started=started if started is not None else now(),
+                vantage=vantage or {},
+                options=options or {},
+                state="running",
+            )
+            s.add(run)
+            s.flush()
+            return run.id
+
+    def update_vantage(self, run_id: int, **fields: Any) -> None:
+        with self._session.begin() as s:
+            run = s.get(RunRow, run_id)
+            if run is not None:
+                run.vantage = {**run.vantage, **fields}
+
+    def finish_run(self, run_id: int, state: str = "done", ended: float | None = None) -> None:
+        with self._session.begin() as s:
+            run = s.get(RunRow, run_id)
+            if run is not None:
+                run.state = state
+                run.ended = ended if ended is not None else now()
+
+    def add_targets(self, run_id: int, targets: Iterable[Target]) -> None:
+        with self._session.begin() as s:
+            s.add_all(
+                TargetRow(
+                    run_id=run_id,
+                    url=t.url,
+                    domain=t.host,
+                    category=t.category,
+                    claim=t.claim.to_dict() if t.claim else None,
+                )
+                for t in targets
+            )
+
+    def add_observations(self, run_id: int, observations: list[Observation]) -> None:
+        """Store and commit; assigns each observation its ``id``."""
+        if not observations:
+            return
+        with self._session.begin() as s:
+            rows = [
+                ObservationRow(
+                    run_id=run_id,
+                    target=o.target,
+                    step=o.step,
+                    vantage=o.vantage,
+                    source=o.source,
+                    domain=o.domain,
+                    address=o.address,
+                    port=o.port,
+                    t_start=o.t_start,
+                    t_end=o.t_end,
+                    failure=o.failure,
+                    purpose=o.purpose,
+                    attempt=o.attempt,
+                    data=o.data,
+                    packets=o.packets,
+                )
+                for o in observations
+            ]
+            s.add_all(rows)
+            s.flush()
+            for o, row in zip(observations, rows, strict=True):
+                o.id = row.id
+
+    def set_verdicts(self, run_id: int, verdicts: Iterable[Verdict]) -> None:
+        """Replace the run's verdicts (re-classifying a run is idempotent)."""
+        with self._session.begin() as s:
+            s.execute(delete(VerdictRow).where(VerdictRow.run_id == run_id))
+            s.add_all(
+                VerdictRow(
+                    run_id=run_id,
+                    target=v.target,
+                    domain=v.domain,
+                    status=v.status,
+                    mechanism=v.mechanism,
+                    detail=v.detail,
+                    rule=v.rule,
+                    confidence=v.confidence,
+                    sentence=v.sentence,
+                    observations=v.observations,
+                    packets=v.packets,
+                )
+                for v in verdicts
+            )
+
+    def add_trace(self, run_id: int, target: str, result: dict[str, Any]) -> None:
+        with self._session.begin() as s:
+            s.add(TraceRow(run_id=run_id, target=target, result=result))
+
+    # --- reading -------------------------------------------------------------------------------
+    def runs(self) -> list[RunInfo]:
+        with self._session() as s:
+            counts = dict(
+                s.execute(select(TargetRow.run_id, func.count()).group_by(TargetRow.run_id)).tuples().all()
+            )
+            return [
+                RunInfo(r.id, r.source, r.started, r.ended, r.state, r.vantage, counts.get(r.id, 0))
+                for r in s.scalars(select(RunRow).order_by(RunRow.id))
+            ]
+
+    def run(self, run_id: int) -> RunInfo | None:
+        return next((r for r in self.runs() if r.id == run_id), None)
+
+    def latest_run_id(self) -> int | None:
+        with self._session() as s:
+            return s.scalar(select(func.max(RunRow.id)))
+
+    def targets(self, run_id: int) -> list[Target]:
+        with self._session() as s:
+            return [
+                Target(url=r.url, category=r.category, claim=Claim(**r.claim) if r.claim else None)
+                for r in s.scalars(select(TargetRow).where(TargetRow.run_id == run_id).order_by(TargetRow.id))
+            ]
+
+    def observations(self, run_id: int, target: str | None = None) -> list[Observation]:
+        with self._session() as s:
+            q = select(ObservationRow).where(ObservationRow.run_id == run_id)
+            if target is not None:
+                q = q.where(ObservationRow.target == target)
+            return [
+                Observation(
+                    id=r.id,
+                    step=r.step,
+                    target=r.target,
+                    domain=r.domain,
+                    vantage=r.vantage,
+                    source=r.source,
+                    address=r.address,
+                    port=r.port,
+                    t_start=r.t_start,
+                    t_end=r.t_end,
+                    failure=r.failure,
+                    purpose=r.purpose,
+                    attempt=r.attempt,
+                    data=r.data,
+                    packets=list(r.packets or []),
+                )
+                for r in s.scalars(q.order_by(ObservationRow.id))
+            ]
+
+    def verdicts(self, run_id: int) -> list[Verdict]:
+        with self._session() as s:
+            return [
+                Verdict(
+                    target=r.target,
+                    domain=r.domain,
+                    status=r.status,
+                    mechanism=r.mechanism,
+                    detail=r.detail,
+                    rule=r.rule,
+                    confidence=r.confidence,
+                    sentence=r.sentence,
+                    observations=list(r.observations or []),
+                    packets=list(r.packets or []),
+                )
+                for r in s.scalars(select(VerdictRow).where(VerdictRow.run_id == run_id).order_by(VerdictRow.id))
+            ]
+
+    def traces(self, run_id: int) -> list[dict[str, Any]]:
+        with self._session() as s:
+            return [
+                {"target": r.target, **r.result}
+                for r in s.scalars(select(TraceRow).where(TraceRow.run_id == run_id).order_by(TraceRow.id))
+            ]
