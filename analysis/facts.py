@@ -1,0 +1,261 @@
+"""Facts derived from one target's observations: the vocabulary the rules are written in.
+
+Everything here is a pure function of the observations, computed lazily and cached, so that a
+rule reads like the sentence it stands for ("TLS with the target SNI failed at every address
+where TCP worked, and the follow-up with a benign SNI completed").
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from functools import cached_property
+
+from kzprobe import errors as E
+from kzprobe.analysis.bogons import is_bogon
+from kzprobe.model import (
+    CONTROL,
+    FOLLOWUP,
+    PROBE,
+    STEP_DNS,
+    STEP_HTTP,
+    STEP_TCP,
+    STEP_TLS,
+    Observation,
+)
+
+#: Purpose of a TLS handshake made only to check whether a resolved address is genuine for the
+#: domain (e.g. on 443 for an http:// target).  Its successes count; its failures prove nothing.
+DNSCHECK = "dnscheck"
+
+#: Failures that a censor produces by interfering with a flow (as opposed to DNS or TLS
+#: validation failures).
+INTERFERENCE = frozenset({E.CONNECTION_RESET, E.TIMEOUT, E.EOF, E.CONNECTION_ABORTED})
+DNS_FAILURES = frozenset({E.DNS_NXDOMAIN, E.DNS_SERVFAIL, E.DNS_NO_ANSWER, E.DNS_REFUSED, E.TIMEOUT})
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """What the classifier knows beyond one target's observations."""
+
+    #: The vantage point itself has no working network (decided once per run).
+    no_network: bool = False
+    #: A control vantage (helper or DoH) was configured for the run.
+    control_configured: bool = False
+    #: Names of national interception CAs: a chain issued by one is interception, full stop.
+    interception_cas: tuple[str, ...] = (
+        "Qaznet Trust Network",
+        "Information Security Certification Authority",
+        "ISCA",
+    )
+
+
+@dataclass
+class Facts:
+    target: str
+    domain: str
+    observations: list[Observation]
+    context: Context = field(default_factory=Context)
+
+    # --- selections --------------------------------------------------------------------------
+    def _sel(self, step: str, vantage: str, purposes: Iterable[str] = ("measure",)) -> list[Observation]:
+        ps = set(purposes)
+        return [o for o in self.observations if o.step == step and o.vantage == vantage and o.purpose in ps]
+
+    @cached_property
+    def probe_dns(self) -> list[Observation]:
+        return self._sel(STEP_DNS, PROBE)
+
+    @cached_property
+    def control_dns(self) -> list[Observation]:
+        return self._sel(STEP_DNS, CONTROL)
+
+    @cached_property
+    def probe_tcp(self) -> list[Observation]:
+        return self._sel(STEP_TCP, PROBE)
+
+    @cached_property
+    def control_tcp(self) -> list[Observation]:
+        return self._sel(STEP_TCP, CONTROL)
+
+    @cached_property
+    def probe_tls(self) -> list[Observation]:
+        """TLS handshakes with SNI = the target's domain."""
+        return [o for o in self._sel(STEP_TLS, PROBE) if (o.data.get("sni") or o.domain) == self.domain]
+
+    @cached_property
+    def probe_tls_check(self) -> list[Observation]:
+        return self._sel(STEP_TLS, PROBE, (DNSCHECK,))
+
+    @cached_property
+    def probe_tls_followup(self) -> list[Observation]:
+        return self._sel(STEP_TLS, PROBE, (FOLLOWUP,))
+
+    @cached_property
+    def control_tls(self) -> list[Observation]:
+        return self._sel(STEP_TLS, CONTROL)
+
+    @cached_property
+    def probe_http(self) -> list[Observation]:
+        return self._sel(STEP_HTTP, PROBE)
+
+    @cached_property
+    def probe_http_followup(self) -> list[Observation]:
+        return self._sel(STEP_HTTP, PROBE, (FOLLOWUP,))
+
+    @cached_property
+    def control_http(self) -> list[Observation]:
+        return self._sel(STEP_HTTP, CONTROL)
+
+    @cached_property
+    def injected(self) -> list[Observation]:
+        """Observations on which a packet was judged injected (pcap evidence)."""
+        return [o for o in self.observations if o.vantage == PROBE and o.data.get("injected")]
+
+    # --- DNS ---------------------------------------------------------------------------------
+    @cached_property
+    def probe_addresses(self) -> set[str]:
+        return {a for o in self.probe_dns if o.ok for a in o.data.get("addresses", [])}
+
+    @cached_property
+    def control_addresses(self) -> set[str]:
+        return {a for o in self.control_dns if o.ok for a in o.data.get("addresses", [])}
+
+    @cached_property
+    def has_control(self) -> bool:
+        return any(o.vantage == CONTROL for o in self.observations)
+
+    @cached_property
+    def control_resolves(self) -> bool:
+        return bool(self.control_addresses)
+
+    @cached_property
+    def control_dns_failures(self) -> set[str]:
+        return {o.failure for o in self.control_dns if o.failure}
+
+    @cached_property
+    def resolved_by(self) -> dict[str, set[str]]:
+        """address -> the probe resolvers that gave it."""
+        out: dict[str, set[str]] = defaultdict(set)
+        for o in self.probe_dns:
+            if o.ok:
+                for a in o.data.get("addresses", []):
+                    out[a].add(str(o.data.get("resolver", "?")))
+        return out
+
+    @cached_property
+    def probe_resolvers(self) -> set[str]:
+        return {str(o.data.get("resolver", "?")) for o in self.probe_dns}
+
+    def tls_valid_at(self, address: str) -> bool:
+        """A handshake with SNI = domain at ``address`` presented a certificate valid for it."""
+        return any(
+            o.ok and o.address == address and o.data.get("cert_valid") is True
+            for o in self.probe_tls + self.probe_tls_check
+        )
+
+    @cached_property
+    def valid_addresses(self) -> set[str]:
+        """Probe-resolved addresses shown genuine: given by control, or TLS-validated."""
+        return {a for a in self.probe_addresses if a in self.control_addresses or self.tls_valid_at(a)}
+
+    @cached_property
+    def suspect_addresses(self) -> set[str]:
+        """Probe-resolved addresses that evidence says are *not* genuine.
+
+        Needs a reference: control's answer, or another probe resolver whose answer validated.
+        An address is suspect when it is bogon, or absent from the reference and not validated.
+        """
+        reference = self.control_addresses | self.valid_addresses
+        out = set()
+        for a in self.probe_addresses - self.valid_addresses:
+            if is_bogon(a) and a not in self.control_addresses:
+                out.add(a)
+            elif reference and a not in reference:
+                out.add(a)
+        return out
+
+    def dns_obs_for(self, addresses: set[str]) -> list[Observation]:
+        return [o for o in self.probe_dns if set(o.data.get("addresses", [])) & addresses]
+
+    # --- per-address flows --------------------------------------------------------------------
+    def at(self, obs: list[Observation], address: str) -> list[Observation]:
+        return [o for o in obs if o.address == address]
+
+    @cached_property
+    def tcp_ok_addresses(self) -> set[str]:
+        return {o.address for o in self.probe_tcp if o.ok and o.address}
+
+    @cached_property
+    def tcp_tried_addresses(self) -> set[str]:
+        return {o.address for o in self.probe_tcp if o.address}
+
+    @cached_property
+    def control_reaches_site(self) -> bool:
+        """Control fetched the page, or at least completed TLS / TCP to the site."""
+        return (
+            any(o.ok for o in self.control_http)
+            or any(o.ok for o in self.control_tls)
+            or any(o.ok for o in self.control_tcp)
+        )
+
+    @cached_property
+    def control_fails_site(self) -> bool:
+        """Control tried and could not reach the site at all."""
+        if not self.has_control:
+            return False
+        if self.control_dns and not self.control_resolves and self.control_dns_failures:
+            return True
+        tried = self.control_http or self.control_tls or self.control_tcp
+        return bool(tried) and not self.control_reaches_site
+
+    def control_connects(self, address: str) -> bool | None:
+        obs = [o for o in self.control_tcp if o.address == address]
+        if not obs:
+            return None
+        return any(o.ok for o in obs)
+
+    def control_tls_ok(self, address: str | None = None) -> bool | None:
+        obs = [o for o in self.control_tls if address is None or o.address == address]
+        if not obs:
+            return None
+        return any(o.ok for o in obs)
+
+    @cached_property
+    def control_http_ok(self) -> bool | None:
+        if not self.control_http:
+            return None
+        return any(o.ok for o in self.control_http)
+
+    @cached_property
+    def probe_http_ok(self) -> list[Observation]:
+        return [o for o in self.probe_http if o.ok and not o.data.get("blockpage")]
+
+    @cached_property
+    def blockpages(self) -> list[Observation]:
+        return [o for o in self.probe_http if o.data.get("blockpage")]
+
+    @cached_property
+    def network_unreachable_everywhere(self) -> bool:
+        """Every probe step failed because the vantage point itself has no route anywhere."""
+        probe = [o for o in self.observations if o.vantage == PROBE]
+        if not probe or any(o.ok for o in probe):
+            return False
+        return all(o.failure in E.NETWORK_DOWN for o in probe if o.step != STEP_DNS) and any(
+            o.failure in E.NETWORK_DOWN for o in probe
+        )
+
+
+def failure_counts(obs: Iterable[Observation]) -> dict[str, int]:
+    out: dict[str, int] = defaultdict(int)
+    for o in obs:
+        out[o.failure or "success"] += 1
+    return dict(out)
+
+
+def dominant_failure(obs: Iterable[Observation]) -> str | None:
+    counts = {k: v for k, v in failure_counts(obs).items() if k != "success"}
+    if not counts:
+        return None
+    return max(counts, key=lambda k: counts[k])

@@ -1,0 +1,498 @@
+"""The rule table: stable rule ids, in priority order, each a pure predicate over :class:`Facts`.
+
+The first rule that matches gives the verdict.  Order encodes precedence of evidence:
+vantage problems first (never blame a site for our own broken network), then packet-level proof
+of injection, then DNS (a wrong address explains every later failure), then TLS interception,
+then TCP / TLS / HTTP interference, then success, then "down", then "inconclusive".
+
+Design rules, from OONI's experience of false positives:
+- ``blocked`` needs a contrast: control (helper / DoH), a follow-up on the same address with a
+  benign SNI or Host, or another probe resolver whose answer validated.  Without one, a failure
+  is ``inconclusive``.
+- A timeout must be seen at least twice (Censored Planet's "sandwich" retry) before it is blocking.
+- Failure everywhere, control included, is ``down``, not ``blocked``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from kzprobe import errors as E
+from kzprobe.analysis.bogons import is_bogon
+from kzprobe.analysis.facts import DNS_FAILURES, INTERFERENCE, Facts, dominant_failure
+from kzprobe.model import BLOCKED, DOWN, INCONCLUSIVE, OK, STEP_HTTP, STEP_TLS, Observation
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    observations: list[Observation]
+    sentence: str
+    detail: str | None = None
+    confidence: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    id: str
+    status: str
+    mechanism: str | None
+    detail: str | None
+    confidence: float
+    check: Callable[[Facts], Hit | None]
+    doc: str
+
+
+# Failure -> verdict detail suffix.
+_SUFFIX = {
+    E.CONNECTION_RESET: "reset",
+    E.TIMEOUT: "timeout",
+    E.EOF: "eof",
+    E.CONNECTION_ABORTED: "reset",
+    E.CONNECTION_REFUSED: "refused",
+    E.HOST_UNREACHABLE: "unreachable",
+    E.NETWORK_UNREACHABLE: "unreachable",
+    E.DNS_NXDOMAIN: "nxdomain",
+    E.DNS_SERVFAIL: "servfail",
+    E.DNS_NO_ANSWER: "no_answer",
+    E.DNS_REFUSED: "refused",
+}
+
+
+def _suffix(failure: str | None) -> str:
+    return _SUFFIX.get(failure or "", "failure")
+
+
+def _times(obs: list[Observation]) -> str:
+    bad = sum(1 for o in obs if not o.ok)
+    return f"{bad}/{len(obs)} times"
+
+
+def _enough(obs: list[Observation]) -> bool:
+    """A reset is evidence at once; a timeout or EOF must be seen again (sandwich retry)."""
+    failures = [o.failure for o in obs if o.failure]
+    if not failures:
+        return False
+    if any(f == E.CONNECTION_RESET for f in failures):
+        return True
+    return len(failures) >= 2
+
+
+# --- vantage -------------------------------------------------------------------------------------
+def _no_network(f: Facts) -> Hit | None:
+    if f.context.no_network:
+        return Hit([], "The vantage point itself has no working network; nothing about this site can be said.")
+    if f.network_unreachable_everywhere:
+        ids = [o for o in f.observations if o.failure in E.NETWORK_DOWN]
+        return Hit(ids, "Every step failed with network_unreachable: the vantage point has no route.")
+    return None
+
+
+# --- packet-level injection (pcap) -----------------------------------------------------------------
+def _injected_flow(f: Facts) -> Hit | None:
+    for o in f.injected:
+        inj = o.data["injected"]
+        kind = inj.get("kind")
+        if kind not in ("rst", "fin", "blockpage"):
+            continue
+        where = "TLS" if o.step == STEP_TLS else "HTTP" if o.step == STEP_HTTP else "TCP"
+        if kind == "blockpage":
+            detail = "dpi.blockpage"
+        elif o.step == STEP_HTTP:
+            detail = f"dpi.http_{'reset' if kind == 'rst' else 'eof'}"
+        else:
+            detail = f"dpi.tls_{'reset' if kind == 'rst' else 'eof'}"
+        trig = f" after SNI {o.data['sni']}" if o.data.get("sni") else ""
+        if o.data.get("host"):
+            trig = f" after a request for Host {o.data['host']}"
+        return Hit(
+            [o],
+            f"{where} flow to {o.address}{trig}: packet {inj.get('packet')} was injected "
+            f"({kind}): {inj.get('reason', 'inconsistent with the server')}.",
+            detail=detail,
+        )
+    return None
+
+
+# --- DNS -----------------------------------------------------------------------------------------
+def _dns_injected(f: Facts) -> Hit | None:
+    for o in f.probe_dns:
+        responses = o.data.get("responses") or []
+        sets = {tuple(sorted(r.get("addresses") or [])) for r in responses if r.get("addresses")}
+        inj = o.data.get("injected") or {}
+        if len(sets) > 1 or inj.get("kind") == "dns":
+            shown = " vs ".join(",".join(s) or "-" for s in sorted(sets))
+            return Hit(
+                [o],
+                f"One query for {o.domain} to {o.data.get('resolver')} got {len(responses)} answers "
+                f"with different addresses ({shown}): the first was forged on-path.",
+            )
+    return None
+
+
+def _dns_blockpage(f: Facts) -> Hit | None:
+    """A blockpage served from an address that DNS handed out and the reference does not."""
+    for o in f.blockpages:
+        addr = o.address or ""
+        dns_led = addr in f.suspect_addresses or (
+            len(f.probe_resolvers) > 1 and len(f.resolved_by.get(addr, ())) < len(f.probe_resolvers)
+        )
+        if dns_led:
+            dns = f.dns_obs_for({addr})
+            who = ", ".join(sorted(f.resolved_by.get(addr, {"?"})))
+            return Hit(
+                [*dns, o],
+                f"Resolver {who} answered {addr} for {f.domain}, which serves the blockpage "
+                f"'{o.data['blockpage']}'.",
+            )
+    return None
+
+
+def _dns_failure(f: Facts) -> Hit | None:
+    """Some probe resolver fails while control, or another validated resolver, resolves."""
+    failed = [o for o in f.probe_dns if o.failure in DNS_FAILURES]
+    if not failed:
+        return None
+    reference = f.control_resolves or bool(f.valid_addresses)
+    if not reference:
+        return None
+    if not _enough(failed) and all(o.failure == E.TIMEOUT for o in failed):
+        return None
+    failure = dominant_failure(failed)
+    who = ", ".join(sorted({str(o.data.get("resolver")) for o in failed}))
+    ref = "control resolves it" if f.control_resolves else "another resolver's answer validated"
+    conf = 0.9 if f.control_resolves else 0.7
+    return Hit(failed, f"Resolver {who} answered {failure} for {f.domain}, while {ref}.",
+               detail=f"dns.{_suffix(failure)}", confidence=conf)
+
+
+def _dns_bogon(f: Facts) -> Hit | None:
+    bogons = {a for a in f.suspect_addresses if is_bogon(a)}
+    if not bogons:
+        return None
+    if not (f.control_resolves or f.valid_addresses):
+        return None
+    dns = f.dns_obs_for(bogons)
+    return Hit(dns, f"{f.domain} resolved to the bogon address(es) {', '.join(sorted(bogons))}, "
+                    "which control does not give.")
+
+
+def _dns_poisoned(f: Facts) -> Hit | None:
+    """Resolved addresses unlike control's, none of which proves genuine by TLS or by serving."""
+    suspect = f.suspect_addresses
+    if not suspect:
+        return None
+    # An address that serves the site over HTTPS with a valid certificate is genuine (CDN,
+    # geo-DNS): suspect addresses never validated, by construction.  The site is blocked by DNS
+    # only if every address the probe would really use (from some resolver) is suspect, or if a
+    # resolver gave *only* suspect addresses.
+    bad_resolvers = [
+        o for o in f.probe_dns if o.ok and o.data.get("addresses") and set(o.data["addresses"]) <= suspect
+    ]
+    if not bad_resolvers:
+        return None
+    flows = [o for o in f.probe_tls + f.probe_tls_check + f.probe_http + f.probe_tcp if o.address in suspect]
+    why = []
+    for o in flows:
+        if o.step == STEP_TLS and o.ok and o.data.get("cert_valid") is False:
+            why.append(f"its certificate fails validation ({o.data.get('cert_failure')})")
+        elif not o.ok:
+            why.append(f"{o.step} to it fails ({o.failure})")
+    reason = f"; {why[0]}" if why else ""
+    ref = "control" if f.control_resolves else "the other resolver"
+    who = ", ".join(sorted({str(o.data.get('resolver')) for o in bad_resolvers}))
+    return Hit([*bad_resolvers, *flows[:4]],
+               f"Resolver {who} answered {', '.join(sorted(suspect))} for {f.domain}, unlike {ref}"
+               f"{reason}.", confidence=0.85 if f.control_resolves else 0.7)
+
+
+# --- TLS interception ----------------------------------------------------------------------------
+def _mitm(f: Facts) -> Hit | None:
+    for o in f.probe_tls:
+        if not o.ok or o.data.get("cert_valid") is not False:
+            continue
+        issuer = str(o.data.get("issuer") or "")
+        national = any(ca.lower() in issuer.lower() for ca in f.context.interception_cas)
+        control_ok = f.control_tls_ok(o.address) or (f.control_tls_ok() and o.address in f.control_addresses)
+        if national or control_ok:
+            flag = " — a known national interception CA" if national else ""
+            return Hit([o], f"TLS to {o.address} with SNI {f.domain} presented a certificate issued by "
+                            f"'{issuer}'{flag} that does not validate ({o.data.get('cert_failure')}); "
+                            + ("control's certificate validates." if control_ok else ""),
+                       confidence=0.95 if national else 0.85)
+    return None
+
+
+# --- TCP -----------------------------------------------------------------------------------------
+def _tcp_all_fail(f: Facts) -> list[Observation] | None:
+    """Probe TCP failed at every address it tried (and none worked)."""
+    if not f.probe_tcp or f.tcp_ok_addresses:
+        return None
+    return list(f.probe_tcp)
+
+
+def _tcp_blocked(f: Facts) -> Hit | None:
+    obs = _tcp_all_fail(f)
+    if not obs or not _enough(obs):
+        return None
+    addrs = sorted({o.address or "" for o in obs})
+    control = [a for a in addrs if f.control_connects(a)]
+    if not control and not (f.control_http_ok and set(addrs) & f.control_addresses):
+        return None
+    failure = dominant_failure(obs)
+    return Hit(obs, f"TCP connect to {', '.join(addrs)} failed ({failure}) {_times(obs)}, while control "
+                    "connects to the same address.", detail=f"ip.tcp_{_suffix(failure)}")
+
+
+# --- TLS -----------------------------------------------------------------------------------------
+def _tls_interfered(f: Facts) -> tuple[list[Observation], list[Observation]] | None:
+    """TLS with the target SNI failed by interference at every address where TCP worked.
+
+    Returns (target-SNI attempts, follow-up attempts at those addresses)."""
+    if f.probe_http_ok or not f.probe_tls:
+        return None
+    by_addr = {o.address for o in f.probe_tls}
+    if any(o.ok for o in f.probe_tls):
+        return None
+    if not all(o.failure in INTERFERENCE for o in f.probe_tls):
+        return None
+    follow = [o for o in f.probe_tls_followup if o.address in by_addr]
+    return list(f.probe_tls), follow
+
+
+def _tls_dpi(f: Facts) -> Hit | None:
+    got = _tls_interfered(f)
+    if not got:
+        return None
+    tls, follow = got
+    ok_follow = [o for o in follow if o.ok]
+    if not ok_follow or not _enough(tls):
+        return None
+    failure = dominant_failure(tls)
+    addr = tls[0].address
+    sni = ok_follow[0].data.get("sni", "a control name")
+    ctl = ""
+    conf = 0.9
+    if f.control_tls_ok() or f.control_http_ok:
+        ctl, conf = "; control completed", 0.95
+    return Hit([*tls, *ok_follow], f"TLS to {addr} with SNI {f.domain} failed ({failure}) {_times(tls)}; "
+                                   f"the same address with SNI {sni} completed{ctl}.",
+               detail=f"dpi.tls_{_suffix(failure)}", confidence=conf)
+
+
+def _tls_dpi_control_only(f: Facts) -> Hit | None:
+    """No follow-up was made (e.g. an OONI import), but control's handshake to the address completed."""
+    got = _tls_interfered(f)
+    if not got:
+        return None
+    tls, follow = got
+    if follow:
+        return None
+    addrs = {o.address for o in tls}
+    if not any(f.control_tls_ok(a) for a in addrs if a):
+        return None
+    if not _enough(tls) and tls[0].failure != E.CONNECTION_RESET:
+        return None
+    failure = dominant_failure(tls)
+    return Hit(tls, f"TCP to {tls[0].address} worked but TLS with SNI {f.domain} failed ({failure}) "
+                    f"{_times(tls)}, while control's handshake to the same address completed.",
+               detail=f"dpi.tls_{_suffix(failure)}", confidence=0.75)
+
+
+def _tls_ip(f: Facts) -> Hit | None:
+    got = _tls_interfered(f)
+    if not got:
+        return None
+    tls, follow = got
+    if not follow or any(o.ok for o in follow) or not _enough(tls):
+        return None
+    if not (f.control_tls_ok() or f.control_http_ok):
+        return None
+    failure = dominant_failure(tls)
+    return Hit([*tls, *follow], f"TLS to {tls[0].address} failed ({failure}) with SNI {f.domain} and with "
+                                "a benign SNI too, while control completed: the address is blocked.",
+               detail=f"ip.tls_{_suffix(failure)}", confidence=0.8)
+
+
+# --- HTTP ----------------------------------------------------------------------------------------
+def _http_interfered(f: Facts) -> tuple[list[Observation], list[Observation]] | None:
+    if f.probe_http_ok or f.blockpages or not f.probe_http:
+        return None
+    if not all(o.failure in INTERFERENCE for o in f.probe_http):
+        return None
+    # The TLS layer (when there is one) completed: the failure is at HTTP.
+    if f.probe_tls and not any(o.ok for o in f.probe_tls):
+        return None
+    addrs = {o.address for o in f.probe_http}
+    follow = [o for o in f.probe_http_followup if o.address in addrs]
+    return list(f.probe_http), follow
+
+
+def _http_dpi(f: Facts) -> Hit | None:
+    got = _http_interfered(f)
+    if not got:
+        return None
+    http, follow = got
+    ok_follow = [o for o in follow if o.ok]
+    if not ok_follow or not _enough(http):
+        return None
+    failure = dominant_failure(http)
+    host = ok_follow[0].data.get("host", "a control name")
+    conf = 0.95 if f.control_http_ok else 0.9
+    return Hit([*http, *ok_follow], f"HTTP to {http[0].address} with Host {f.domain} failed ({failure}) "
+                                    f"{_times(http)}; the same address with Host {host} answered.",
+               detail=f"dpi.http_{_suffix(failure)}", confidence=conf)
+
+
+def _http_dpi_control_only(f: Facts) -> Hit | None:
+    got = _http_interfered(f)
+    if not got:
+        return None
+    http, follow = got
+    if follow or not f.control_http_ok:
+        return None
+    if not f.valid_addresses and not (f.probe_addresses & f.control_addresses):
+        return None
+    if not _enough(http) and http[0].failure != E.CONNECTION_RESET:
+        return None
+    failure = dominant_failure(http)
+    return Hit(http, f"HTTP to {http[0].address} with Host {f.domain} failed ({failure}) {_times(http)}, "
+                     "while control fetched the page.", detail=f"dpi.http_{_suffix(failure)}", confidence=0.75)
+
+
+def _dpi_blockpage(f: Facts) -> Hit | None:
+    if not f.blockpages:
+        return None
+    o = f.blockpages[0]
+    return Hit([o], f"HTTP to {o.address} for {f.domain} returned the blockpage '{o.data['blockpage']}' "
+                    f"(status {o.data.get('status')}).", confidence=0.9)
+
+
+def _http_diff(f: Facts) -> Hit | None:
+    """The page differs materially from control's, at an address control agrees with."""
+    if not f.probe_http_ok or not f.control_http_ok:
+        return None
+    if not (f.probe_addresses & f.control_addresses) and not f.valid_addresses:
+        return None
+    ctl = next(o for o in f.control_http if o.ok)
+    for o in f.probe_http_ok:
+        same_status = o.data.get("status") == ctl.data.get("status")
+        pt, ct = (o.data.get("title") or "").strip(), (ctl.data.get("title") or "").strip()
+        plen, clen = o.data.get("body_length") or 0, ctl.data.get("body_length") or 0
+        ratio = min(plen, clen) / max(plen, clen) if max(plen, clen) else 1.0
+        if same_status and (pt == ct or ratio > 0.7):
+            return None
+    o = f.probe_http_ok[0]
+    return Hit([o, ctl], f"The page at {o.address} (status {o.data.get('status')}, title "
+                         f"'{o.data.get('title')}', {o.data.get('body_length')} bytes) differs from control's "
+                         f"(status {ctl.data.get('status')}, title '{ctl.data.get('title')}', "
+                         f"{ctl.data.get('body_length')} bytes).", confidence=0.5)
+
+
+# --- success, down, inconclusive -------------------------------------------------------------------
+def _ok(f: Facts) -> Hit | None:
+    if not f.probe_http_ok:
+        return None
+    o = f.probe_http_ok[0]
+    via = f" via {o.address}" if o.address else ""
+    checked = " (address validated by TLS)" if o.address in f.valid_addresses else ""
+    conf = 0.95 if f.control_http_ok or o.address in f.valid_addresses else 0.8
+    return Hit([o], f"Fetched {o.data.get('url') or f.target}{via}{checked}: status {o.data.get('status')}, "
+                    f"title '{o.data.get('title') or ''}'.", confidence=conf)
+
+
+def _ok_tls(f: Facts) -> Hit | None:
+    """No HTTP step (e.g. OONI TLS-only measurement) but a valid handshake with SNI = domain."""
+    if f.probe_http:
+        return None
+    good = [o for o in f.probe_tls if o.ok and o.data.get("cert_valid") is not False]
+    if not good:
+        return None
+    return Hit(good[:1], f"TLS to {good[0].address} with SNI {f.domain} completed.", confidence=0.7)
+
+
+def _down(f: Facts) -> Hit | None:
+    if not f.control_fails_site:
+        return None
+    if f.probe_http_ok:
+        return None
+    probe_fail = [o for o in f.observations if o.vantage == "probe" and not o.ok]
+    control = [o for o in f.observations if o.vantage == "control" and not o.ok]
+    what = dominant_failure(control) or "failure"
+    return Hit([*probe_fail[:4], *control[:4]], f"{f.domain} fails from the probe and from control too "
+                                               f"(control: {what}): the site is down, not blocked.")
+
+
+def _dns_down(f: Facts) -> Hit | None:
+    """The name does not resolve anywhere (probe and control agree)."""
+    failed = [o for o in f.probe_dns if o.failure]
+    if not failed or f.probe_addresses:
+        return None
+    if f.control_dns and not f.control_resolves and f.control_dns_failures & DNS_FAILURES:
+        return Hit(failed + f.control_dns, f"{f.domain} does not resolve from the probe "
+                                           f"({dominant_failure(failed)}) nor from control.")
+    return None
+
+
+def _inconclusive(f: Facts) -> Hit | None:
+    bad = [o for o in f.observations if o.vantage == "probe" and not o.ok]
+    if not f.observations:
+        return Hit([], "No observation was made for this target.")
+    if not bad:
+        return Hit([], "No step failed, but nothing was fetched either.")
+    first = bad[0]
+    ctl = ("control could not say" if f.has_control else "there is no control to compare with")
+    return Hit(bad[:6], f"{first.step} to {first.address or first.domain} failed ({first.failure}) "
+                        f"{_times([o for o in f.observations if o.step == first.step and o.vantage == 'probe'])}, "
+                        f"but {ctl}.", detail=_inconclusive_detail(bad))
+
+
+def _inconclusive_detail(bad: list[Observation]) -> str:
+    o = bad[0]
+    prefix = {"dns": "dns", "tcp": "ip.tcp", "tls": "tls", "http": "http"}.get(o.step, o.step)
+    return f"{prefix}_{_suffix(o.failure)}" if "." in prefix else f"{prefix}.{_suffix(o.failure)}"
+
+
+RULES: tuple[Rule, ...] = (
+    Rule("vantage.no_network", INCONCLUSIVE, None, "vantage.no_network", 1.0, _no_network,
+         "The vantage point has no network: never blame the site."),
+    Rule("pcap.injected", BLOCKED, "dpi", "dpi.injected", 0.9, _injected_flow,
+         "A packet on the flow was injected (TTL / IP-ID unlike the server's)."),
+    Rule("dns.injected", BLOCKED, "dns", "dns.injected", 0.9, _dns_injected,
+         "One query got several answers with different addresses."),
+    Rule("dns.blockpage", BLOCKED, "dns", "dns.blockpage", 0.95, _dns_blockpage,
+         "DNS led to an address serving a blockpage."),
+    Rule("dns.failure", BLOCKED, "dns", "dns.nxdomain", 0.9, _dns_failure,
+         "A probe resolver fails (NXDOMAIN, SERVFAIL, no answer, timeout) while control resolves."),
+    Rule("dns.bogon", BLOCKED, "dns", "dns.bogon", 0.9, _dns_bogon,
+         "A probe resolver answers a bogon address that control does not give."),
+    Rule("dns.poisoned", BLOCKED, "dns", "dns.poisoned", 0.85, _dns_poisoned,
+         "A probe resolver answers only addresses that control does not give and that do not validate."),
+    Rule("dns.down", DOWN, None, "dns.nxdomain", 0.9, _dns_down,
+         "The name resolves neither at the probe nor at control."),
+    Rule("tls.mitm", BLOCKED, "dpi", "dpi.tls_mitm", 0.9, _mitm,
+         "The certificate does not validate while control's does, or a national interception CA issued it."),
+    Rule("ip.tcp", BLOCKED, "ip", "ip.tcp_timeout", 0.85, _tcp_blocked,
+         "TCP to every address fails (twice for timeouts) while control connects."),
+    Rule("dpi.tls_followup", BLOCKED, "dpi", "dpi.tls_reset", 0.9, _tls_dpi,
+         "TLS with the target SNI fails; the same address with a benign SNI completes."),
+    Rule("dpi.tls_control", BLOCKED, "dpi", "dpi.tls_reset", 0.75, _tls_dpi_control_only,
+         "TLS with the target SNI fails after TCP worked; control's handshake completes (no follow-up)."),
+    Rule("ip.tls_followup", BLOCKED, "ip", "ip.tls_reset", 0.8, _tls_ip,
+         "TLS fails with the target SNI and a benign SNI alike, while control completes."),
+    Rule("dpi.blockpage", BLOCKED, "dpi", "dpi.blockpage", 0.9, _dpi_blockpage,
+         "The HTTP response matches a blockpage fingerprint."),
+    Rule("dpi.http_followup", BLOCKED, "dpi", "dpi.http_reset", 0.9, _http_dpi,
+         "HTTP with Host = target fails; the same address with a benign Host answers."),
+    Rule("dpi.http_control", BLOCKED, "dpi", "dpi.http_reset", 0.75, _http_dpi_control_only,
+         "HTTP with Host = target fails at a consistent address; control fetched the page."),
+    Rule("dpi.http_diff", BLOCKED, "dpi", "dpi.http_diff", 0.5, _http_diff,
+         "The page differs materially from control's."),
+    Rule("ok.http", OK, None, None, 0.9, _ok, "The page was fetched."),
+    Rule("ok.tls", OK, None, None, 0.7, _ok_tls, "A valid TLS handshake with the target SNI completed."),
+    Rule("down.everyone", DOWN, None, "down", 0.85, _down, "Probe and control both fail."),
+    Rule("inconclusive", INCONCLUSIVE, None, "inconclusive", 0.3, _inconclusive,
+         "Failures without a contrast (no control, no follow-up, or a lone timeout)."),
+)
+
+RULES_BY_ID = {r.id: r for r in RULES}
