@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -162,8 +163,13 @@ def _strip_comment(line: str) -> str:
     return line
 
 
+# The line ends the csv module counts, so that both formats number lines alike; str.splitlines()
+# would also split on form feeds and U+2028 and shift every later line number.
+_LINE_END = re.compile(r"\r\n|\r|\n")
+
+
 def _load_text(text: str, out: _Collector) -> None:
-    for lineno, raw in enumerate(text.splitlines(), start=1):
+    for lineno, raw in enumerate(_LINE_END.split(text), start=1):
         entry = _strip_comment(raw.strip()).strip()
         if not entry:
             continue
@@ -179,7 +185,7 @@ def load_file(path: str | Path) -> LoadResult:
     p = Path(path)
     text = _read_text(p)
     out = _Collector(str(path))
-    first = next((line for line in text.splitlines() if line.strip()), "")
+    first = next((line for line in _LINE_END.split(text) if line.strip()), "")
     if _is_citizenlab_header(first):
         _load_csv(text, out)
         fmt = "csv"

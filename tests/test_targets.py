@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from kzprobe.model import Target
 from kzprobe.targets import (
     BUILTIN_LISTS,
@@ -22,6 +24,7 @@ from kzprobe.targets import (
     load_builtin_roles,
     load_file,
 )
+from kzprobe.targets._urls import URLProblem, check_url, url_from_line
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 REPORT = SHARED / "report" / "freedom-on-the-net-2014-kazakhstan.txt"
@@ -367,3 +370,45 @@ def test_load_prefers_an_existing_file_over_a_builtin_name(tmp_path: Path, monke
     monkeypatch.chdir(tmp_path)
     Path("kz2014").write_text("example.com\n", encoding="utf-8")
     assert [t.url for t in load("kz2014").targets] == ["https://example.com/"]
+
+
+def test_control_characters_do_not_shift_line_numbers(tmp_path: Path) -> None:
+    p = tmp_path / "ff.txt"
+    p.write_text("example.com\nbad\x0chost.example\nexample.org\nnot..ok\n", encoding="utf-8")
+    result = load_file(p)
+    assert [e.split(":")[1] for e in result.errors] == ["2", "4"]
+    assert len(result.targets) == 2
+
+
+# --- canonical URLs ------------------------------------------------------------------------------
+
+_label = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?", fullmatch=True)
+_tld = st.from_regex(r"[a-z]{2,10}", fullmatch=True)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    labels=st.lists(_label, min_size=1, max_size=4),
+    tld=_tld,
+    port=st.one_of(st.none(), st.integers(1, 65535)),
+    upper=st.booleans(),
+    path=st.sampled_from(["", "/", "/a/b", "/x?y=1", "/#frag"]),
+)
+def test_valid_hosts_are_accepted_and_canonical_form_is_stable(
+    labels: list[str], tld: str, port: int | None, upper: bool, path: str
+) -> None:
+    host = ".".join([*labels, tld])
+    if upper:
+        host = host.upper()
+    entry = host + (f":{port}" if port is not None else "") + path
+    key = check_url(url_from_line(entry))
+    assert check_url(key) == key  # idempotent
+    assert key.startswith(f"https://{host.lower()}")
+    assert (f":{port}" in key) == (port not in (None, 443))
+
+
+@settings(max_examples=200, deadline=None)
+@given(port=st.one_of(st.integers(max_value=0), st.integers(min_value=65536)))
+def test_out_of_range_ports_are_rejected(port: int) -> None:
+    with pytest.raises(URLProblem):
+        check_url(f"http://example.com:{port}/")
