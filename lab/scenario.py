@@ -1,0 +1,254 @@
+"""Scenario files: which sites the lab serves, and how each one is censored.
+
+A scenario is data (TOML), so that a new censorship setup is a new file and not new code.  The
+format is documented in ``lab/scenarios/README.md``; this module parses and validates it and gives
+every error its file and site, because a typo in a scenario should read like a config error and
+not like a traceback.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
+
+ROLES = ("volunteer", "isp", "bb1", "bb2", "world")
+ROUTERS = ("isp", "bb1", "bb2")
+
+#: method -> (hops where it can run, default hop).
+#: The DNS-server methods only make sense where a resolver lives (the ISP); ``dns-injection`` needs
+#: a router on the path to every resolver beyond the ISP; the rest are packet filters that any
+#: router can apply.
+METHODS: dict[str, tuple[tuple[str, ...], str]] = {
+    "none": (("",), ""),
+    "down": (("world",), "world"),
+    "dns-nxdomain": (("isp",), "isp"),
+    "dns-redirect": (("isp",), "isp"),
+    "dns-bogon": (("isp",), "isp"),
+    "dns-injection": (ROUTERS, "bb1"),
+    "ip-drop": (ROUTERS, "bb1"),
+    "ip-reject": (ROUTERS, "bb1"),
+    "sni-reset": (ROUTERS, "bb2"),
+    "sni-drop": (ROUTERS, "bb2"),
+    "host-reset": (ROUTERS, "bb2"),
+    "http-blockpage-injection": (ROUTERS, "bb2"),
+    "tls-mitm": (ROUTERS, "bb2"),
+    "throttle": (ROUTERS, "bb2"),
+}
+
+EXPECTATIONS = ("ok", "down", "inconclusive", "blocked/dns", "blocked/ip", "blocked/dpi")
+
+#: Sites are served from TEST-NET-3; the lab's own services live in TEST-NET-2 (see topology).
+SITE_NET = ipaddress.ip_network("203.0.113.0/24")
+RESERVED_SITE_ADDRESSES = frozenset({"203.0.113.0", "203.0.113.255"})
+
+_SITE_KEYS = {
+    "domain", "url", "address", "title", "content", "size", "method", "methods", "hop", "expect",
+    "reason", "quote", "category", "bogon", "forged", "rate", "server_delay", "aliases",
+}
+
+
+class ScenarioError(ValueError):
+    """A scenario file that cannot be used; the message names the file and the entry."""
+
+
+@dataclass(frozen=True, slots=True)
+class Site:
+    domain: str
+    address: str
+    url: str
+    title: str
+    content: str
+    methods: tuple[str, ...]
+    hop: str
+    expect: str
+    reason: str
+    quote: str = ""
+    category: str = ""
+    aliases: tuple[str, ...] = ()
+    #: Body padding in bytes, so that throttling is measurable.
+    size: int = 0
+    #: Address the ISP resolver hands out for ``dns-bogon``.
+    bogon: str = "10.10.34.34"
+    #: Address the injector forges for ``dns-injection``.
+    forged: str = "198.51.100.80"
+    #: tc rate for ``throttle``.
+    rate: str = "256kbit"
+    #: Seconds the real server waits before answering: the kernel here has no netem, so the
+    #: on-path injectors' race is made winnable at the server (a far-away server, in effect).
+    server_delay: float = 0.0
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (self.domain, *self.aliases)
+
+    @property
+    def is_down(self) -> bool:
+        return "down" in self.methods
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "domain": self.domain, "address": self.address, "url": self.url, "title": self.title,
+            "methods": list(self.methods), "hop": self.hop, "expect": self.expect,
+            "reason": self.reason, "quote": self.quote, "category": self.category,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    name: str
+    description: str
+    path: Path
+    sites: tuple[Site, ...] = field(default_factory=tuple)
+    blockpage_title: str = "Страница заблокирована"
+
+    def site(self, domain: str) -> Site:
+        for s in self.sites:
+            if domain == s.domain or domain in s.aliases:
+                return s
+        raise KeyError(domain)
+
+    def by_method(self, method: str) -> list[Site]:
+        return [s for s in self.sites if method in s.methods]
+
+    @property
+    def methods(self) -> set[str]:
+        return {m for s in self.sites for m in s.methods}
+
+    def expected(self) -> dict[str, str]:
+        """target URL -> expected "status/mechanism" (or plain status)."""
+        return {s.url: s.expect for s in self.sites}
+
+
+def scenario_path(name_or_path: str | Path) -> Path:
+    """A built-in scenario name (``kz2014``, ``method-sni-reset``) or a file path."""
+    p = Path(name_or_path)
+    if p.suffix == ".toml" or p.exists() or len(p.parts) > 1:
+        if not p.is_file():
+            raise ScenarioError(f"{p}: no such scenario file")
+        return p
+    builtin = SCENARIO_DIR / f"{name_or_path}.toml"
+    if not builtin.is_file():
+        known = ", ".join(sorted(x.stem for x in SCENARIO_DIR.glob("*.toml")))
+        raise ScenarioError(f"unknown scenario {name_or_path!r} (built-in: {known})")
+    return builtin
+
+
+def builtin_scenarios() -> list[str]:
+    return sorted(x.stem for x in SCENARIO_DIR.glob("*.toml"))
+
+
+def load(name_or_path: str | Path) -> Scenario:
+    path = scenario_path(name_or_path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ScenarioError(f"{path}: {exc}") from None
+    return parse(raw, path)
+
+
+def parse(raw: dict[str, Any], path: Path) -> Scenario:
+    head = raw.get("scenario", {})
+    if not isinstance(head, dict):
+        raise ScenarioError(f"{path}: [scenario] must be a table")
+    entries = raw.get("site", [])
+    if not isinstance(entries, list) or not entries:
+        raise ScenarioError(f"{path}: needs at least one [[site]]")
+    sites: list[Site] = []
+    seen_domains: set[str] = set()
+    seen_addresses: set[str] = set()
+    for i, entry in enumerate(entries, 1):
+        where = f"{path}: [[site]] #{i}"
+        if not isinstance(entry, dict):
+            raise ScenarioError(f"{where}: must be a table")
+        site = _parse_site(entry, where)
+        for n in site.names:
+            if n in seen_domains:
+                raise ScenarioError(f"{where}: domain {n!r} appears twice")
+            seen_domains.add(n)
+        if site.address in seen_addresses:
+            raise ScenarioError(f"{where}: address {site.address} appears twice")
+        seen_addresses.add(site.address)
+        sites.append(site)
+    return Scenario(
+        name=str(head.get("name", path.stem)),
+        description=str(head.get("description", "")).strip(),
+        path=path,
+        sites=tuple(sites),
+        blockpage_title=str(head.get("blockpage_title", "Страница заблокирована")),
+    )
+
+
+def _parse_site(e: dict[str, Any], where: str) -> Site:
+    unknown = set(e) - _SITE_KEYS
+    if unknown:
+        raise ScenarioError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+    domain = e.get("domain")
+    if not isinstance(domain, str) or "." not in domain or "/" in domain:
+        raise ScenarioError(f"{where}: 'domain' must be a host name, got {domain!r}")
+    domain = domain.lower().rstrip(".")
+    where = f"{where} ({domain})"
+    address = str(e.get("address", ""))
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        raise ScenarioError(f"{where}: 'address' must be an IPv4 address, got {address!r}") from None
+    if ip not in SITE_NET or address in RESERVED_SITE_ADDRESSES:
+        raise ScenarioError(f"{where}: 'address' {address} must be inside {SITE_NET}")
+    raw_methods = e.get("methods", e.get("method", "none"))
+    methods = (raw_methods,) if isinstance(raw_methods, str) else tuple(raw_methods)
+    for m in methods:
+        if m not in METHODS:
+            raise ScenarioError(f"{where}: unknown method {m!r} (known: {', '.join(METHODS)})")
+    methods = tuple(m for m in methods if m != "none")
+    hop = str(e.get("hop", ""))
+    for m in methods:
+        allowed, default = METHODS[m]
+        if not hop:
+            hop = default
+        if m == "down":
+            continue
+        if hop not in allowed:
+            raise ScenarioError(f"{where}: method {m!r} cannot run at hop {hop!r} (allowed: {allowed})")
+    expect = e.get("expect")
+    if expect not in EXPECTATIONS:
+        raise ScenarioError(f"{where}: 'expect' must be one of {', '.join(EXPECTATIONS)}, got {expect!r}")
+    reason = e.get("reason")
+    if not isinstance(reason, str) or not reason.strip():
+        raise ScenarioError(f"{where}: 'reason' is required (say why, in the report's words)")
+    url = str(e.get("url", f"https://{domain}/"))
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    aliases = tuple(str(a).lower() for a in e.get("aliases", ()))
+    if parts.scheme not in ("http", "https") or host not in (domain, *aliases):
+        raise ScenarioError(f"{where}: 'url' {url!r} must be http(s) on {domain}")
+    try:
+        delay = float(e.get("server_delay", 0.0))
+        size = int(e.get("size", 0))
+    except (TypeError, ValueError):
+        raise ScenarioError(f"{where}: 'server_delay'/'size' must be numbers") from None
+    title = str(e.get("title", domain))
+    return Site(
+        domain=domain,
+        address=address,
+        url=url,
+        title=title,
+        content=str(e.get("content", f"<h1>{title}</h1>")),
+        methods=methods,
+        hop=hop,
+        expect=str(expect),
+        reason=reason.strip(),
+        quote=str(e.get("quote", "")).strip(),
+        category=str(e.get("category", "")),
+        aliases=aliases,
+        size=size,
+        bogon=str(e.get("bogon", "10.10.34.34")),
+        forged=str(e.get("forged", "198.51.100.80")),
+        rate=str(e.get("rate", "256kbit")),
+        server_delay=delay,
+    )
