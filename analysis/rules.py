@@ -81,7 +81,9 @@ def _enough(obs: list[Observation]) -> bool:
 # --- vantage -------------------------------------------------------------------------------------
 def _no_network(f: Facts) -> Hit | None:
     if f.context.no_network:
-        return Hit([], "The vantage point itself has no working network; nothing about this site can be said.")
+        failed = [o for o in f.observations if not o.ok][:6]
+        return Hit(failed, "The vantage point itself has no working network (no route but loopback); "
+                           "nothing about this site can be said.")
     if f.network_unreachable_everywhere:
         ids = [o for o in f.observations if o.failure in E.NETWORK_DOWN]
         return Hit(ids, "Every step failed with network_unreachable: the vantage point has no route.")

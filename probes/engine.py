@@ -1,0 +1,219 @@
+"""The measurement engine: step by step per target, many targets at once (trio).
+
+For one target: DNS at every resolver (system, and each explicit one over UDP and TCP), then
+for each resolved address: TCP, TLS with SNI = domain (https) and an HTTP GET pinned to that
+address.  Each step yields its own observation, handed to ``sink`` as soon as it completes.
+
+When a step fails in a way a censor would cause (reset, timeout, EOF), the engine makes the
+follow-ups the classifier needs to tell *how* it is blocked, in Censored Planet's "sandwich"
+order: the same address with a benign SNI / Host (``control_sni``), then the target again.
+Follow-ups cost nothing on the happy path, which is what keeps a thousand-target run fast.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import trio
+from kzprobe import errors as E
+from kzprobe.analysis.facts import DNSCHECK, INTERFERENCE
+from kzprobe.analysis.fingerprints import Fingerprints
+from kzprobe.model import FOLLOWUP, MEASURE, PROBE, Observation, Target
+from kzprobe.probes import dns as dnsprobe
+from kzprobe.probes import http as httpprobe
+from kzprobe.probes import tcp as tcpprobe
+from kzprobe.probes import tls as tlsprobe
+from kzprobe.probes.certs import TrustStore
+
+Sink = Callable[[Observation], Awaitable[None]]
+
+
+@dataclass
+class ProbeConfig:
+    resolvers: list[str] = field(default_factory=list)
+    system_resolver: bool = True
+    dns_tcp: bool = True
+    ca_bundles: list[str] = field(default_factory=list)
+    timeout: float = 5.0
+    concurrency: int = 64
+    control_sni: str = "example.com"
+    dns_window: float = 0.3
+    max_addresses: int = 4
+    #: Re-measure a failed step once more after the follow-up (the sandwich).
+    retries: int = 1
+    dnscheck: bool = True
+    fingerprints: list[str] = field(default_factory=list)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+class Engine:
+    """Holds everything set up once per run (TLS contexts, httpx clients, fingerprints)."""
+
+    def __init__(self, config: ProbeConfig, sink: Sink, *, vantage: str = PROBE) -> None:
+        self.config = config
+        self.sink = sink
+        self.vantage = vantage
+        self.trust = TrustStore(list(config.ca_bundles))
+        self.tls_ctx = tlsprobe.unverified_context()
+        self.fingerprints = Fingerprints.default(config.fingerprints)
+        self._verify_ctx: ssl.SSLContext = self.trust.ssl_context()
+        self.clients: httpprobe.Clients | None = None
+
+    async def __aenter__(self) -> Engine:
+        self.clients = httpprobe.Clients(self._verify_ctx, self.config.timeout)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.clients is not None:
+            with trio.CancelScope(shield=True):
+                await self.clients.aclose()
+
+    async def _emit(self, obs: Observation) -> Observation:
+        obs.vantage = self.vantage
+        await self.sink(obs)
+        return obs
+
+    # --- DNS ---------------------------------------------------------------------------------
+    async def resolve(self, target: Target) -> list[Observation]:
+        cfg, domain = self.config, target.host
+        results: list[Observation] = []
+
+        async def go(coro: Awaitable[Observation]) -> None:
+            results.append(await self._emit(await coro))
+
+        async with trio.open_nursery() as n:
+            if cfg.system_resolver:
+                n.start_soon(go, dnsprobe.lookup_system(target.url, domain, cfg.timeout))
+            for r in cfg.resolvers:
+                n.start_soon(go, dnsprobe.lookup(target.url, domain, r, "udp", cfg.timeout, cfg.dns_window))
+                if cfg.dns_tcp:
+                    n.start_soon(go, dnsprobe.lookup(target.url, domain, r, "tcp", cfg.timeout))
+        return results
+
+    async def quick_resolve(self, host: str) -> str | None:
+        """For redirects to another host: the first address any configured resolver gives."""
+        cfg = self.config
+        if cfg.resolvers:
+            obs = await dnsprobe.lookup(host, host, cfg.resolvers[0], "udp", cfg.timeout, 0)
+        elif cfg.system_resolver:
+            obs = await dnsprobe.lookup_system(host, host, cfg.timeout)
+        else:
+            return None
+        addrs = obs.data.get("addresses") or []
+        return str(addrs[0]) if addrs else None
+
+    # --- per address ---------------------------------------------------------------------------
+    async def _tls(self, target: Target, address: str, sni: str, purpose: str, attempt: int) -> Observation | None:
+        cfg = self.config
+        tcp, stream = await tcpprobe.connect(target.url, target.host, address, target.port if purpose != DNSCHECK
+                                             else 443, cfg.timeout, purpose=purpose, attempt=attempt)
+        if purpose != MEASURE or attempt:
+            # Follow-up / check connects are recorded for the evidence trail, under their purpose.
+            await self._emit(tcp)
+        else:
+            await self._emit(tcp)
+        if stream is None:
+            return None
+        obs = await tlsprobe.handshake(stream, target.url, target.host, address, tcp.port or 443, sni, cfg.timeout,
+                                       self.trust, self.tls_ctx, purpose=purpose, attempt=attempt)
+        return await self._emit(obs)
+
+    async def _http(self, target: Target, address: str, host: str | None, purpose: str, attempt: int
+                    ) -> Observation:
+        assert self.clients is not None
+        obs = await httpprobe.fetch(self.clients, target.url, target.host, target.url, address, self.config.timeout,
+                                    self.fingerprints, host=host, purpose=purpose, attempt=attempt,
+                                    resolve=self.quick_resolve)
+        return await self._emit(obs)
+
+    async def measure_address(self, target: Target, address: str, *, followups: bool = True) -> None:
+        cfg = self.config
+        https = target.scheme == "https"
+        if https:
+            tls = await self._tls(target, address, target.host, MEASURE, 0)
+            if tls is None:
+                # TCP failed: measure it again (a lone timeout is not evidence).
+                for i in range(cfg.retries if followups else 0):
+                    tcp, stream = await tcpprobe.connect(target.url, target.host, address, target.port, cfg.timeout,
+                                                         attempt=i + 1)
+                    await self._emit(tcp)
+                    if stream is not None:
+                        await trio.aclose_forcefully(stream)
+                        break
+                return
+            if tls.failure:
+                if followups and tls.failure in INTERFERENCE:
+                    await self._tls(target, address, cfg.control_sni, FOLLOWUP, 0)
+                    for i in range(cfg.retries):
+                        again = await self._tls(target, address, target.host, MEASURE, i + 1)
+                        if again is not None and again.ok:
+                            tls = again
+                            break
+                if tls.failure:
+                    return
+        else:
+            tcp, stream = await tcpprobe.connect(target.url, target.host, address, target.port, cfg.timeout)
+            await self._emit(tcp)
+            if stream is None:
+                for i in range(cfg.retries if followups else 0):
+                    tcp, stream = await tcpprobe.connect(target.url, target.host, address, target.port, cfg.timeout,
+                                                         attempt=i + 1)
+                    await self._emit(tcp)
+                    if stream is not None:
+                        break
+                if stream is None:
+                    return
+            await trio.aclose_forcefully(stream)
+        http = await self._http(target, address, None, MEASURE, 0)
+        if followups and http.failure in INTERFERENCE:
+            await self._http(target, address, cfg.control_sni, FOLLOWUP, 0)
+            for i in range(cfg.retries):
+                again = await self._http(target, address, None, MEASURE, i + 1)
+                if again.ok:
+                    break
+        if not https and followups and cfg.dnscheck:
+            # Does this address hold a certificate valid for the name?  Only successes count.
+            await self._tls(target, address, target.host, DNSCHECK, 0)
+
+    # --- whole target ----------------------------------------------------------------------------
+    async def measure(self, target: Target, extra_addresses: list[str] | None = None, *,
+                      followups: bool = True, on_dns: Callable[[list[str]], None] | None = None) -> None:
+        host = target.host
+        if _is_ip(host):
+            addresses = [host]
+        else:
+            dns_obs = await self.resolve(target)
+            addresses = []
+            for o in dns_obs:
+                for a in o.data.get("addresses", []):
+                    if a not in addresses:
+                        addresses.append(a)
+        for a in extra_addresses or []:
+            if a not in addresses:
+                addresses.append(a)
+        if on_dns is not None:
+            on_dns(addresses)
+        # IPv4 first: most censorship (and most lab networks) is v4; v6 is measured when room is left.
+        addresses.sort(key=lambda a: ":" in a)
+        addresses = addresses[: self.config.max_addresses]
+        async with trio.open_nursery() as n:
+            for a in addresses:
+                n.start_soon(lambda a=a: self.measure_address(target, a, followups=followups))
+
+
+def url_host(url: str) -> str:
+    return (urlsplit(url).hostname or "").lower()
+
+
+__all__ = ["E", "Engine", "ProbeConfig", "Sink", "url_host"]
