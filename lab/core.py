@@ -401,7 +401,6 @@ class Lab:
                 self._certs["mitm"][s.domain] = issue(qaznet, "mitm", s.domain, names)
         self._default_cert = issue(ca, "site", "default", ["example.com", "www.example.com"])
         self._blockpage_cert = issue(ca, "site", "blockpage", ["blocked.isp.lab"])
-        self._mitm_default = issue(qaznet, "mitm", "default", ["example.com"])
 
     def _write_targets(self) -> None:
         self.targets_file.write_text("".join(f"{s.url}\n" for s in self.scenario.sites))
@@ -531,7 +530,7 @@ class Lab:
             if mitm:
                 ready = str(self.state_dir / f"mitm-{hop}.ready")
                 cfg = self._config(f"mitm-{hop}", {
-                    "port": MITM_PORT, "ready_file": ready, "default_cert": self._mitm_default,
+                    "port": MITM_PORT, "ready_file": ready,
                     "certs": {n: self._certs["mitm"][s.domain] for s in mitm
                               for n in (*s.names, f"www.{s.domain}")},
                 })
@@ -555,7 +554,8 @@ class Lab:
                 files = [f for f in files if not os.path.exists(f)]
                 for proc in self._procs:
                     if proc.poll() is not None:
-                        raise LabError(f"a lab server exited early ({proc.args[4:7]}); logs in {self.state_dir}")
+                        what = " ".join(str(a) for a in list(proc.args)[4:7])  # type: ignore[arg-type]
+                        raise LabError(f"a lab server exited early ({what}); logs in {self.state_dir}")
                 if files:
                     time.sleep(0.02)
             problems = [f.result() for f in futures]

@@ -31,7 +31,11 @@ def _matches(name: str, domains: dict[str, Any]) -> str | None:
 
 
 def run(config: dict[str, Any]) -> None:
-    from scapy.all import DNS, DNSQR, DNSRR, IP, TCP, UDP, Raw, conf, sniff  # noqa: F401
+    from scapy.config import conf
+    from scapy.layers.dns import DNS, DNSRR
+    from scapy.layers.inet import IP, TCP, UDP
+    from scapy.packet import Raw
+    from scapy.sendrecv import sniff
 
     mode = config["mode"]
     rules: dict[str, Any] = config["rules"]

@@ -1,22 +1,28 @@
 """A TLS interception proxy for the DPI hop, like the one behind Kazakhstan's "national certificate".
 
 ``python -m kzprobe.lab.mitm CONFIG.json``.  The router's nat table redirects a site's port-443
-flows here; the proxy completes the client's handshake with a certificate for the requested SNI
-issued by the lab's interception CA ("Qaznet Trust Network", the name of the real one), then
-opens its own TLS connection to the original destination (SO_ORIGINAL_DST) and relays bytes.
-A client that does not trust that CA sees an unknown-authority failure; one that does sees the
-site, through the middlebox.
+flows here.  The proxy peeks at the ClientHello (MSG_PEEK, so nothing is consumed) and reads the
+SNI.  For a listed name it completes the client's handshake with a certificate issued by the lab's
+interception CA ("Qaznet Trust Network", the name of the real one), opens its own TLS connection
+to the original destination (SO_ORIGINAL_DST) and relays.  Any other SNI is relayed untouched, as
+the 2019 Kazakh interception did for names outside its list, so that a follow-up handshake with
+a benign SNI shows the address itself is fine.
+
+A thread per connection, not asyncio: peeking and then wrapping the same socket is simple with
+plain sockets, and the lab's load is a handful of connections.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
+import select
 import signal
 import socket
 import ssl
 import struct
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,82 +35,117 @@ def original_dst(sock: socket.socket) -> tuple[str, int]:
     return socket.inet_ntoa(raw[4:8]), port
 
 
+def client_hello_sni(data: bytes) -> str | None:
+    """The server_name in a TLS ClientHello record, or None (not TLS, incomplete, no SNI)."""
+    try:
+        if data[0] != 0x16 or data[5] != 0x01:
+            return None
+        pos = 5 + 4 + 2 + 32  # record header, handshake header, version, random
+        pos += 1 + data[pos]  # session id
+        pos += 2 + struct.unpack("!H", data[pos:pos + 2])[0]  # cipher suites
+        pos += 1 + data[pos]  # compression methods
+        end = pos + 2 + struct.unpack("!H", data[pos:pos + 2])[0]
+        pos += 2
+        while pos + 4 <= end:
+            ext_type, ext_len = struct.unpack("!HH", data[pos:pos + 4])
+            pos += 4
+            if ext_type == 0:
+                name_len = struct.unpack("!H", data[pos + 3:pos + 5])[0]
+                return data[pos + 5:pos + 5 + name_len].decode("ascii", "replace").lower()
+            pos += ext_len
+    except (IndexError, struct.error):
+        return None
+    return None
+
+
+def _relay(a: Any, b: Any, idle: float = 30.0) -> None:
+    """Copy both ways until either side closes, from one thread.
+
+    One thread per connection, not one per direction: an SSL object must not be read in one thread
+    while another writes to it (OpenSSL does not support that, and it stalls the first flight).
+    """
+    for s in (a, b):
+        s.setblocking(False)
+    try:
+        while True:
+            ready, _, _ = select.select([a, b], [], [], idle)
+            if not ready:
+                return
+            for src in ready:
+                dst = b if src is a else a
+                while True:
+                    try:
+                        data = src.recv(65536)
+                    except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+                        break
+                    if not data:
+                        return
+                    dst.setblocking(True)
+                    dst.sendall(data)
+                    dst.setblocking(False)
+                    if not (isinstance(src, ssl.SSLSocket) and src.pending()):
+                        break
+    except (OSError, ssl.SSLError):
+        return
+
+
 class Proxy:
     def __init__(self, config: dict[str, Any]) -> None:
         self.contexts: dict[str, ssl.SSLContext] = {}
         for name, (cert, key) in config["certs"].items():
-            self.contexts[name] = self._context(cert, key)
-        cert, key = config["default_cert"]
-        self.server_ctx = self._context(cert, key)
-        self.server_ctx.sni_callback = self._pick
-        self.sni: dict[int, str] = {}
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(cert, key)
+            self.contexts[name] = ctx
         self.upstream = ssl.create_default_context()
-        # The interceptor does not care whether the real server's certificate is valid; real ones
-        # often do not either.
+        # The interceptor does not care whether the real server's certificate is valid.
         self.upstream.check_hostname = False
         self.upstream.verify_mode = ssl.CERT_NONE
 
-    @staticmethod
-    def _context(cert: str, key: str) -> ssl.SSLContext:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.load_cert_chain(cert, key)
-        return ctx
-
-    def _pick(self, sslobj: Any, name: str | None, _: ssl.SSLContext) -> None:
-        self.sni[id(sslobj)] = name or ""
-        ctx = self.contexts.get((name or "").lower())
-        if ctx is not None:
-            sslobj.context = ctx
-
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        sock = writer.get_extra_info("socket")
-        sslobj = writer.get_extra_info("ssl_object")
-        name = self.sni.pop(id(sslobj), "") if sslobj is not None else ""
+    def handle(self, client: socket.socket) -> None:
+        client.settimeout(15)
         try:
-            addr, port = original_dst(sock)
-            up_r, up_w = await asyncio.wait_for(
-                asyncio.open_connection(addr, port, ssl=self.upstream, server_hostname=name or None),
-                timeout=10,
-            )
-        except (OSError, ssl.SSLError, TimeoutError):
-            writer.close()
-            return
-        await asyncio.gather(self._pipe(reader, up_w), self._pipe(up_r, writer))
-
-    @staticmethod
-    async def _pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        try:
-            while data := await r.read(65536):
-                w.write(data)
-                await w.drain()
-        except (OSError, ssl.SSLError, ConnectionError):
+            addr, port = original_dst(client)
+            hello = b""
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                hello = client.recv(16384, socket.MSG_PEEK)
+                if not hello or len(hello) >= 5 + struct.unpack("!H", hello[3:5] or b"\0\0")[0]:
+                    break
+                time.sleep(0.01)
+            name = client_hello_sni(hello) if hello else None
+            ctx = self.contexts.get(name or "")
+            upstream = socket.create_connection((addr, port), timeout=10)
+            if ctx is None:
+                a, b = client, upstream
+            else:
+                a = ctx.wrap_socket(client, server_side=True)
+                b = self.upstream.wrap_socket(upstream, server_hostname=name)
+            _relay(a, b)
+            for s in (a, b):
+                s.close()
+        except (OSError, ssl.SSLError):
             pass
         finally:
-            try:
-                w.close()
-            except (OSError, RuntimeError):
-                pass
+            client.close()
 
 
-async def serve(config: dict[str, Any]) -> None:
+def serve(config: dict[str, Any]) -> None:
     proxy = Proxy(config)
-    server = await asyncio.start_server(
-        proxy.handle, "0.0.0.0", int(config["port"]), ssl=proxy.server_ctx, reuse_address=True,
-        ssl_handshake_timeout=15,
-    )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("0.0.0.0", int(config["port"])))
+    srv.listen(128)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     if config.get("ready_file"):
         Path(config["ready_file"]).write_text("ready\n")
-    await stop.wait()
-    server.close()
+    while True:
+        conn, _ = srv.accept()
+        threading.Thread(target=proxy.handle, args=(conn,), daemon=True).start()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    asyncio.run(serve(json.loads(Path(args[0]).read_text())))
+    serve(json.loads(Path(args[0]).read_text()))
     return 0
 
 
