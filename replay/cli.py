@@ -1,0 +1,157 @@
+"""``kzprobe replay``: classify censorship from packet captures."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+from kzprobe.model import Observation, Target, Verdict
+
+
+def _classify(observations: list[Observation]) -> tuple[list[Verdict] | None, str | None]:
+    try:
+        from kzprobe.analysis import classify
+    except ImportError as exc:  # analysis not built yet: findings are still worth printing
+        return None, f"classifier unavailable: {exc}"
+    return classify(observations), None
+
+
+@click.command("replay")
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option("--store", is_flag=True, help="Store observations and verdicts as one run (source=pcap).")
+@click.option("--db", default=None, help="Database path or SQLAlchemy URL (with --store).")
+@click.option("--fingerprints", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Extra blockpage fingerprint CSV (ooni/blocking-fingerprints format); repeatable.")
+def replay(files: tuple[str, ...], fmt: str, store: bool, db: str | None, fingerprints: tuple[str, ...]) -> None:
+    """Classify censorship from packet captures (pcap / pcapng, plain or gzip).
+
+    Reconstructs DNS transactions, TCP flows, TLS ClientHellos and HTTP requests, judges which
+    packets were injected (IP TTL / IP-ID unlike the server's own), and classifies each domain
+    with the same rules as live runs.  Evidence cites packet numbers as Wireshark counts them.
+    """
+    from kzprobe.replay.blockpages import default_matcher
+    from kzprobe.replay.engine import FileReplay, Replayer
+    from kzprobe.replay.pcapio import CaptureError
+
+    if db is not None and not store:
+        raise click.UsageError("--db is only used with --store")
+    try:
+        matcher = default_matcher(fingerprints)
+    except Exception as exc:  # a bad fingerprint file: one line, no traceback
+        raise click.ClickException(f"fingerprints: {exc}") from None
+    replayer = Replayer(matcher)
+    results: list[FileReplay] = []
+    failed: list[str] = []
+    for path in files:
+        try:
+            fr = replayer.replay_file(path)
+        except CaptureError as exc:
+            failed.append(str(exc))
+            if len(files) > 1:
+                click.echo(f"error: {exc}", err=True)
+            continue
+        if fr.read.error:
+            click.echo(f"warning: {fr.read.describe()}; the result covers the frames before it", err=True)
+        for w in fr.read.warnings:
+            click.echo(f"warning: {path}: {w}", err=True)
+        results.append(fr)
+    if not results:
+        raise click.ClickException(failed[0] if len(failed) == 1 else f"none of the {len(failed)} files could be read")
+
+    run_id = None
+    if store:
+        run_id = _store_observations(db, files, results)
+    per_file: list[tuple[FileReplay, list[Verdict] | None]] = []
+    note = None
+    for fr in results:
+        verdicts, note = _classify(fr.observations)
+        per_file.append((fr, verdicts))
+    if store and run_id is not None:
+        _store_verdicts(db, run_id, [v for _fr, vs in per_file for v in vs or []])
+
+    if fmt == "json":
+        doc: dict[str, Any] = {"files": [_file_doc(fr, vs) for fr, vs in per_file]}
+        if note:
+            doc["classifier"] = note
+        if run_id is not None:
+            doc["run_id"] = run_id
+        json.dump(doc, sys.stdout, ensure_ascii=False, indent=1, default=str)
+        sys.stdout.write("\n")
+    else:
+        _table(per_file, note, run_id)
+    if failed:
+        sys.exit(1)
+
+
+def _file_doc(fr: Any, verdicts: list[Verdict] | None) -> dict[str, Any]:
+    return {
+        "path": fr.read.path,
+        "read": fr.read.to_dict(),
+        "packets": fr.packets,
+        "verdicts": [v.to_dict() for v in verdicts] if verdicts is not None else None,
+        "findings": [f.to_dict() for f in fr.findings],
+        "observations": [o.to_dict() for o in fr.observations],
+    }
+
+
+def _table(per_file: list[tuple[Any, list[Verdict] | None]], note: str | None, run_id: int | None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    for fr, verdicts in per_file:
+        con.rule(f"[bold]{fr.read.path}")
+        status = f"{fr.read.frames} frames, {fr.packets} IP packets, {len(fr.observations)} observations"
+        if fr.read.error:
+            status += f" — [red]stopped at byte {fr.read.error_offset} (frame {fr.read.error_frame}): {fr.read.error}"
+        con.print(status)
+        if fr.findings:
+            con.print("[bold]Findings")
+            for f in fr.findings:
+                con.print(f"  • {f.sentence}", highlight=False)
+        if verdicts is None:
+            con.print(f"[yellow]{note}")
+            continue
+        t = Table(show_lines=False)
+        for col in ("target", "verdict", "rule", "packets", "why"):
+            t.add_column(col, overflow="fold")
+        for v in verdicts:
+            colour = {"blocked": "red", "ok": "green", "down": "yellow"}.get(v.status, "white")
+            pk = ", ".join(map(str, v.packets[:8])) + (" …" if len(v.packets) > 8 else "")
+            t.add_row(v.target, f"[{colour}]{v.label}", v.rule, pk, v.sentence)
+        con.print(t)
+    if run_id is not None:
+        con.print(f"stored as run {run_id}")
+
+
+def _store_observations(db: str | None, files: tuple[str, ...], results: list[Any]) -> int:
+    from kzprobe.storage import StorageError, Store
+
+    try:
+        st = Store(db)
+        run_id = st.new_run(source="pcap", options={"files": list(files)})
+        targets = list(dict.fromkeys(o.target for fr in results for o in fr.observations))
+        st.add_targets(run_id, [Target(url=t, notes="pcap replay") for t in targets])
+        for fr in results:
+            # Storage assigns the ids; verdicts are computed afterwards so that their evidence
+            # points at stored rows.
+            st.add_observations(run_id, fr.observations)
+        st.close()
+    except StorageError as exc:
+        raise click.ClickException(str(exc)) from None
+    return run_id
+
+
+def _store_verdicts(db: str | None, run_id: int, verdicts: list[Verdict]) -> None:
+    from kzprobe.storage import StorageError, Store
+
+    try:
+        st = Store(db)
+        st.set_verdicts(run_id, verdicts)
+        st.finish_run(run_id)
+        st.close()
+    except StorageError as exc:
+        raise click.ClickException(str(exc)) from None

@@ -1,0 +1,235 @@
+"""Bounded, exception-free parsers for the few application messages replay looks at.
+
+Written by hand rather than with scapy or dnspython because they run on captured (possibly
+truncated, possibly hostile) bytes: every read is bounds-checked, every loop is bounded, and a
+malformed message gives None instead of an exception.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from dataclasses import dataclass, field
+
+# --- TLS -----------------------------------------------------------------------------------------
+
+
+def tls_handshake_bytes(buf: bytes, limit: int = 16384) -> bytes | None:
+    """Concatenate the handshake-record fragments at the start of a TLS stream."""
+    out = bytearray()
+    p = 0
+    n = len(buf)
+    while p + 5 <= n and len(out) < limit:
+        if buf[p] != 0x16:
+            break
+        rlen = (buf[p + 3] << 8) | buf[p + 4]
+        out += buf[p + 5:p + 5 + rlen]
+        p += 5 + rlen
+    return bytes(out) if out else None
+
+
+def client_hello_sni(buf: bytes) -> tuple[bool, str | None]:
+    """(is this a TLS ClientHello?, its server_name) from the first bytes a client sent."""
+    if len(buf) < 6 or buf[0] != 0x16 or buf[1] != 0x03:
+        return False, None
+    hs = tls_handshake_bytes(buf)
+    if not hs or hs[0] != 0x01:
+        return False, None
+    n = len(hs)
+    p = 4 + 2 + 32  # handshake header, client_version, random
+    if p + 1 > n:
+        return True, None
+    p += 1 + hs[p]  # session id
+    if p + 2 > n:
+        return True, None
+    p += 2 + ((hs[p] << 8) | hs[p + 1])  # cipher suites
+    if p + 1 > n:
+        return True, None
+    p += 1 + hs[p]  # compression methods
+    if p + 2 > n:
+        return True, None
+    ext_end = min(n, p + 2 + ((hs[p] << 8) | hs[p + 1]))
+    p += 2
+    while p + 4 <= ext_end:
+        etype = (hs[p] << 8) | hs[p + 1]
+        elen = (hs[p + 2] << 8) | hs[p + 3]
+        body = p + 4
+        if etype == 0 and body + 2 <= ext_end:
+            q = body + 2
+            lend = min(ext_end, body + 2 + ((hs[body] << 8) | hs[body + 1]))
+            while q + 3 <= lend:
+                ntype = hs[q]
+                nlen = (hs[q + 1] << 8) | hs[q + 2]
+                if ntype == 0 and q + 3 + nlen <= lend:
+                    name = hs[q + 3:q + 3 + nlen].decode("ascii", "replace").lower().rstrip(".")
+                    return True, name or None
+                q += 3 + nlen
+            return True, None
+        p = body + elen
+    return True, None
+
+
+def tls_server_reply(buf: bytes) -> str:
+    """What the server's first bytes are: "server_hello", "alert" or "other"."""
+    if len(buf) >= 6 and buf[0] == 0x16 and buf[5] == 0x02:
+        return "server_hello"
+    if len(buf) >= 1 and buf[0] == 0x15:
+        return "alert"
+    return "other"
+
+
+# --- HTTP ----------------------------------------------------------------------------------------
+_METHODS = (b"GET ", b"POST ", b"HEAD ", b"PUT ", b"OPTIONS ", b"DELETE ", b"CONNECT ", b"PATCH ")
+_TITLE = re.compile(rb"<title[^>]*>(.*?)</title", re.I | re.S)
+
+
+def http_request(buf: bytes) -> tuple[str, str, str] | None:
+    """(method, path, host) of an HTTP/1 request at the start of ``buf``."""
+    if not buf.startswith(_METHODS):
+        return None
+    head = buf[:8192].split(b"\r\n\r\n", 1)[0]
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ")
+    method = parts[0].decode("ascii", "replace")
+    path = parts[1].decode("latin-1", "replace") if len(parts) > 1 else "/"
+    host = ""
+    for line in lines[1:]:
+        k, _, v = line.partition(b":")
+        if k.strip().lower() == b"host":
+            host = v.strip().decode("latin-1", "replace").lower()
+            break
+    return method, path, host
+
+
+@dataclass
+class HttpResponse:
+    status: int | None
+    headers: dict[str, str] = field(default_factory=dict)
+    title: str | None = None
+    body: str = ""
+    body_length: int = 0
+
+
+def http_response(buf: bytes) -> HttpResponse:
+    """Parse what a server sent; tolerates a missing status line (injected raw HTML pages)."""
+    status = None
+    headers: dict[str, str] = {}
+    body = buf
+    if buf.startswith(b"HTTP/"):
+        head, sep, rest = buf.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        parts = lines[0].split(b" ", 2)
+        if len(parts) > 1 and parts[1][:3].isdigit():
+            status = int(parts[1][:3])
+        for line in lines[1:64]:
+            k, _, v = line.partition(b":")
+            if k:
+                headers[k.strip().decode("latin-1", "replace")] = v.strip().decode("latin-1", "replace")
+        body = rest if sep else b""
+    m = _TITLE.search(body[:65536])
+    title = _text(m.group(1)).strip() if m else None
+    return HttpResponse(status, headers, title, _text(body), len(body))
+
+
+def _text(b: bytes) -> str:
+    try:
+        return b.decode("utf-8")
+    except UnicodeDecodeError:
+        return b.decode("utf-8", "replace")
+
+
+# --- DNS -----------------------------------------------------------------------------------------
+RCODES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED"}
+QTYPES = {1: "A", 28: "AAAA", 255: "ANY", 5: "CNAME", 15: "MX", 16: "TXT", 2: "NS", 65: "HTTPS"}
+
+
+@dataclass
+class DnsMessage:
+    txid: int
+    response: bool
+    rcode: str
+    qname: str
+    qtype: str
+    answers: list[dict[str, object]]
+    addresses: list[str]
+
+
+def _name(msg: bytes, p: int) -> tuple[str, int] | None:
+    """Read a (possibly compressed) name at p: (name, offset after it in the original place)."""
+    labels: list[str] = []
+    n = len(msg)
+    after = -1
+    jumps = 0
+    total = 0
+    while True:
+        if p >= n:
+            return None
+        ln = msg[p]
+        if ln == 0:
+            p += 1
+            break
+        if ln & 0xC0 == 0xC0:
+            if p + 1 >= n or jumps > 16:
+                return None
+            if after < 0:
+                after = p + 2
+            p = ((ln & 0x3F) << 8) | msg[p + 1]
+            jumps += 1
+            continue
+        if ln & 0xC0 or p + 1 + ln > n:
+            return None
+        labels.append(msg[p + 1:p + 1 + ln].decode("ascii", "replace"))
+        total += ln + 1
+        if total > 255:
+            return None
+        p += 1 + ln
+    return ".".join(labels).lower(), (after if after >= 0 else p)
+
+
+def dns_message(msg: bytes) -> DnsMessage | None:
+    if len(msg) < 12:
+        return None
+    txid = (msg[0] << 8) | msg[1]
+    flags = (msg[2] << 8) | msg[3]
+    qd = (msg[4] << 8) | msg[5]
+    an = (msg[6] << 8) | msg[7]
+    p = 12
+    qname, qtype = "", ""
+    for i in range(min(qd, 4)):
+        got = _name(msg, p)
+        if got is None or got[1] + 4 > len(msg):
+            return None
+        name, p = got
+        if i == 0:
+            qname = name
+            qtype = QTYPES.get((msg[p] << 8) | msg[p + 1], str((msg[p] << 8) | msg[p + 1]))
+        p += 4
+    answers: list[dict[str, object]] = []
+    addresses: list[str] = []
+    for _ in range(min(an, 64)):
+        got = _name(msg, p)
+        if got is None or got[1] + 10 > len(msg):
+            break
+        name, p = got
+        rtype = (msg[p] << 8) | msg[p + 1]
+        ttl = int.from_bytes(msg[p + 4:p + 8], "big")
+        rdlen = (msg[p + 8] << 8) | msg[p + 9]
+        rd = msg[p + 10:p + 10 + rdlen]
+        p += 10 + rdlen
+        if len(rd) != rdlen:
+            break
+        data: str
+        if rtype == 1 and rdlen == 4:
+            data = socket.inet_ntop(socket.AF_INET, rd)
+            addresses.append(data)
+        elif rtype == 28 and rdlen == 16:
+            data = socket.inet_ntop(socket.AF_INET6, rd)
+            addresses.append(data)
+        elif rtype == 5:
+            cn = _name(msg, p - rdlen)
+            data = cn[0] if cn else ""
+        else:
+            data = rd.hex()
+        answers.append({"type": QTYPES.get(rtype, str(rtype)), "name": name, "data": data, "ttl": ttl})
+    return DnsMessage(txid, bool(flags & 0x8000), RCODES.get(flags & 0xF, str(flags & 0xF)),
+                      qname, qtype, answers, addresses)
