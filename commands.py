@@ -14,9 +14,10 @@ from collections import Counter
 from typing import Any
 
 import click
-from kzprobe.model import Target, Verdict
 from rich.console import Console
 from rich.table import Table
+
+from kzprobe.model import Target, Verdict
 
 err = Console(stderr=True)
 
@@ -104,13 +105,15 @@ def emit_verdicts(verdicts: list[Verdict], fmt: str, extra: dict[str, dict[str, 
 @click.option("--concurrency", default=64, show_default=True, type=click.IntRange(1, 4096))
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar on stderr.")
+@click.option("--source-address", default=None, metavar="IP", help="Source address for connections.")
 @click.option("--network-name", default=None, help="Vantage metadata: the network's name (stored).")
 @click.option("--asn", default=None, help="Vantage metadata: the network's ASN (stored).")
 @click.option("--country", default=None, help="Vantage metadata: country code (stored).")
 def run(list_name: str | None, targets_file: str | None, strict: bool, resolvers: tuple[str, ...],
         system_resolver: bool, ca_bundles: tuple[str, ...], db: str | None, helpers: tuple[str, ...],
         doh: tuple[str, ...], control_sni: str, fingerprints: tuple[str, ...], timeout: float,
-        deadline: float | None, concurrency: int, fmt: str, progress: bool, network_name: str | None,
+        deadline: float | None, concurrency: int, fmt: str, progress: bool, source_address: str | None,
+        network_name: str | None,
         asn: str | None, country: str | None) -> None:
     """Probe a target list and print a verdict per target.
 
@@ -133,7 +136,7 @@ def run(list_name: str | None, targets_file: str | None, strict: bool, resolvers
 
     cfg = ProbeConfig(resolvers=list(resolvers), system_resolver=system_resolver, ca_bundles=list(ca_bundles),
                       timeout=timeout, concurrency=concurrency, control_sni=control_sni,
-                      fingerprints=list(fingerprints))
+                      fingerprints=list(fingerprints), source_address=source_address)
     vantage = {"resolvers": dnsprobe.system_resolvers() if system_resolver else [],
                "explicit_resolvers": list(resolvers), "network_name": network_name, "asn": asn,
                "country": country}

@@ -7,9 +7,10 @@ import datetime as dt
 from collections import Counter
 from typing import Any
 
-from kzprobe.model import Target, Verdict
 from rich.console import Console
 from rich.table import Table
+
+from kzprobe.model import Target, Verdict
 
 
 def _when(ts: float | None) -> str:

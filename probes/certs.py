@@ -17,6 +17,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.x509.oid import ExtensionOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+
 from kzprobe import errors as E
 
 

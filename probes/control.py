@@ -20,6 +20,7 @@ import dns.rcode
 import dns.rdatatype
 import httpx
 import trio
+
 from kzprobe import errors as E
 from kzprobe.model import CONTROL, STEP_DNS, Observation, Target, now
 from kzprobe.probes.certs import TrustStore

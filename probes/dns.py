@@ -19,6 +19,7 @@ import dns.message
 import dns.rcode
 import dns.rdatatype
 import trio
+
 from kzprobe import errors as E
 from kzprobe.model import STEP_DNS, Observation, now
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import trio
+
 from kzprobe import errors as E
 from kzprobe.analysis.facts import DNSCHECK, INTERFERENCE
 from kzprobe.analysis.fingerprints import Fingerprints
@@ -47,6 +48,8 @@ class ProbeConfig:
     retries: int = 1
     dnscheck: bool = True
     fingerprints: list[str] = field(default_factory=list)
+    #: Source address for TCP connects (None: the kernel's choice).
+    source_address: str | None = None
 
 
 def _is_ip(host: str) -> bool:
@@ -71,7 +74,7 @@ class Engine:
         self.clients: httpprobe.Clients | None = None
 
     async def __aenter__(self) -> Engine:
-        self.clients = httpprobe.Clients(self._verify_ctx, self.config.timeout)
+        self.clients = httpprobe.Clients(self._verify_ctx, self.config.timeout, self.config.source_address)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -117,12 +120,10 @@ class Engine:
     async def _tls(self, target: Target, address: str, sni: str, purpose: str, attempt: int) -> Observation | None:
         cfg = self.config
         tcp, stream = await tcpprobe.connect(target.url, target.host, address, target.port if purpose != DNSCHECK
-                                             else 443, cfg.timeout, purpose=purpose, attempt=attempt)
-        if purpose != MEASURE or attempt:
-            # Follow-up / check connects are recorded for the evidence trail, under their purpose.
-            await self._emit(tcp)
-        else:
-            await self._emit(tcp)
+                                             else 443, cfg.timeout, purpose=purpose, attempt=attempt,
+                                             source=cfg.source_address)
+        # Follow-up and check connects are recorded too, under their purpose, for the evidence trail.
+        await self._emit(tcp)
         if stream is None:
             return None
         obs = await tlsprobe.handshake(stream, target.url, target.host, address, tcp.port or 443, sni, cfg.timeout,
@@ -146,7 +147,7 @@ class Engine:
                 # TCP failed: measure it again (a lone timeout is not evidence).
                 for i in range(cfg.retries if followups else 0):
                     tcp, stream = await tcpprobe.connect(target.url, target.host, address, target.port, cfg.timeout,
-                                                         attempt=i + 1)
+                                                         attempt=i + 1, source=cfg.source_address)
                     await self._emit(tcp)
                     if stream is not None:
                         await trio.aclose_forcefully(stream)
@@ -163,12 +164,13 @@ class Engine:
                 if tls.failure:
                     return
         else:
-            tcp, stream = await tcpprobe.connect(target.url, target.host, address, target.port, cfg.timeout)
+            tcp, stream = await tcpprobe.connect(target.url, target.host, address, target.port, cfg.timeout,
+                                                 source=cfg.source_address)
             await self._emit(tcp)
             if stream is None:
                 for i in range(cfg.retries if followups else 0):
                     tcp, stream = await tcpprobe.connect(target.url, target.host, address, target.port, cfg.timeout,
-                                                         attempt=i + 1)
+                                                         attempt=i + 1, source=cfg.source_address)
                     await self._emit(tcp)
                     if stream is not None:
                         break

@@ -17,6 +17,7 @@ from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import httpx
 import trio
+
 from kzprobe import errors as E
 from kzprobe.analysis.fingerprints import Fingerprints
 from kzprobe.model import STEP_HTTP, Observation, now
@@ -33,17 +34,19 @@ Resolve = Callable[[str], Awaitable[str | None]]
 class Clients:
     """The run's two shared httpx clients: verifying (the measurement) and not (follow-ups)."""
 
-    def __init__(self, verify: ssl.SSLContext, timeout: float) -> None:
+    def __init__(self, verify: ssl.SSLContext, timeout: float, local_address: str | None = None) -> None:
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
         t = httpx.Timeout(timeout)
         headers = {"User-Agent": USER_AGENT, "Accept": "text/html,*/*;q=0.8"}
-        self.verified = httpx.AsyncClient(verify=verify, limits=limits, timeout=t, headers=headers,
-                                          follow_redirects=False, trust_env=False)
+        self.verified = httpx.AsyncClient(
+            transport=httpx.AsyncHTTPTransport(verify=verify, limits=limits, local_address=local_address),
+            timeout=t, headers=headers, follow_redirects=False, trust_env=False)
         unverified = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         unverified.check_hostname = False
         unverified.verify_mode = ssl.CERT_NONE
-        self.unverified = httpx.AsyncClient(verify=unverified, limits=limits, timeout=t, headers=headers,
-                                            follow_redirects=False, trust_env=False)
+        self.unverified = httpx.AsyncClient(
+            transport=httpx.AsyncHTTPTransport(verify=unverified, limits=limits, local_address=local_address),
+            timeout=t, headers=headers, follow_redirects=False, trust_env=False)
 
     async def aclose(self) -> None:
         await self.verified.aclose()

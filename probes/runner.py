@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import trio
+
 from kzprobe.analysis import Context, classify_target
 from kzprobe.model import BLOCKED, INCONCLUSIVE, OK, Observation, Target, Verdict
 from kzprobe.probes.control import ControlClient

@@ -5,13 +5,14 @@ from __future__ import annotations
 import socket
 
 import trio
+
 from kzprobe import errors as E
 from kzprobe.model import STEP_TCP, Observation, now
 
 
 async def connect(target: str, domain: str, address: str, port: int, timeout: float, *,
-                  purpose: str = "measure", attempt: int = 0, vantage: str = "probe"
-                  ) -> tuple[Observation, trio.SocketStream | None]:
+                  purpose: str = "measure", attempt: int = 0, vantage: str = "probe",
+                  source: str | None = None) -> tuple[Observation, trio.SocketStream | None]:
     """Connect; return the observation and, on success, the open stream (caller closes it)."""
     t0 = now()
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
@@ -19,6 +20,10 @@ async def connect(target: str, domain: str, address: str, port: int, timeout: fl
     failure: str | None = None
     stream: trio.SocketStream | None = None
     try:
+        if source:
+            # A chosen source address (multi-homed vantage points, and the loopback tests,
+            # which tell probe from control by it).
+            await sock.bind((source, 0))
         with trio.fail_after(timeout):
             await sock.connect((address, port))
         stream = trio.SocketStream(sock)

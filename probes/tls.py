@@ -10,6 +10,7 @@ import ssl
 from typing import Any
 
 import trio
+
 from kzprobe import errors as E
 from kzprobe.model import STEP_TLS, Observation, now
 from kzprobe.probes.certs import TrustStore, describe
