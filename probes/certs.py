@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.x509.oid import ExtensionOID, NameOID
+from cryptography.x509.oid import NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from kzprobe import errors as E
@@ -37,7 +37,7 @@ def describe(der: bytes) -> dict[str, Any]:
         out["error"] = "unparseable"
         return out
     try:
-        san = c.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME).value
+        san = c.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         names = [str(v) for v in san.get_values_for_type(x509.DNSName)]
     except x509.ExtensionNotFound:
         names = []

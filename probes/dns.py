@@ -50,7 +50,7 @@ def parse_resolver(spec: str) -> tuple[str, int]:
     return host, port
 
 
-def _rcode_failure(rcode: int) -> str | None:
+def _rcode_failure(rcode: dns.rcode.Rcode) -> str | None:
     if rcode == dns.rcode.NOERROR:
         return None
     return {

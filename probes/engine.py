@@ -188,9 +188,18 @@ class Engine:
             # Does this address hold a certificate valid for the name?  Only successes count.
             await self._tls(target, address, target.host, DNSCHECK, 0)
 
+    async def _measure_address(self, target: Target, address: str, followups: bool) -> None:
+        await self.measure_address(target, address, followups=followups)
+
     # --- whole target ----------------------------------------------------------------------------
     async def measure(self, target: Target, extra_addresses: list[str] | None = None, *,
-                      followups: bool = True, on_dns: Callable[[list[str]], None] | None = None) -> None:
+                      followups: bool = True, on_dns: Callable[[list[str]], None] | None = None,
+                      allow: Callable[[str], bool] | None = None) -> list[str]:
+        """Measure one target; returns the addresses it refused to touch (``allow`` said no).
+
+        ``allow`` is how the control helper keeps from becoming an open proxy: an address it
+        resolved or was handed is filtered *before* any connection is made.
+        """
         host = target.host
         if _is_ip(host):
             addresses = [host]
@@ -206,12 +215,15 @@ class Engine:
                 addresses.append(a)
         if on_dns is not None:
             on_dns(addresses)
+        refused = [a for a in addresses if allow is not None and not allow(a)]
+        addresses = [a for a in addresses if a not in refused]
         # IPv4 first: most censorship (and most lab networks) is v4; v6 is measured when room is left.
         addresses.sort(key=lambda a: ":" in a)
         addresses = addresses[: self.config.max_addresses]
         async with trio.open_nursery() as n:
             for a in addresses:
-                n.start_soon(lambda a=a: self.measure_address(target, a, followups=followups))
+                n.start_soon(self._measure_address, target, a, followups)
+        return refused
 
 
 def url_host(url: str) -> str:

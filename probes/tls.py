@@ -32,8 +32,10 @@ def _chain(obj: ssl.SSLObject) -> list[bytes]:
         try:
             chain = getter()
             if chain:
-                return [c.public_bytes(ssl.ENCODING_DER) if hasattr(c, "public_bytes") else bytes(c)
-                        for c in chain]
+                import _ssl
+
+                der = _ssl.ENCODING_DER
+                return [c.public_bytes(der) if hasattr(c, "public_bytes") else bytes(c) for c in chain]
         except Exception:
             pass
     leaf = obj.getpeercert(binary_form=True)

@@ -227,7 +227,7 @@ class Store:
     # --- reading -------------------------------------------------------------------------------
     def runs(self) -> list[RunInfo]:
         with self._session() as s:
-            counts = dict(
+            counts: dict[int, int] = dict(
                 s.execute(select(TargetRow.run_id, func.count()).group_by(TargetRow.run_id)).tuples().all()
             )
             return [
