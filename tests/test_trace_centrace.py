@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+
 from kzprobe.cli import main
 from kzprobe.trace.decide import HANDSHAKE_TIMEOUT, ICMP_TIME_EXCEEDED
 from kzprobe.trace.pcap import read_sweep

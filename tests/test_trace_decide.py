@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from kzprobe.trace.decide import (
     ICMP_TIME_EXCEEDED as ICMP,
 )

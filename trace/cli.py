@@ -8,6 +8,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import click
+
 from kzprobe.trace.decide import HopResult, TraceResult, consolidate, decide
 
 

@@ -355,7 +355,9 @@ def _dns_hops(pkts: list[Pkt], client: str, server: str, domain: str) -> list[Ho
         and wire.dns_qname(p.payload) == domain and not wire.dns_is_response(p.payload)
     ]
     for i, q in enumerate(queries):
-        nxt = queries[i + 1].num if i + 1 < len(queries) else 1 << 62
+        # Answers belong to the query until the next query from the same port (a live sweep
+        # sends queries of many TTLs at once, each from its own port).
+        nxt = next((r.num for r in queries[i + 1 :] if r.sport == q.sport), 1 << 62)
         answers = [
             p for p in pkts
             if q.num < p.num < nxt and p.proto == 17 and p.dst == client and p.sport == 53
