@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 import click
+
 from kzprobe.model import Observation, Target, Verdict
 
 

@@ -345,6 +345,7 @@ class _Stream:
 
     def __init__(self, f: IO[bytes]) -> None:
         self.f = f
+        self.read = f.read1 if isinstance(f, gzip.GzipFile) else f.read
         self.buf = b""
         self.pos = 0
         self.base = 0  # stream offset of buf[0]
@@ -359,7 +360,9 @@ class _Stream:
         self.pos = 0
         while avail < need:
             try:
-                chunk = self.f.read(max(_CHUNK, need - avail))
+                # read1 on gzip: a truncated stream raises only after everything before the
+                # cut has been returned, so the partial result keeps every whole record.
+                chunk = self.read(max(_CHUNK, need - avail))
             except (OSError, EOFError, gzip.BadGzipFile) as exc:
                 self.buf = b"".join(parts)
                 raise _Damage(f"decompression failed: {exc}") from None

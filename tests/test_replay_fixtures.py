@@ -1,0 +1,75 @@
+"""Every lab capture (fixtures/pcaps/NAME.pcap + NAME.expected.json) replays to its expected verdicts.
+
+The expected JSON is written by ``kzprobe lab record``.  Accepted shapes: a mapping target ->
+"status[/mechanism]" (or -> {"status", "mechanism"}), optionally under a "verdicts" key, or a list
+of verdict objects with "target"/"domain", "status" and "mechanism".  Targets may be URLs; replay
+names targets by domain, so both sides are compared by host name.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+from kzprobe.analysis import classify
+from kzprobe.replay.engine import Replayer
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "pcaps"
+CAPTURES = sorted(p for p in FIXTURES.glob("*") if p.suffix in (".pcap", ".pcapng", ".gz")) if FIXTURES.is_dir() else []
+
+
+def _host(key: str) -> str:
+    return (urlsplit(key).hostname or key).lower().rstrip(".") if "://" in key else key.lower().rstrip(".")
+
+
+def _label(v: Any) -> tuple[str, str | None]:
+    if isinstance(v, str):
+        status, _, mech = v.partition("/")
+        return status, mech or None
+    return str(v.get("status")), v.get("mechanism")
+
+
+def expected(path: Path) -> dict[str, tuple[str, str | None]]:
+    doc = json.loads(path.read_text("utf-8"))
+    if isinstance(doc, dict) and "verdicts" in doc:
+        doc = doc["verdicts"]
+    if isinstance(doc, dict):
+        return {_host(k): _label(v) for k, v in doc.items()}
+    return {_host(str(d.get("domain") or d.get("target"))): _label(d) for d in doc}
+
+
+def _expected_file(capture: Path) -> Path:
+    name = capture.name
+    for suffix in (".gz", ".pcapng", ".pcap"):
+        name = name.removesuffix(suffix)
+    return capture.with_name(name + ".expected.json")
+
+
+@pytest.mark.skipif(not CAPTURES, reason=f"no lab captures under {FIXTURES} yet (kzprobe lab record writes them)")
+@pytest.mark.parametrize("capture", CAPTURES, ids=[p.name for p in CAPTURES])
+def test_fixture_replays_to_expected_verdicts(capture: Path) -> None:
+    exp_file = _expected_file(capture)
+    assert exp_file.is_file(), f"{capture.name} has no {exp_file.name} beside it"
+    fr = Replayer().replay_file(str(capture))
+    assert fr.read.ok, fr.read.describe()
+    got = {_host(v.target): v for v in classify(fr.observations)}
+    wrong = []
+    for host, (status, mech) in expected(exp_file).items():
+        v = got.get(host)
+        if v is None:
+            wrong.append(f"{host}: expected {status}/{mech}, replay made no verdict")
+        elif v.status != status or (mech is not None and v.mechanism != mech):
+            wrong.append(f"{host}: expected {status}/{mech}, got {v.label} ({v.rule}: {v.sentence})")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_expected_file_shapes(tmp_path: Path) -> None:
+    p = tmp_path / "x.expected.json"
+    p.write_text(json.dumps({"https://a.example/": "blocked/dpi", "b.example": {"status": "ok"}}))
+    assert expected(p) == {"a.example": ("blocked", "dpi"), "b.example": ("ok", None)}
+    p.write_text(json.dumps({"verdicts": [{"target": "http://c.example/", "status": "blocked", "mechanism": "dns"}]}))
+    assert expected(p) == {"c.example": ("blocked", "dns")}
