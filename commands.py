@@ -163,6 +163,8 @@ def run(list_name: str | None, targets_file: str | None, strict: bool, resolvers
                   "is inconclusive; nothing here says anything about blocking.", highlight=False)
     if result.interrupted:
         err.print(f"[yellow]Interrupted:[/] what was measured is kept in run {result.run_id}.")
+    for line in result.internal_errors:
+        err.print(f"[bold red]internal error (please report):[/] {line}", highlight=False)
     for note in result.control_notes[:5]:
         err.print(f"[dim]control: {note}[/]", highlight=False)
     emit_verdicts(result.verdicts, fmt)

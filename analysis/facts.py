@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from kzprobe import errors as E
-from kzprobe.analysis.bogons import is_bogon
 from kzprobe.model import (
     CONTROL,
     FOLLOWUP,
@@ -161,20 +160,21 @@ class Facts:
         return {a for a in self.probe_addresses if a in self.control_addresses or self.tls_valid_at(a)}
 
     @cached_property
+    def reference_addresses(self) -> set[str]:
+        """Addresses known genuine: control's answers, and probe answers validated by TLS."""
+        return self.control_addresses | self.valid_addresses
+
+    @cached_property
     def suspect_addresses(self) -> set[str]:
         """Probe-resolved addresses that evidence says are *not* genuine.
 
-        Needs a reference: control's answer, or another probe resolver whose answer validated.
-        An address is suspect when it is bogon, or absent from the reference and not validated.
+        Needs a reference (control's answer, or another probe resolver's answer that validated):
+        without one, nothing is suspect, however odd it looks.
         """
-        reference = self.control_addresses | self.valid_addresses
-        out = set()
-        for a in self.probe_addresses - self.valid_addresses:
-            if is_bogon(a) and a not in self.control_addresses:
-                out.add(a)
-            elif reference and a not in reference:
-                out.add(a)
-        return out
+        reference = self.reference_addresses
+        if not reference:
+            return set()
+        return self.probe_addresses - reference
 
     def dns_obs_for(self, addresses: set[str]) -> list[Observation]:
         return [o for o in self.probe_dns if set(o.data.get("addresses", [])) & addresses]

@@ -170,9 +170,9 @@ def _dns_failure(f: Facts) -> Hit | None:
 
 def _dns_bogon(f: Facts) -> Hit | None:
     bogons = {a for a in f.suspect_addresses if is_bogon(a)}
-    if not bogons:
-        return None
-    if not (f.control_resolves or f.valid_addresses):
+    # Only meaningful when the genuine answer is not itself a bogon (a loopback test network
+    # or a lab on private space makes every answer "bogon"; there it is plain poisoning).
+    if not bogons or all(is_bogon(a) for a in f.reference_addresses):
         return None
     dns = f.dns_obs_for(bogons)
     return Hit(dns, f"{f.domain} resolved to the bogon address(es) {', '.join(sorted(bogons))}, "

@@ -16,9 +16,22 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
-from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+from cryptography.x509.verification import Criticality, ExtensionPolicy, PolicyBuilder, Store, VerificationError
 
 from kzprobe import errors as E
+
+
+def _policy(when: dt.datetime) -> PolicyBuilder:
+    """Web PKI path validation, relaxed on extension *criticality* the way OpenSSL is.
+
+    cryptography's default policy is strict RFC 5280 (a critical SAN beside a non-empty
+    subject, or a critical EKU, fails); browsers and OpenSSL accept both, and so do we, so that
+    "invalid" means what a user's browser would say.
+    """
+    ee = (ExtensionPolicy.webpki_defaults_ee()
+          .require_present(x509.SubjectAlternativeName, Criticality.AGNOSTIC, None)
+          .may_be_present(x509.ExtendedKeyUsage, Criticality.AGNOSTIC, None))
+    return PolicyBuilder().time(when).extension_policies(ca_policy=ExtensionPolicy.webpki_defaults_ca(), ee_policy=ee)
 
 
 def _name(n: x509.Name) -> str:
@@ -69,8 +82,13 @@ class TrustStore:
     @cached_property
     def roots(self) -> list[x509.Certificate]:
         certs: list[x509.Certificate] = []
+        import warnings
+
         for p in self.paths:
-            certs.extend(x509.load_pem_x509_certificates(p.read_bytes()))
+            with warnings.catch_warnings():
+                # certifi ships a few roots with non-positive serials; they still validate.
+                warnings.simplefilter("ignore")
+                certs.extend(x509.load_pem_x509_certificates(p.read_bytes()))
         return certs
 
     @cached_property
@@ -98,7 +116,7 @@ class TrustStore:
             return False, E.SSL_INVALID_CERTIFICATE
         try:
             subject = x509.DNSName(hostname) if not _is_ip(hostname) else x509.IPAddress(_ip(hostname))
-            verifier = PolicyBuilder().store(self.store).time(when).build_server_verifier(subject)
+            verifier = _policy(when).store(self.store).build_server_verifier(subject)
             verifier.verify(leaf, inter)
             return True, None
         except VerificationError:
@@ -111,7 +129,7 @@ class TrustStore:
             if "*" in alt:
                 alt = alt.replace("*", "x", 1)
             try:
-                v = PolicyBuilder().store(self.store).time(when).build_server_verifier(x509.DNSName(alt))
+                v = _policy(when).store(self.store).build_server_verifier(x509.DNSName(alt))
                 v.verify(leaf, inter)
                 return False, E.SSL_INVALID_HOSTNAME
             except (VerificationError, ValueError):

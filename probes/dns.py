@@ -120,8 +120,9 @@ async def _udp_one(domain: str, ip: str, port: int, rdtype: str, timeout: float,
                 for attempt in range(tries):
                     await dns.asyncquery.send_udp(sock, q, (ip, port))
                     with trio.move_on_after(timeout / tries if attempt < tries - 1 else timeout):
-                        first, _ = await dns.asyncquery.receive_udp(
-                            sock, (ip, port), ignore_unexpected=True, query=q)
+                        # receive_udp returns (message, received_time, from_address).
+                        first = (await dns.asyncquery.receive_udp(
+                            sock, (ip, port), ignore_unexpected=True, query=q))[0]
                     if first is not None:
                         break
         except (trio.TooSlowError, dns.exception.Timeout) as exc:
@@ -137,7 +138,8 @@ async def _udp_one(domain: str, ip: str, port: int, rdtype: str, timeout: float,
         with trio.move_on_after(window):
             while True:
                 try:
-                    extra, _ = await dns.asyncquery.receive_udp(sock, (ip, port), ignore_unexpected=True, query=q)
+                    extra = (await dns.asyncquery.receive_udp(sock, (ip, port), ignore_unexpected=True,
+                                                              query=q))[0]
                 except (dns.exception.DNSException, OSError):
                     break
                 responses.append({"rcode": dns.rcode.to_text(extra.rcode()),

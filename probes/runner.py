@@ -54,6 +54,7 @@ class RunResult:
     interrupted: bool = False
     no_network: bool = False
     control_notes: list[str] = field(default_factory=list)
+    internal_errors: list[str] = field(default_factory=list)
 
 
 class _Flush:
@@ -80,6 +81,8 @@ class Runner:
         self.run_id = 0
         self.no_network = False
         self.control: ControlClient | None = None
+        #: Bugs hit while measuring a target (reported, never silently dropped).
+        self.internal_errors: list[str] = []
 
     def run(self, targets: list[Target]) -> RunResult:
         self.no_network = not vantage_has_route()
@@ -103,7 +106,7 @@ class Runner:
         self.store.set_verdicts(self.run_id, verdicts)
         self.store.finish_run(self.run_id, "interrupted" if interrupted else "done")
         notes = self.control.notes if self.control else []
-        return RunResult(self.run_id, verdicts, interrupted, self.no_network, notes)
+        return RunResult(self.run_id, verdicts, interrupted, self.no_network, notes, self.internal_errors)
 
     def _context(self) -> Context:
         return Context(no_network=self.no_network, control_configured=bool(self.helpers or self.doh))
@@ -148,12 +151,15 @@ class Runner:
         async with limiter:
             assert self.control is not None
             control = self.control
-            async with trio.open_nursery() as n:
-                def on_dns(addresses: list[str]) -> None:
-                    # Control runs concurrently with the probe's own TCP/TLS/HTTP steps.
-                    n.start_soon(control.fetch, target, addresses)
+            try:
+                async with trio.open_nursery() as n:
+                    def on_dns(addresses: list[str]) -> None:
+                        # Control runs concurrently with the probe's own TCP/TLS/HTTP steps.
+                        n.start_soon(control.fetch, target, addresses)
 
-                await engine.measure(target, on_dns=on_dns if control.enabled else None)
+                    await engine.measure(target, on_dns=on_dns if control.enabled else None)
+            except Exception as exc:
+                self.internal_errors.append(f"{target.url}: {type(exc).__name__}: {exc}")
             flush = _Flush()
             send.send_nowait(flush)
             await flush.event.wait()
