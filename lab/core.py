@@ -647,3 +647,51 @@ def _iptables_rules(sites: list[Site]) -> list[list[str]]:
             rules.append(["-t", "nat", "-A", "PREROUTING", "-d", s.address, "-p", "tcp", "--dport", "443",
                           "-j", "REDIRECT", "--to-ports", str(MITM_PORT)])
     return rules
+
+
+# -- probing the lab ------------------------------------------------------------------------------
+def verdict_label(v: dict[str, Any]) -> str:
+    return f"{v.get('status')}/{v['mechanism']}" if v.get("mechanism") else str(v.get("status"))
+
+
+def probe_argv(lab: Lab, timeout: float = 3.0, db: Path | None = None) -> list[str]:
+    """``kzprobe run`` as the lab runs it: the scenario's targets, the system resolver (the ISP's,
+    through /etc/netns) plus the world's public resolver, the lab CA, and the helper if up."""
+    argv = [
+        sys.executable, "-m", "kzprobe.cli", "run", "--targets", str(lab.targets_file),
+        "--resolver", lab.public_resolver, "--ca-bundle", str(lab.ca_path),
+        "--db", str(db or lab.state_dir / "run.db"), "--format", "json", "--no-progress",
+        "--timeout", str(timeout),
+    ]
+    if lab.helper_url:
+        argv += ["--helper", lab.helper_url]
+    return argv
+
+
+def run_probe(lab: Lab, timeout: float = 3.0, db: Path | None = None) -> list[dict[str, Any]]:
+    """Run ``kzprobe run`` in the volunteer namespace; return its verdicts (JSON objects)."""
+    p = lab.exec("volunteer", probe_argv(lab, timeout, db), capture_output=True, text=True)
+    (lab.state_dir / "probe.stderr").write_text(p.stderr)
+    try:
+        verdicts = json.loads(p.stdout)
+    except json.JSONDecodeError:
+        last = (p.stderr.strip().splitlines() or ["no output"])[-1]
+        raise LabError(f"kzprobe run failed (exit {p.returncode}): {last}") from None
+    if not isinstance(verdicts, list):
+        raise LabError("kzprobe run printed JSON that is not a list of verdicts")
+    return verdicts
+
+
+def compare(scenario: Scenario, verdicts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per scenario site: what was expected, what kzprobe said, and whether they match."""
+    by_target = {v.get("target"): v for v in verdicts}
+    rows = []
+    for s in scenario.sites:
+        v = by_target.get(s.url)
+        got = verdict_label(v) if v else "missing"
+        rows.append({
+            "target": s.url, "domain": s.domain, "methods": list(s.methods), "hop": s.hop,
+            "expect": s.expect, "got": got, "match": got == s.expect, "reason": s.reason,
+            "verdict": v,
+        })
+    return rows

@@ -1,0 +1,258 @@
+"""``kzprobe lab``: bring the simulated censoring ISP up and down, and probe it end to end."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from kzprobe.lab.core import (
+    DEFAULT_PREFIX,
+    Lab,
+    LabError,
+    compare,
+    destroy,
+    down_all,
+    instances,
+    list_namespaces,
+    require_root,
+    run_probe,
+)
+from kzprobe.lab.scenario import ROLES, ScenarioError
+
+#: The instance the CLI uses when none is given, so that `lab up` and `lab down` pair up.
+CLI_INSTANCE = "kzlab"
+
+scenario_opt = click.option(
+    "--scenario", default="kz2014", show_default=True,
+    help="Built-in scenario name (kz2014, method-sni-reset, ...) or a scenario TOML file.",
+)
+instance_opt = click.option(
+    "--instance", default=CLI_INSTANCE, show_default=True, help="Lab instance name (1-12 [a-z0-9]).",
+)
+
+
+def _lab(scenario: str, instance: str) -> Lab:
+    try:
+        require_root()
+        return Lab(scenario, instance=instance)
+    except (LabError, ScenarioError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@click.group()
+def lab() -> None:
+    """A simulated censoring ISP in network namespaces (needs root).
+
+    volunteer -- isp (resolver, DNS blocking) -- bb1 -- bb2 (DPI) -- world (DNS, sites, helper).
+    Nothing is linked to the host's network.
+    """
+
+
+@lab.command()
+@scenario_opt
+@instance_opt
+def up(scenario: str, instance: str) -> None:
+    """Build the lab (idempotent)."""
+    lab_ = _lab(scenario, instance)
+    t0 = time.monotonic()
+    try:
+        lab_.up()
+    except LabError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"lab {instance} up ({lab_.scenario.name}, {len(lab_.scenario.sites)} sites) "
+               f"in {time.monotonic() - t0:.1f}s")
+    click.echo(f"  volunteer: ip netns exec {lab_.ns_name('volunteer')} ...  (or: kzprobe lab exec -- CMD)")
+    click.echo(f"  targets: {lab_.targets_file}   lab CA: {lab_.ca_path}")
+    click.echo(f"  ISP resolver {lab_.isp_resolver}, public resolver {lab_.public_resolver}, "
+               f"helper {lab_.helper_url or '(not available)'}")
+
+
+@lab.command()
+@click.option("--instance", default=CLI_INSTANCE, show_default=True, help="Lab instance to remove.")
+@click.option("--all", "all_", is_flag=True, help=f"Remove every lab instance ({DEFAULT_PREFIX}*).")
+def down(instance: str, all_: bool) -> None:
+    """Remove a lab: processes, namespaces, links, rules, state (idempotent, crash-safe)."""
+    try:
+        require_root()
+        if all_:
+            gone = down_all(DEFAULT_PREFIX)
+            click.echo(f"removed {len(gone)} lab instance(s){': ' + ', '.join(gone) if gone else ''}")
+        else:
+            destroy(instance)
+            click.echo(f"lab {instance} down")
+    except LabError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@lab.command()
+def status() -> None:
+    """List lab instances and what is running in them."""
+    try:
+        require_root()
+    except LabError as exc:
+        raise click.ClickException(str(exc)) from None
+    found = instances(DEFAULT_PREFIX)
+    if not found:
+        click.echo("no lab instances")
+        return
+    existing = set(list_namespaces())
+    for inst in found:
+        info_path = Path("/run/kzprobe-lab") / inst / "up.json"
+        info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+        present = [r for r in ROLES if f"{inst}-{r}" in existing]
+        pids = 0
+        for r in present:
+            out = subprocess.run(["ip", "netns", "pids", f"{inst}-{r}"], capture_output=True, text=True)
+            pids += len(out.stdout.split())
+        state = "up" if info and len(present) == len(ROLES) else "broken (run: kzprobe lab down)"
+        click.echo(f"{inst}: {state}; scenario {info.get('name', '?')}; namespaces {len(present)}/{len(ROLES)}; "
+                   f"{pids} processes")
+
+
+@lab.command(name="exec", context_settings={"ignore_unknown_options": True})
+@instance_opt
+@click.option("--role", type=click.Choice(ROLES), default="volunteer", show_default=True,
+              help="Namespace to run in.")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def exec_(instance: str, role: str, command: tuple[str, ...]) -> None:
+    """Run COMMAND inside a lab namespace (the volunteer's by default): kzprobe lab exec -- CMD..."""
+    try:
+        require_root()
+    except LabError as exc:
+        raise click.ClickException(str(exc)) from None
+    ns = f"{instance}-{role}"
+    if ns not in list_namespaces():
+        raise click.ClickException(f"lab {instance} is not up (run: kzprobe lab up --instance {instance})")
+    sys.exit(subprocess.run(["ip", "netns", "exec", ns, *command]).returncode)
+
+
+def _print(rows: list[dict[str, Any]], fmt: str, head: dict[str, Any]) -> None:
+    if fmt == "json":
+        click.echo(json.dumps({**head, "results": rows}, indent=2, ensure_ascii=False))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"kzprobe lab run: {head['scenario']}")
+    for col in ("", "target", "method @ hop", "expected", "kzprobe", "evidence"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        v = r["verdict"] or {}
+        how = ", ".join(r["methods"]) + (f" @ {r['hop']}" if r["methods"] else "") or "none"
+        sentence = (v.get("evidence") or {}).get("sentence", "")
+        table.add_row("✔" if r["match"] else "✘", r["target"], how, r["expect"], r["got"], sentence)
+    Console().print(table)
+    bad = [r for r in rows if not r["match"]]
+    click.echo(f"{len(rows) - len(bad)}/{len(rows)} verdicts as expected")
+
+
+@lab.command()
+@scenario_opt
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option("--instance", default=None, help="Lab instance (default: a fresh one).")
+@click.option("--timeout", type=float, default=3.0, show_default=True, help="kzprobe's per-step timeout.")
+@click.option("--keep", is_flag=True, help="Leave the lab up afterwards.")
+def run(scenario: str, fmt: str, instance: str | None, timeout: float, keep: bool) -> None:
+    """Up, `kzprobe run` from the volunteer against the scenario, compare, down.
+
+    Exits non-zero when any verdict differs from the scenario's expectation.
+    """
+    lab_ = _lab(scenario, instance or _fresh_instance())
+    try:
+        lab_.up()
+        verdicts = run_probe(lab_, timeout=timeout)
+        rows = compare(lab_.scenario, verdicts)
+    except LabError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        if not keep:
+            lab_.down()
+    _print(rows, fmt, {"scenario": lab_.scenario.name, "instance": lab_.instance,
+                       "helper": lab_.helper_url, "ok": all(r["match"] for r in rows)})
+    if not all(r["match"] for r in rows):
+        sys.exit(1)
+
+
+def _fresh_instance() -> str:
+    import secrets
+
+    return DEFAULT_PREFIX + secrets.token_hex(2)
+
+
+@lab.command()
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="pcap to write, e.g. fixtures/pcaps/NAME.pcap; NAME.expected.json goes beside it.")
+@scenario_opt
+@click.option("--timeout", type=float, default=3.0, show_default=True, help="kzprobe's per-step timeout.")
+def record(out: Path, scenario: str, timeout: float) -> None:
+    """Capture the volunteer's interface during a `kzprobe run` of the scenario."""
+    if out.suffix != ".pcap":
+        raise click.UsageError(f"--out {out}: must end in .pcap")
+    lab_ = _lab(scenario, _fresh_instance())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        lab_.up()
+        verdicts, packets = _capture(lab_, out, timeout)
+    except LabError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        lab_.down()
+    rows = compare(lab_.scenario, verdicts)
+    expected = {
+        "scenario": lab_.scenario.name,
+        "pcap": out.name,
+        "recorded_with": "kzprobe lab record",
+        "volunteer": lab_.volunteer_address,
+        "resolvers": {"isp": lab_.isp_resolver, "public": lab_.public_resolver},
+        "hops": {r: lab_.router_address(r) for r in ("isp", "bb1", "bb2")},
+        "targets": [
+            {k: r[k] for k in ("target", "domain", "expect", "methods", "hop", "reason")}
+            | {"address": lab_.scenario.site(r["domain"]).address, "live_verdict": r["got"]}
+            for r in rows
+        ],
+    }
+    side = out.with_name(out.stem + ".expected.json")
+    side.write_text(json.dumps(expected, indent=2, ensure_ascii=False) + "\n")
+    bad = [r for r in rows if not r["match"]]
+    click.echo(f"wrote {out} ({packets} packets, {out.stat().st_size} bytes) and {side}; "
+               f"{len(rows) - len(bad)}/{len(rows)} live verdicts as expected")
+    for r in bad:
+        click.echo(f"  mismatch: {r['target']}: expected {r['expect']}, kzprobe said {r['got']}", err=True)
+    if bad:
+        sys.exit(1)
+
+
+def _capture(lab_: Lab, out: Path, timeout: float) -> tuple[list[dict[str, Any]], int]:
+    iface = lab_.veth("volunteer", "up")
+    dump = subprocess.Popen(
+        ["ip", "netns", "exec", lab_.ns_name("volunteer"), "tcpdump", "-i", iface, "-U", "-n",
+         "--immediate-mode", "-s", "0", "-w", str(out.resolve())],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        # tcpdump says "listening on" once the capture is open; nothing before that is recorded.
+        assert dump.stderr is not None
+        line = dump.stderr.readline()
+        if "listening" not in line:
+            raise LabError(f"tcpdump did not start: {line.strip()}")
+        verdicts = run_probe(lab_, timeout=timeout)
+        time.sleep(0.2)  # late packets (RSTs answering injected segments) belong in the capture
+    finally:
+        dump.send_signal(signal.SIGINT)
+        try:
+            _, err = dump.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            dump.kill()
+            _, err = dump.communicate()
+    packets = 0
+    for ln in (err or "").splitlines():
+        if "packets captured" in ln:
+            packets = int(ln.split()[0])
+    return verdicts, packets
