@@ -148,3 +148,22 @@ def test_bad_inputs_one_line_errors(tmp_path: Path) -> None:
     assert r.exit_code == 1 and "same address" in r.output
     r = CliRunner().invoke(main, ["trace", "--from-pcap", str(test)])
     assert r.exit_code == 2
+
+
+def test_store_keeps_result_and_hops(tmp_path: Path) -> None:
+    from kzprobe.storage import Store
+
+    db = tmp_path / "t.db"
+    test, control = _pair("188.65.24.82", "www.nifty.org")
+    r = CliRunner().invoke(main, ["trace", "--from-pcap", str(test), "--control", str(control),
+                                  "--format", "json", "--db", str(db), "--store"])
+    assert r.exit_code == 0, r.output
+    store = Store(str(db))
+    try:
+        run_id = store.latest_run_id()
+        assert run_id is not None
+        (row,) = store.traces(run_id)
+    finally:
+        store.close()
+    assert row["target"] == "www.nifty.org" and row["hop_address"] == "134.0.217.233"
+    assert any(h["kind"] == "rst" and h["ttl"] == 18 for h in row["hops"]["test"])

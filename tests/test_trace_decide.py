@@ -179,3 +179,11 @@ def test_bad_kind_and_trigger_rejected() -> None:
         HopResult(ttl=1, kind="nonsense")
     with pytest.raises(ValueError):
         run([icmp(1)], [icmp(1)], trigger="ftp")
+
+
+def test_dns_resolver_answering_differently_is_endpoint() -> None:
+    nx = HopResult(ttl=1, kind="response", responder="198.51.100.53", ip_ttl=64, detail="DNS NXDOMAIN")
+    ok = HopResult(ttl=1, kind="response", responder="198.51.100.53", ip_ttl=64, detail="DNS NOERROR 203.0.113.9")
+    r = decide([nx], [ok], target="blocked.test", address="198.51.100.53", trigger="dns")
+    assert (r.result, r.placement, r.hop_ttl, r.hop_address) == ("endpoint", "endpoint", 1, "198.51.100.53")
+    assert "resolver" in r.evidence["sentence"]

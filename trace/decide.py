@@ -422,13 +422,25 @@ def decide(
                         tp=_pk(th),
                         cp=_pk(ch),
                     )
+                if trigger == "dns":
+                    sentence = (
+                        f"Both queries are first answered at TTL {t_test}, the resolver's own hop, "
+                        f"and the answers differ: {_describe(th)} for {domain} against "
+                        f"{_describe(ch)} for {control_domain}. The resolver itself blocks the "
+                        "name (DNS blocking at the resolver), nothing in the path."
+                    )
+                else:
+                    sentence = (
+                        f"Both sweeps first get an answer at TTL {t_test}, the server's own hop, "
+                        f"and the packets carry the server's signature, but they differ: "
+                        f"{_describe(th)} for {domain} against {_describe(ch)} for "
+                        f"{control_domain}. The block is at the endpoint (a server-side firewall "
+                        "or policy), not in the path."
+                    )
                 return result(
                     ENDPOINT,
                     "endpoint_differs",
-                    f"Both sweeps first get an answer at TTL {t_test}, the server's own hop, and "
-                    f"the packets carry the server's signature, but they differ: {_describe(th)} "
-                    f"for {domain} against {_describe(ch)} for {control_domain}. The block is at "
-                    "the endpoint (a server-side firewall or policy), not in the path.",
+                    sentence,
                     hop_ttl=t_test,
                     hop_address=th.responder or address,
                     placement=PLACEMENT_ENDPOINT,

@@ -5,7 +5,8 @@ port, so answers are matched to probes by port and many TTLs run at once: a *bat
 sent together (SYNs at full TTL, then ACK + trigger with IP TTL = i as each SYN/ACK arrives),
 then the tracer listens for ``timeout`` seconds.  A sweep stops after the batch in which the
 server (or anything) answered the trigger, or at ``max_hops``.  Test and control sweeps and all
-repetitions share the batches, so a trace takes about ``2 * timeout`` per batch.
+repetitions share the batches, so a trace takes about ``2 * timeout`` per batch, plus one second per extra
+repetition (see :data:`REPETITION_SPACING`).
 
 Packets are built with scapy (imported lazily: it costs a second) and sent on a raw IP socket;
 answers are read from raw TCP/ICMP/UDP sockets and decoded by :mod:`kzprobe.replay.pcapio`.
@@ -323,6 +324,18 @@ def trace(
     )
 
 
+#: Seconds between repetitions inside a batch.  Linux routers send at most a burst of 6 ICMP
+#: errors to one destination and then one per second (net.ipv4.icmp_ratelimit); spacing the
+#: repetitions keeps a router's ICMP from being mistaken for silence, also when traces run
+#: back to back.
+REPETITION_SPACING = 1.0
+
+
+def _rounds(todo: list[_Probe]) -> list[tuple[float, list[_Probe]]]:
+    reps = sorted({p.rep for p in todo})
+    return [(i * REPETITION_SPACING, [p for p in todo if p.rep == r]) for i, r in enumerate(reps)]
+
+
 def _run_tcp_batch(
     sender: _Sender, rx: _Receiver, log: _Log, todo: list[_Probe], payloads: dict[str, bytes], timeout: float
 ) -> None:
@@ -338,11 +351,17 @@ def _run_tcp_batch(
 
     rx.on_packet = on_packet
     try:
-        for p in todo:
-            sender.tcp(p.sport, "S", p.isn, 0, 64, random.randrange(1, 65535))
-        deadline = time.monotonic() + timeout
-        left = set(by_port)
-        while left and time.monotonic() < deadline:
+        start = time.monotonic()
+        rounds = _rounds(todo)
+        deadline: dict[int, float] = {}
+        left: set[int] = set()
+        while rounds or (left and time.monotonic() < max(deadline[sp] for sp in left)):
+            now = time.monotonic()
+            while rounds and start + rounds[0][0] <= now:
+                for p in rounds.pop(0)[1]:
+                    sender.tcp(p.sport, "S", p.isn, 0, 64, random.randrange(1, 65535))
+                    deadline[p.sport] = now + timeout
+                    left.add(p.sport)
             with cond:
                 cond.wait(timeout=0.05)
                 ready = [(sp, pending.pop(sp)) for sp in list(pending) if sp in left]
@@ -355,15 +374,19 @@ def _run_tcp_batch(
                 sender.tcp(sp, "A", seq, ackn, 64, random.randrange(1, 65535))
                 sender.tcp(sp, "PA", seq, ackn, p.ttl, p.ip_id, payloads[p.domain])
                 p.sent_trigger = True
+            left = {sp for sp in left if time.monotonic() < deadline[sp]}
         time.sleep(timeout)
     finally:
         rx.on_packet = None
 
 
 def _run_dns_batch(sender: _Sender, todo: list[_Probe], trigger: str, timeout: float) -> None:
-    for p in todo:
-        sender.udp(p.sport, p.ttl, p.ip_id, trigger_payload(trigger, p.domain, qid=p.isn & 0xFFFF))
-        p.sent_trigger = True
+    start = time.monotonic()
+    for offset, group in _rounds(todo):
+        time.sleep(max(0.0, start + offset - time.monotonic()))
+        for p in group:
+            sender.udp(p.sport, p.ttl, p.ip_id, trigger_payload(trigger, p.domain, qid=p.isn & 0xFFFF))
+            p.sent_trigger = True
     time.sleep(timeout)
 
 
