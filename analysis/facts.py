@@ -193,12 +193,16 @@ class Facts:
 
     @cached_property
     def control_reaches_site(self) -> bool:
-        """Control fetched the page, or at least completed TLS / TCP to the site."""
-        return (
-            any(o.ok for o in self.control_http)
-            or any(o.ok for o in self.control_tls)
-            or any(o.ok for o in self.control_tcp)
-        )
+        """Control fetched the page; or, where it did not try to fetch, completed the deepest step it tried.
+
+        A TCP connect alone is not "reaching the site" when control also tried TLS or HTTP and
+        those failed (e.g. a certificate nobody trusts: the site is broken for everyone).
+        """
+        if self.control_http:
+            return any(o.ok for o in self.control_http)
+        if self.control_tls:
+            return any(o.ok and o.data.get("cert_valid") is not False for o in self.control_tls)
+        return any(o.ok for o in self.control_tcp)
 
     @cached_property
     def control_fails_site(self) -> bool:

@@ -69,11 +69,18 @@ def _times(obs: list[Observation]) -> str:
 
 
 def _enough(obs: list[Observation]) -> bool:
-    """A reset is evidence at once; a timeout or EOF must be seen again (sandwich retry)."""
-    failures = [o.failure for o in obs if o.failure]
+    """A reset is evidence at once; a timeout or EOF must be seen again (sandwich retry).
+
+    A live probe always retries, so it can meet that bar.  An imported OONI measurement or a
+    capture cannot be re-measured: there one failure counts (the verdict's contrast, control,
+    is still required by every rule that calls this).
+    """
+    failures = [o for o in obs if o.failure]
     if not failures:
         return False
-    if any(f == E.CONNECTION_RESET for f in failures):
+    if any(o.failure == E.CONNECTION_RESET for o in failures):
+        return True
+    if all(o.source != "live" for o in failures):
         return True
     return len(failures) >= 2
 
@@ -166,6 +173,22 @@ def _dns_failure(f: Facts) -> Hit | None:
     conf = 0.9 if f.control_resolves else 0.7
     return Hit(failed, f"Resolver {who} answered {failure} for {f.domain}, while {ref}.",
                detail=f"dns.{_suffix(failure)}", confidence=conf)
+
+
+def _dns_ghost(f: Facts) -> Hit | None:
+    """A resolver answers for a name that control (or an encrypted resolver) says does not exist."""
+    if not f.probe_addresses or f.control_resolves:
+        return None
+    nx_control = [o for o in f.control_dns if o.failure == E.DNS_NXDOMAIN]
+    nx_doh = [o for o in f.probe_dns if o.failure == E.DNS_NXDOMAIN and o.data.get("transport") == "doh"]
+    if not (nx_control or nx_doh):
+        return None
+    answering = [o for o in f.probe_dns if o.ok]
+    who = ", ".join(sorted({str(o.data.get("resolver") or "system") for o in answering}))
+    by = "control" if nx_control else "DNS-over-HTTPS"
+    return Hit([*answering, *(nx_control or nx_doh)],
+               f"Resolver {who} answered {', '.join(sorted(f.probe_addresses))} for {f.domain}, a name that "
+               f"{by} says does not exist (NXDOMAIN).")
 
 
 def _dns_bogon(f: Facts) -> Hit | None:
@@ -330,6 +353,19 @@ def _http_interfered(f: Facts) -> tuple[list[Observation], list[Observation]] | 
     return list(f.probe_http), follow
 
 
+def _ok_throttled(f: Facts) -> Hit | None:
+    """Response headers arrived, then the body timed out: the site answers, slowly (throttling)."""
+    if f.probe_http_ok or not f.probe_http:
+        return None
+    slow = [o for o in f.probe_http if o.failure == E.TIMEOUT and o.data.get("status")]
+    if not slow or len(slow) != len(f.probe_http):
+        return None
+    o = slow[0]
+    ctl = " while control downloaded it" if f.control_http_ok else ""
+    return Hit(slow, f"{f.domain} answered (status {o.data.get('status')}) but the body timed out{ctl}: "
+                     "accessible, possibly throttled.", confidence=0.6)
+
+
 def _http_dpi(f: Facts) -> Hit | None:
     got = _http_interfered(f)
     if not got:
@@ -370,9 +406,23 @@ def _dpi_blockpage(f: Facts) -> Hit | None:
                     f"(status {o.data.get('status')}).", confidence=0.9)
 
 
+#: Server-side challenges (CDN bot checks, CAPTCHAs): a different page, but the site's own doing.
+CHALLENGE_HEADERS = ("cf-ray", "cf-mitigated", "x-amz-cf-id", "akamai-grn", "x-sucuri-id")
+CHALLENGE_TITLES = ("just a moment", "attention required", "access denied", "captcha")
+
+
+def server_side_challenge(o: Observation) -> bool:
+    headers = {k.lower() for k in (o.data.get("headers") or {})}
+    title = str(o.data.get("title") or "").lower()
+    return o.data.get("status") in (403, 429, 503) and (
+        bool(headers & set(CHALLENGE_HEADERS)) or any(t in title for t in CHALLENGE_TITLES))
+
+
 def _http_diff(f: Facts) -> Hit | None:
     """The page differs materially from control's, at an address control agrees with."""
     if not f.probe_http_ok or not f.control_http_ok:
+        return None
+    if any(server_side_challenge(o) for o in f.probe_http_ok):
         return None
     if not (f.probe_addresses & f.control_addresses) and not f.valid_addresses:
         return None
@@ -466,6 +516,8 @@ RULES: tuple[Rule, ...] = (
          "DNS led to an address serving a blockpage."),
     Rule("dns.failure", BLOCKED, "dns", "dns.nxdomain", 0.9, _dns_failure,
          "A probe resolver fails (NXDOMAIN, SERVFAIL, no answer, timeout) while control resolves."),
+    Rule("dns.ghost", BLOCKED, "dns", "dns.ghost", 0.85, _dns_ghost,
+         "A resolver answers for a name that control or DoH says does not exist."),
     Rule("dns.bogon", BLOCKED, "dns", "dns.bogon", 0.9, _dns_bogon,
          "A probe resolver answers a bogon address that control does not give."),
     Rule("dns.poisoned", BLOCKED, "dns", "dns.poisoned", 0.85, _dns_poisoned,
@@ -484,6 +536,8 @@ RULES: tuple[Rule, ...] = (
          "TLS fails with the target SNI and a benign SNI alike, while control completes."),
     Rule("dpi.blockpage", BLOCKED, "dpi", "dpi.blockpage", 0.9, _dpi_blockpage,
          "The HTTP response matches a blockpage fingerprint."),
+    Rule("ok.throttled", OK, None, "ok.throttled", 0.6, _ok_throttled,
+         "Headers arrived, then the body timed out: accessible but slow (throttling is not blocking)."),
     Rule("dpi.http_followup", BLOCKED, "dpi", "dpi.http_reset", 0.9, _http_dpi,
          "HTTP with Host = target fails; the same address with a benign Host answers."),
     Rule("dpi.http_control", BLOCKED, "dpi", "dpi.http_reset", 0.75, _http_dpi_control_only,

@@ -84,6 +84,9 @@ async def fetch(clients: Clients, target: str, domain: str, url: str, address: s
                                            headers={"Host": cur_host},
                                            extensions={"sni_hostname": cur_host})
                 resp = await client.send(req, stream=True)
+                # Recorded before the body: a body that then times out (throttling) still
+                # shows that the server answered.
+                data.update(status=resp.status_code, headers=dict(resp.headers.items()))
                 try:
                     body = b""
                     truncated = False
