@@ -442,7 +442,8 @@ class Replayer:
             tcp_fail = E.TIMEOUT
         tcp = Observation(step=STEP_TCP, target="", domain="", source="pcap", address=address, port=fl.sport,
                           t_start=fl.first_ts, t_end=(fl.synack or fl.syn_rst or (0, 0, 0, fl.last_ts))[3],
-                          failure=tcp_fail, data={"stopped": stopped, "syn_retransmits": max(0, len(fl.syns) - 1)},
+                          failure=tcp_fail, data={"stopped": stopped, "syn_retransmits": max(0, len(fl.syns) - 1),
+                                "retransmissions": fl.cli_retx},
                           packets=tcp_packets)
         if tcp_fail == E.TIMEOUT:
             self._pfind.append((address, "tcp_timeout", tcp_packets,
