@@ -32,6 +32,13 @@ def _trace_text(t: dict[str, Any]) -> str:
     return f"trace ({t.get('trigger')}): {t.get('result')}"
 
 
+def _trace_evidence(t: dict[str, Any]) -> str:
+    ev = t.get("evidence")
+    if isinstance(ev, dict):
+        return str(ev.get("sentence") or "")
+    return str(ev or "")
+
+
 def _match_traces(v: Verdict, traces: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     return traces.get(v.target, []) + (traces.get(v.domain, []) if v.domain != v.target else [])
 
@@ -69,7 +76,7 @@ def render_markdown(run: Any, targets: list[Target], verdicts: list[Verdict], tr
                       + (f", {c.dates}" if c.dates else "") + (f"; mechanism: {c.mechanism}" if c.mechanism else ""),
                       "", f"**Measured:** {v.label}" + (f" ({v.detail})" if v.detail else "") + f" — {v.sentence}"]
             for trace in _match_traces(v, tr):
-                lines.append(f"**Trace:** {_trace_text(trace)}. {trace.get('evidence', '')}")
+                lines.append(f"**Trace:** {_trace_text(trace)}. {_trace_evidence(trace)}")
             lines.append("")
     return "\n".join(lines)
 

@@ -227,9 +227,9 @@ class Store:
     # --- reading -------------------------------------------------------------------------------
     def runs(self) -> list[RunInfo]:
         with self._session() as s:
-            counts: dict[int, int] = dict(
-                s.execute(select(TargetRow.run_id, func.count()).group_by(TargetRow.run_id)).tuples().all()
-            )
+            counts: dict[int, int] = {
+                rid: n for rid, n in s.execute(select(TargetRow.run_id, func.count()).group_by(TargetRow.run_id)).all()
+            }
             return [
                 RunInfo(r.id, r.source, r.started, r.ended, r.state, r.vantage, counts.get(r.id, 0))
                 for r in s.scalars(select(RunRow).order_by(RunRow.id))

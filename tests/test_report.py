@@ -1,0 +1,82 @@
+"""`kzprobe report` and `kzprobe verdicts`: the claim beside the measurement, and a stored trace
+beside the verdict of the traced target (trace issue, acceptance 4)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from kzprobe.analysis import classify
+from kzprobe.cli import main
+from kzprobe.model import Claim, Observation, Target
+from kzprobe.storage import Store
+
+CENTRACE = Path(__file__).resolve().parents[1].parent / "shared" / "real-pcaps" / "centrace"
+
+
+def _stored_run(db: Path) -> int:
+    store = Store(db)
+    rid = store.new_run(vantage={"network_name": "test"})
+    target = Target("http://www.nifty.org/", "POLR", Claim("a quote from the report", "Blocking", "63", "2014",
+                                                           "domain-based"))
+    store.add_targets(rid, [target])
+    obs = [
+        Observation("dns", target.url, "www.nifty.org", data={"resolver": "sys", "addresses": ["188.65.24.82"]}),
+        Observation("tcp", target.url, "www.nifty.org", address="188.65.24.82", port=80),
+        Observation("http", target.url, "www.nifty.org", address="188.65.24.82", port=80,
+                    failure="connection_reset", data={"host": "www.nifty.org"}),
+        Observation("http", target.url, "www.nifty.org", address="188.65.24.82", port=80, purpose="followup",
+                    data={"host": "example.com", "status": 200}),
+    ]
+    store.add_observations(rid, obs)
+    store.set_verdicts(rid, classify(obs, targets=[target.url]))
+    return rid
+
+
+def test_report_shows_claim_verdict_and_trace(tmp_path: Path) -> None:
+    db = tmp_path / "r.db"
+    rid = _stored_run(db)
+    runner = CliRunner()
+    traced = runner.invoke(main, [
+        "trace", "--from-pcap", str(CENTRACE / "188.65.24.82_www.nifty.org_www.nifty.org.pcap"),
+        "--control", str(CENTRACE / "188.65.24.82_www.nifty.org_example.com.pcap"),
+        "--store", "--db", str(db), "--run", str(rid), "--format", "json"])
+    assert traced.exit_code == 0, traced.output
+    md = runner.invoke(main, ["report", "--db", str(db), "--run", str(rid), "--format", "markdown"])
+    assert md.exit_code == 0, md.output
+    row = next(line for line in md.output.splitlines() if line.startswith("| http://www.nifty.org/"))
+    # The verdict and, on the same row, where the trace located the censor.
+    assert "| blocked | dpi | dpi.http_reset |" in row
+    assert "134.0.217.233" in row and "censor at hop" in row
+    # The report's claim, then what was measured.
+    assert "> a quote from the report" in md.output
+    assert "**Measured:** blocked/dpi" in md.output
+    term = runner.invoke(main, ["report", "--db", str(db), "--run", str(rid)], env={"COLUMNS": "400"})
+    assert term.exit_code == 0 and "134.0.217.233" in term.output
+
+
+def test_verdicts_json_and_csv(tmp_path: Path) -> None:
+    db = tmp_path / "v.db"
+    rid = _stored_run(db)
+    out = CliRunner().invoke(main, ["verdicts", "--db", str(db), "--run", str(rid), "--format", "json"])
+    assert out.exit_code == 0, out.output
+    (v,) = json.loads(out.output)
+    assert {k: v[k] for k in ("target", "status", "mechanism", "detail", "rule")} == {
+        "target": "http://www.nifty.org/", "status": "blocked", "mechanism": "dpi", "detail": "dpi.http_reset",
+        "rule": "dpi.http_followup"}
+    assert v["evidence"]["observations"], "evidence must point at stored observations"
+    stored = {o.id for o in Store(db).observations(rid)}
+    assert set(v["evidence"]["observations"]) <= stored
+    csv_out = CliRunner().invoke(main, ["verdicts", "--db", str(db), "--format", "csv"])
+    assert csv_out.exit_code == 0 and "dpi.http_followup" in csv_out.output
+
+
+def test_unknown_run_and_bad_db_are_one_line_errors(tmp_path: Path) -> None:
+    db = tmp_path / "e.db"
+    _stored_run(db)
+    out = CliRunner().invoke(main, ["verdicts", "--db", str(db), "--run", "99"])
+    assert out.exit_code == 1 and "no run 99" in out.output and "Traceback" not in out.output
+    empty = CliRunner().invoke(main, ["report", "--db", str(tmp_path / "new.db")])
+    assert empty.exit_code == 1 and "no run stored yet" in empty.output
