@@ -1,0 +1,177 @@
+"""What the control helper agrees to touch: the guard that keeps it from being an open proxy.
+
+A helper is a public service that connects wherever a request says.  Without a guard it is a
+free scanner of the operator's own network (cloud metadata at 169.254.169.254, databases on
+10.x, admin ports on localhost) and a relay to arbitrary ports anywhere.  So by default it only
+ever connects to globally routed unicast addresses, on ports 80 and 443, and every refusal has
+a reason that goes back to the client.
+
+``--allow-private`` lifts both checks.  It exists for the lab and the tests, where every site
+lives on loopback or in private namespaces on high ports; it must never be used on a helper that
+is reachable from the internet.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from urllib.parse import SplitResult, urlsplit
+
+import dns.exception
+import dns.name
+
+MAX_URL_LENGTH = 2048
+ALLOWED_PORTS = frozenset({80, 443})
+ALLOWED_SCHEMES = frozenset({"http", "https"})
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+#: Prefixes refused on top of ``not is_global``.  Python's registry tables change between
+#: versions (3.11 vs 3.13 disagree on several IPv6 blocks), so the ranges a helper must never
+#: reach are spelled out here too: a newer or older interpreter cannot quietly open them up.
+_EXTRA_BLOCKED = tuple(ipaddress.ip_network(n) for n in (
+    "0.0.0.0/8",          # "this network"
+    "10.0.0.0/8",         # RFC 1918
+    "100.64.0.0/10",      # CGNAT (RFC 6598)
+    "127.0.0.0/8",        # loopback
+    "169.254.0.0/16",     # link-local (cloud metadata lives here)
+    "172.16.0.0/12",      # RFC 1918
+    "192.0.0.0/24",       # IETF protocol assignments
+    "192.0.2.0/24",       # TEST-NET-1
+    "192.88.99.0/24",     # 6to4 relay anycast (deprecated)
+    "192.168.0.0/16",     # RFC 1918
+    "198.18.0.0/15",      # benchmarking
+    "198.51.100.0/24",    # TEST-NET-2
+    "203.0.113.0/24",     # TEST-NET-3
+    "224.0.0.0/4",        # multicast
+    "240.0.0.0/4",        # reserved, and the limited broadcast address
+    "::/128", "::1/128",
+    "::ffff:0:0/96",      # IPv4-mapped: judged by the embedded IPv4 address instead
+    "64:ff9b::/96",       # NAT64: ditto
+    "64:ff9b:1::/48",     # local-use NAT64
+    "100::/64",           # discard-only
+    "2001::/23",          # IETF protocol assignments (Teredo, ORCHID, ...)
+    "2001:db8::/32",      # documentation
+    "2002::/16",          # 6to4: embeds an IPv4 address of any kind
+    "3fff::/20",          # documentation (RFC 9637)
+    "5f00::/16",          # SRv6 SIDs
+    "fc00::/7",           # unique local
+    "fe80::/10",          # link-local
+    "fec0::/10",          # site-local (deprecated)
+    "ff00::/8",           # multicast
+))
+
+#: Refused even with --allow-private: a TCP connect to these is never a website.
+_NEVER = tuple(ipaddress.ip_network(n) for n in ("0.0.0.0/8", "224.0.0.0/4", "255.255.255.255/32",
+                                                 "::/128", "ff00::/8"))
+
+
+class PolicyError(ValueError):
+    """A request the helper will not serve; ``code`` is the machine-readable short code."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _embedded_v4(ip: IPAddress) -> ipaddress.IPv4Address | None:
+    if isinstance(ip, ipaddress.IPv4Address):
+        return None
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip in ipaddress.ip_network("64:ff9b::/96"):
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
+
+
+@dataclass(frozen=True)
+class Policy:
+    allow_private: bool = False
+
+    def address_refusal(self, address: str) -> str | None:
+        """Why the helper will not connect to ``address`` (None: it will)."""
+        try:
+            ip: IPAddress = ipaddress.ip_address(address)
+        except ValueError:
+            return "not an IP address"
+        inner = _embedded_v4(ip)
+        if inner is not None:
+            # ::ffff:10.0.0.1 reaches 10.0.0.1 on a dual-stack socket: judge what it reaches.
+            why = self.address_refusal(str(inner))
+            return f"embeds {inner}: {why}" if why else None
+        if any(ip in n for n in _NEVER):
+            return "unspecified, multicast or broadcast address"
+        if self.allow_private:
+            return None
+        if ip.is_loopback:
+            return "loopback address"
+        if ip.is_link_local:
+            return "link-local address"
+        if ip.is_multicast:
+            return "multicast address"
+        if ip.is_unspecified:
+            return "unspecified address"
+        if ip in ipaddress.ip_network("100.64.0.0/10"):
+            return "shared (CGNAT) address"
+        if ip.is_private:
+            return "private or special-purpose address"
+        if ip.is_reserved:
+            return "reserved address"
+        if not ip.is_global or any(ip in n for n in _EXTRA_BLOCKED):
+            return "not a globally routed address"
+        return None
+
+    def allow_address(self, address: str) -> bool:
+        return self.address_refusal(address) is None
+
+    def port_refusal(self, port: int) -> str | None:
+        if self.allow_private or port in ALLOWED_PORTS:
+            return None
+        return f"port {port} is not 80 or 443"
+
+    def check_url(self, url: str) -> SplitResult:
+        """Validate a target URL; raises :class:`PolicyError` (code ``bad_url`` -> 400, else 403)."""
+        if len(url) > MAX_URL_LENGTH:
+            raise PolicyError(f"url longer than {MAX_URL_LENGTH} characters", "bad_url")
+        if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in url):
+            raise PolicyError("url contains whitespace or control characters", "bad_url")
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError as exc:
+            raise PolicyError(f"url does not parse: {exc}", "bad_url") from None
+        scheme = parts.scheme.lower()
+        if scheme not in ALLOWED_SCHEMES:
+            raise PolicyError(f"scheme {scheme or '(none)'!r} refused: only http and https", "forbidden_scheme")
+        host = (parts.hostname or "").lower()
+        if not host:
+            raise PolicyError("url has no host", "bad_url")
+        if parts.username is not None or parts.password is not None:
+            raise PolicyError("url carries credentials", "bad_url")
+        if port is None:
+            port = 443 if scheme == "https" else 80
+        why = self.port_refusal(port)
+        if why:
+            raise PolicyError(f"{why}: refused", "forbidden_port")
+        if _is_ip(host):
+            why = self.address_refusal(host)
+            if why:
+                raise PolicyError(f"{host}: {why}: refused", "forbidden_address")
+        else:
+            try:
+                name = dns.name.from_text(host)
+            except (dns.exception.DNSException, UnicodeError, ValueError) as exc:
+                raise PolicyError(f"host {host!r} is not a valid DNS name: {exc}", "bad_url") from None
+            # labels include the root: ("site", "test", "").  A bare word would be completed by
+            # the operator's search domains, i.e. name something inside the operator's network.
+            if len(name.labels) < (2 if self.allow_private else 3):
+                raise PolicyError(f"host {host!r} is not a fully qualified name", "bad_url")
+        return parts
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
