@@ -142,13 +142,16 @@ def _print(rows: list[dict[str, Any]], fmt: str, head: dict[str, Any]) -> None:
 
     table = Table(title=f"kzprobe lab run: {head['scenario']}")
     for col in ("", "target", "method @ hop", "expected", "kzprobe", "evidence"):
-        table.add_column(col, overflow="fold")
+        table.add_column(col, overflow="fold", ratio=4 if col == "evidence" else None)
     for r in rows:
         v = r["verdict"] or {}
         how = ", ".join(r["methods"]) + (f" @ {r['hop']}" if r["methods"] else "") or "none"
         sentence = (v.get("evidence") or {}).get("sentence", "")
         table.add_row("✔" if r["match"] else "✘", r["target"], how, r["expect"], r["got"], sentence)
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)  # a log or a pipe: no terminal width to fit, keep rows readable
+    console.print(table)
     bad = [r for r in rows if not r["match"]]
     click.echo(f"{len(rows) - len(bad)}/{len(rows)} verdicts as expected")
 
