@@ -47,6 +47,8 @@ SOURCES = ("live", "pcap", "ooni")
 MEASURE = "measure"
 #: The same address with a benign SNI / Host (example.com): tells DPI from IP blocking.
 FOLLOWUP = "followup"
+#: A step of a redirect chain beyond the first URL (OONI import); the rules ignore it.
+REDIRECT = "redirect"
 
 # --- verdict statuses and mechanisms -----------------------------------------------------------
 OK = "ok"
@@ -87,6 +89,8 @@ class Target:
 
     @property
     def host(self) -> str:
+        if "://" not in self.url:  # a bare domain (pcap replay keys targets by domain)
+            return self.url.split("/", 1)[0].split(":", 1)[0].lower()
         return (urlsplit(self.url).hostname or "").lower()
 
     @property

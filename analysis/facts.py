@@ -109,8 +109,13 @@ class Facts:
 
     @cached_property
     def injected(self) -> list[Observation]:
-        """Observations on which a packet was judged injected (pcap evidence)."""
-        return [o for o in self.observations if o.vantage == PROBE and o.data.get("injected")]
+        """Observations on which a packet was judged injected (pcap evidence).
+
+        Follow-ups (benign SNI / Host) are left out: an injection there says the *address* or
+        the path is interfered with, not that this target's name triggered it.
+        """
+        return [o for o in self.observations
+                if o.vantage == PROBE and o.purpose != FOLLOWUP and o.data.get("injected")]
 
     # --- DNS ---------------------------------------------------------------------------------
     @cached_property
