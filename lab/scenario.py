@@ -167,6 +167,7 @@ def parse(raw: dict[str, Any], path: Path) -> Scenario:
         if not isinstance(entry, dict):
             raise ScenarioError(f"{where}: must be a table")
         site = _parse_site(entry, where)
+        where = f"{where} ({site.domain})"
         for n in site.names:
             if n in seen_domains:
                 raise ScenarioError(f"{where}: domain {n!r} appears twice")
@@ -185,14 +186,14 @@ def parse(raw: dict[str, Any], path: Path) -> Scenario:
 
 
 def _parse_site(e: dict[str, Any], where: str) -> Site:
-    unknown = set(e) - _SITE_KEYS
-    if unknown:
-        raise ScenarioError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
     domain = e.get("domain")
     if not isinstance(domain, str) or "." not in domain or "/" in domain:
         raise ScenarioError(f"{where}: 'domain' must be a host name, got {domain!r}")
     domain = domain.lower().rstrip(".")
     where = f"{where} ({domain})"
+    unknown = set(e) - _SITE_KEYS
+    if unknown:
+        raise ScenarioError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
     address = str(e.get("address", ""))
     try:
         ip = ipaddress.ip_address(address)
