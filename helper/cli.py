@@ -79,10 +79,12 @@ def _check_bundle(path: str) -> None:
 @click.option("--io-timeout", default=10.0, show_default=True, type=click.FloatRange(0.1, 300),
               help="Time a client has to send a request head, and then its body (slow clients are dropped).")
 @click.option("--concurrency", default=16, show_default=True, type=click.IntRange(1, 1024),
-              help="Measurements at once; further requests get 503 at once.")
+              help="Measurements at once.")
+@click.option("--queue", default=64, show_default=True, type=click.IntRange(0, 4096),
+              help="Requests that may wait (up to 5 s) for a measurement slot; beyond that, 503 at once.")
 def helper(listen: str, resolvers: tuple[str, ...], ca_bundles: tuple[str, ...], allow_private: bool,
            token: str | None, tls_cert: str | None, tls_key: str | None, timeout: float, deadline: float,
-           io_timeout: float, concurrency: int) -> None:
+           io_timeout: float, concurrency: int, queue: int) -> None:
     """Run the control helper: measure targets from outside the censored network.
 
     Probes call it with `kzprobe run --helper http://ADDR:PORT`. For each request it resolves the
@@ -112,9 +114,12 @@ def helper(listen: str, resolvers: tuple[str, ...], ca_bundles: tuple[str, ...],
 
     opts = HelperOptions(host=host, port=port, resolvers=list(resolvers), ca_bundles=list(ca_bundles),
                          allow_private=allow_private, token=token, tls_cert=tls_cert, tls_key=tls_key,
-                         timeout=timeout, limits=Limits(concurrency=concurrency, deadline=deadline,
+                         timeout=timeout, limits=Limits(concurrency=concurrency, queue=queue, deadline=deadline,
                                                      body_timeout=io_timeout, header_timeout=io_timeout))
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="kzprobe helper: %(message)s")
+    for noisy in ("httpx", "httpcore", "hpack"):
+        # One line per measured request is the probe's business, not the operator's log.
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     _run(opts)
 
 

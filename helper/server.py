@@ -53,6 +53,11 @@ class Limits:
     max_body: int = 8 * 1024
     max_addresses: int = 8
     concurrency: int = 16
+    #: Requests that may wait for a free slot, and for how long.  A probe runs dozens of targets
+    #: at once and asks for control of each, so short bursts are normal and worth absorbing;
+    #: beyond the queue the answer is 503 at once (a longer queue would only make clients time out).
+    queue: int = 64
+    queue_wait: float = 5.0
     #: Whole request (all steps for all addresses).  A measurement taking longer has hung.
     deadline: float = 30.0
     #: Time to receive the body once the request head is in (slow-loris on the body).
@@ -113,6 +118,7 @@ class HelperApp:
 
     def __post_init__(self) -> None:
         self.limiter = trio.CapacityLimiter(self.limits.concurrency)
+        self.waiting = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope.get("type")
@@ -208,6 +214,26 @@ class HelperApp:
                             f"request body not received within {self.limits.body_timeout:g} s") from None
         return b"".join(chunks)
 
+    async def _admit(self) -> None:
+        """Take a measurement slot, waiting in a bounded queue; 503 when that is not possible."""
+        try:
+            self.limiter.acquire_nowait()
+            return
+        except trio.WouldBlock:
+            pass
+        busy = HttpError(503, "busy", f"helper busy ({self.limits.concurrency} measurements running, "
+                                      f"{self.waiting} waiting)", {"Retry-After": "1"})
+        if self.waiting >= self.limits.queue:
+            raise busy
+        self.waiting += 1
+        try:
+            with trio.move_on_after(self.limits.queue_wait):
+                await self.limiter.acquire()
+                return
+        finally:
+            self.waiting -= 1
+        raise busy
+
     async def _control(self, scope: Scope, receive: Receive) -> tuple[int, dict[str, Any], dict[str, str]]:
         self._authorize(scope)
         ctype = (self._header(scope, b"content-type") or "").split(";")[0].strip().lower()
@@ -215,12 +241,7 @@ class HelperApp:
             raise HttpError(415, "unsupported_media_type", "Content-Type must be application/json")
         body = await self._read_body(scope, receive)
         url, addresses = parse_request(body, self.limits.max_addresses)
-        try:
-            self.limiter.acquire_nowait()
-        except trio.WouldBlock:
-            # Shed load at once: a queue would only make every client time out later.
-            raise HttpError(503, "busy", f"helper busy ({self.limits.concurrency} measurements running)",
-                            {"Retry-After": "1"}) from None
+        await self._admit()
         try:
             with trio.move_on_after(self.limits.deadline) as cs:
                 result = await self.measure(url, addresses)

@@ -527,7 +527,7 @@ def test_app_busy_and_deadline() -> None:
         return ControlResult([], [])
 
     async def main() -> None:
-        app = HelperApp(slow_measure, limits=Limits(concurrency=1, deadline=5))
+        app = HelperApp(slow_measure, limits=Limits(concurrency=1, queue=0, deadline=5))
         results: list[tuple[int, dict[str, Any]]] = []
         async with trio.open_nursery() as n:
             async def first() -> None:
@@ -550,6 +550,40 @@ def test_app_busy_and_deadline() -> None:
         assert (status, body["code"]) == (504, "timeout")
         # The limiter slot of the timed-out request was given back.
         assert hang.limiter.borrowed_tokens == 0
+
+    trio.run(main)
+
+
+def test_app_queues_a_burst_then_sheds_load() -> None:
+    release = trio.Event()
+
+    async def slow_measure(url: str, addresses: list[str]) -> ControlResult:
+        await release.wait()
+        return ControlResult([], [])
+
+    async def main() -> None:
+        app = HelperApp(slow_measure, limits=Limits(concurrency=1, queue=1, queue_wait=2.0, deadline=5))
+        results: list[int] = []
+
+        async def call() -> None:
+            results.append((await _call(app, GOOD))[0])
+
+        async with trio.open_nursery() as n:
+            n.start_soon(call)           # measuring
+            await trio.sleep(0.05)
+            n.start_soon(call)           # waits in the queue
+            await trio.sleep(0.05)
+            assert app.waiting == 1
+            with trio.fail_after(1):     # queue full: refused at once
+                status, body = await _call(app, GOOD)
+            assert (status, body["code"]) == (503, "busy")
+            release.set()
+        assert results == [200, 200]
+        # A queued request that waits too long is refused, and leaves the queue.
+        app2 = HelperApp(slow_measure, limits=Limits(concurrency=1, queue=4, queue_wait=0.2))
+        app2.limiter.acquire_on_behalf_of_nowait("someone")
+        status, body = await _call(app2, GOOD)
+        assert (status, body["code"]) == (503, "busy") and app2.waiting == 0
 
     trio.run(main)
 
