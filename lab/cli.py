@@ -214,6 +214,8 @@ def record(out: Path, scenario: str, timeout: float) -> None:
         "recorded_with": "kzprobe lab record",
         "volunteer": lab_.volunteer_address,
         "resolvers": {"isp": lab_.isp_resolver, "public": lab_.public_resolver},
+        # The probe's requests to the control helper cross the same interface; replay should skip them.
+        "helper": lab_.helper_url,
         "hops": {r: lab_.router_address(r) for r in ("isp", "bb1", "bb2")},
         "targets": [
             {k: r[k] for k in ("target", "domain", "expect", "methods", "hop", "reason")}
@@ -235,7 +237,7 @@ def record(out: Path, scenario: str, timeout: float) -> None:
 def _capture(lab_: Lab, out: Path, timeout: float) -> tuple[list[dict[str, Any]], int]:
     iface = lab_.veth("volunteer", "up")
     dump = subprocess.Popen(
-        ["ip", "netns", "exec", lab_.ns_name("volunteer"), "tcpdump", "-i", iface, "-U", "-n",
+        ["ip", "netns", "exec", lab_.ns_name("volunteer"), "tcpdump", "-Z", "root", "-i", iface, "-U", "-n",
          "--immediate-mode", "-s", "0", "-w", str(out.resolve())],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
