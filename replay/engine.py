@@ -506,6 +506,7 @@ class Replayer:
                 return None
             if cut:
                 return None
+            failure: str | None
             outcome, failure = "silence", E.TIMEOUT
             self._find(domain, "silence", [tn], f"packet {tn}: no answer to the {what} sent to {address}:"
                                                 f"{fl.sport}: the connection went silent (blackholed?)")

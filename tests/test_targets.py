@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from kzprobe.model import Target
 from kzprobe.targets import (
     BUILTIN_LISTS,
