@@ -27,6 +27,15 @@ from kzprobe.probes.certs import TrustStore
 from kzprobe.probes.engine import ProbeConfig, Sink
 
 DOH_DEFAULTS = ("https://dns.google/dns-query", "https://cloudflare-dns.com/dns-query")
+#: Consecutive connection failures after which a helper is no longer asked during this run.
+DEAD_AFTER = 3
+
+
+def _retry_after(value: str | None) -> float:
+    try:
+        return min(5.0, max(0.1, float(value or 1)))
+    except ValueError:
+        return 1.0
 
 
 def _split_token(url: str) -> tuple[str, str | None]:
@@ -43,9 +52,12 @@ class ControlClient:
         self.config = config
         self.sink = sink
         self.notes: list[str] = []
-        self._dead: set[str] = set()
+        #: helper -> consecutive connection failures; a helper is skipped after DEAD_AFTER of them.
+        self._failures: dict[str, int] = {}
+        # A helper request runs DNS, TCP, TLS and HTTP (up to 3 timeouts with redirects) on its side:
+        # allow for all of it before giving up on the answer.
         self.client = httpx.AsyncClient(verify=trust.ssl_context(), trust_env=False,
-                                        timeout=httpx.Timeout(config.timeout * 4, connect=config.timeout))
+                                        timeout=httpx.Timeout(config.timeout * 7, connect=config.timeout))
 
     @property
     def enabled(self) -> bool:
@@ -57,7 +69,7 @@ class ControlClient:
 
     async def fetch(self, target: Target, addresses: list[str]) -> None:
         for base, token in self.helpers:
-            if base in self._dead:
+            if self._failures.get(base, 0) >= DEAD_AFTER:
                 continue
             got = await self._helper(base, token, target, addresses)
             if got is not None:
@@ -75,9 +87,14 @@ class ControlClient:
                       ) -> list[Observation] | None:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         try:
-            r = await self.client.post(f"{base}/v1/control", json={"url": target.url, "addresses": addresses},
-                                       headers=headers)
+            body = {"url": target.url, "addresses": addresses}
+            r = await self.client.post(f"{base}/v1/control", json=body, headers=headers)
+            if r.status_code == 503:
+                # Busy: the helper sheds load; wait as asked (bounded) and try once more.
+                await trio.sleep(_retry_after(r.headers.get("retry-after")))
+                r = await self.client.post(f"{base}/v1/control", json=body, headers=headers)
             payload: dict[str, Any] = r.json()
+            self._failures[base] = 0
             if r.status_code != 200:
                 self._note(f"helper {base} refused {target.url}: {payload.get('error', r.status_code)}")
                 return None
@@ -90,7 +107,8 @@ class ControlClient:
         except (httpx.HTTPError, ValueError, TypeError, OSError) as exc:
             failure = E.failure_string(exc)
             if failure in (E.CONNECTION_REFUSED, E.HOST_UNREACHABLE, E.NETWORK_UNREACHABLE):
-                self._dead.add(base)  # no point asking a dead helper for every target
+                # No point asking a dead helper for every target; one refusal may be a restart.
+                self._failures[base] = self._failures.get(base, 0) + 1
             self._note(f"helper {base} failed for {target.url}: {failure}")
             return None
 

@@ -76,6 +76,8 @@ class Runner:
         self.vantage = vantage or {}
         self.progress = progress
         self.all_obs: list[Observation] = []
+        #: The same observations by target: classifying one target must not scan the whole run.
+        self.by_target: dict[str, list[Observation]] = {}
         self.verdicts: dict[str, Verdict] = {}
         self.counts: dict[str, int] = {OK: 0, BLOCKED: 0, "down": 0, INCONCLUSIVE: 0}
         self.run_id = 0
@@ -116,8 +118,7 @@ class Runner:
         for t in targets:
             v = self.verdicts.get(t.url)
             if v is None:
-                obs = [o for o in self.all_obs if o.target == t.url]
-                v = classify_target(t.url, obs, self._context(), domain=t.host)
+                v = classify_target(t.url, self.by_target.get(t.url, []), self._context(), domain=t.host)
             out.append(v)
         return out
 
@@ -126,6 +127,7 @@ class Runner:
 
         async def sink(o: Observation) -> None:
             self.all_obs.append(o)
+            self.by_target.setdefault(o.target, []).append(o)
             send.send_nowait(o)
 
         async with trio.open_nursery() as root:
@@ -163,7 +165,7 @@ class Runner:
             flush = _Flush()
             send.send_nowait(flush)
             await flush.event.wait()
-            obs = [o for o in self.all_obs if o.target == target.url]
+            obs = self.by_target.get(target.url, [])
             v = classify_target(target.url, obs, self._context(), domain=target.host)
             self.verdicts[target.url] = v
             self.counts[v.status] = self.counts.get(v.status, 0) + 1
