@@ -21,6 +21,7 @@ holds whichever address a resolver hands out):
 127.0.10.8         middlebox in front of the origin: reset / stall / blockpage / MITM by SNI or Host
 127.0.10.9         an origin for the iptables "dropped SYN" case (root only)
 127.0.10.10        tarpit: accepts and never answers (for long runs to interrupt)
+127.0.10.11        a broken site: certificate from a CA nobody trusts (probe and control alike)
 127.0.10.250       the address an injector forges (nothing listens)
 =================  ==========================================================================
 
@@ -69,6 +70,7 @@ NOTHING = "127.0.10.7"
 MIDDLEBOX = "127.0.10.8"
 DROP_ORIGIN = "127.0.10.9"
 TARPIT = "127.0.10.10"
+BADCERT = "127.0.10.11"
 FORGED = "127.0.10.250"
 #: A bogon answer that is still safe to connect to: Linux routes 0.0.0.0 to the local host.
 #: (10.x would be a real private address: a connect would leave loopback.)
@@ -103,6 +105,7 @@ SITES: dict[str, tuple[str, tuple[str, ...]]] = {
     "injectpage.test": (MIDDLEBOX, ("a", MIDDLEBOX)),
     "mitm.test": (MIDDLEBOX, ("a", MIDDLEBOX)),
     "dropped.test": (DROP_ORIGIN, ("a", DROP_ORIGIN)),
+    "badcert.test": (BADCERT, ("a", BADCERT)),
     **{n: (TARPIT, ("a", TARPIT)) for n in TARPIT_NAMES},
 }
 
@@ -115,7 +118,7 @@ MIDDLEBOX_RULES: dict[str, str] = {
     "mitm.test": "mitm",
 }
 
-SERVER_ADDRESSES = (ORIGIN, CDN_EDGE, PARKED, BLOCKPAGE_SERVER, SLOW, MIDDLEBOX, DROP_ORIGIN, TARPIT)
+SERVER_ADDRESSES = (ORIGIN, CDN_EDGE, PARKED, BLOCKPAGE_SERVER, SLOW, MIDDLEBOX, DROP_ORIGIN, TARPIT, BADCERT)
 
 
 # --- small socket helpers ------------------------------------------------------------------------
@@ -559,6 +562,8 @@ def build_loopnet(tmp: Path) -> LoopNet:
     good = _server_ctx(ca.issue_cert(*names))
     parked = _server_ctx(ca.issue_cert("parked.example.net"))
     mitm = _server_ctx(mitm_ca.issue_cert(*names, organization_name=MITM_ORG))
+    # A self-run CA that neither the probe nor the helper trusts: broken for everyone, not intercepted.
+    broken = _server_ctx(trustme.CA(organization_name="Self-signed Hosting").issue_cert("badcert.test"))
 
     isp_table: dict[str, tuple[str, ...]] = {}
     public_table: dict[str, tuple[str, ...]] = {}
@@ -596,6 +601,7 @@ def build_loopnet(tmp: Path) -> LoopNet:
         SLOW: web(WebBehaviour(good, delay=SLOW_DELAY), WebBehaviour(None, delay=SLOW_DELAY)),
         MIDDLEBOX: {p: (lambda c, peer, p=p: middlebox.handle(c, peer, p)) for p in (https_port, http_port)},
         TARPIT: {https_port: tarpit, http_port: tarpit},
+        BADCERT: web(WebBehaviour(broken), WebBehaviour(None)),
     }
     for (addr, port), s in socks.items():
         if addr == BACKLOG_FULL:

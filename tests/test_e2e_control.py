@@ -42,6 +42,16 @@ CASES: dict[tuple[str, str], tuple[str, str | None, str | None]] = {
     ("cdn.test", "https"): ("ok", None, None),
     ("slow.test", "https"): ("ok", None, None),
     ("down.test", "https"): ("down", None, None),
+    # A certificate nobody trusts, served to probe and control alike: broken for everyone.
+    ("badcert.test", "https"): ("down", None, None),
+}
+
+#: Cases where kzprobe is wrong today (see the reasons); strict, so fixing the bug turns them red.
+KNOWN_BUGS = {
+    ("badcert.test", "https"): (
+        "analysis/rules.py _mitm: control_ok = f.control_tls_ok(address) counts any completed control "
+        "handshake, even one whose cert_valid is False, so a certificate nobody trusts is called "
+        "blocked/dpi (dpi.tls_mitm) with the sentence \"control's certificate validates\""),
 }
 
 HELPER_ADDR = "127.0.0.60"
@@ -95,7 +105,9 @@ def with_helper(loopnet: Any, loopnet_lib: Any, helper: str, tmp_path_factory: p
     return out
 
 
-@pytest.mark.parametrize(("name", "scheme"), list(CASES), ids=[f"{s}-{n}" for n, s in CASES])
+@pytest.mark.parametrize(("name", "scheme"), [
+    pytest.param(n, s, marks=pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[(n, s)])) if (n, s) in KNOWN_BUGS
+    else (n, s) for n, s in CASES], ids=[f"{s}-{n}" for n, s in CASES])
 def test_verdict_with_helper(with_helper: Any, loopnet: Any, name: str, scheme: str) -> None:
     status, mechanism, detail = CASES[(name, scheme)]
     v = with_helper.verdicts[loopnet.url(name, scheme)]

@@ -301,6 +301,19 @@ def test_rule_table_is_well_formed() -> None:
         assert r.doc
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "analysis/rules.py _mitm: control_tls_ok(address) is true for any completed control handshake, "
+    "even with cert_valid False, so a certificate nobody trusts becomes blocked/dpi tls.mitm"))
+def test_certificate_nobody_trusts_is_not_interception() -> None:
+    """Control's handshake completes but its chain does not validate either: no interception."""
+    obs = [dns([A]), tcp(A), tls(A, valid=False, issuer="Self CA"), http(A, E.SSL_UNKNOWN_AUTHORITY),
+           dns([A], vantage=CONTROL, resolver="helper"), tcp(A, vantage=CONTROL),
+           tls(A, vantage=CONTROL, valid=False, issuer="Self CA"), http(A, E.SSL_UNKNOWN_AUTHORITY, vantage=CONTROL)]
+    v = classify_target(URL, _numbered(obs))
+    assert v.rule != "tls.mitm", v.sentence
+    assert v.status == "down", v
+
+
 def test_blocked_needs_control_or_followup_not_just_failures() -> None:
     """However many failures pile up at the probe alone, without any contrast they stay inconclusive."""
     obs = [dns([A]), *(tcp(A, TIMEOUT, attempt=i) for i in range(5)), dns([A], resolver=PUB)]
