@@ -32,6 +32,12 @@ CASES: dict[tuple[str, str], tuple[str, str | None, str | None]] = {
     # network the genuine answer is a bogon too, so the rule may name it plain poisoning.
     ("bogon.test", "https"): ("blocked", "dns", None),
     ("dnsblockpage.test", "http"): ("blocked", "dns", "dns.blockpage"),
+    # Over HTTPS the blockpage server's certificate is for another name, so no page is fetched:
+    # still DNS (the answer is unlike control's and does not validate), whatever the detail.
+    ("dnsblockpage.test", "https"): ("blocked", "dns", None),
+    ("servfail.test", "https"): ("blocked", "dns", "dns.servfail"),
+    # Silence over UDP and TCP alike: two timeouts, while control resolves.
+    ("silent.test", "https"): ("blocked", "dns", "dns.timeout"),
     ("injected.test", "https"): ("blocked", "dns", "dns.injected"),
     ("tlsreset.test", "https"): ("blocked", "dpi", "dpi.tls_reset"),
     ("tlsstall.test", "https"): ("blocked", "dpi", "dpi.tls_timeout"),
@@ -42,6 +48,8 @@ CASES: dict[tuple[str, str], tuple[str, str | None, str | None]] = {
     ("cdn.test", "https"): ("ok", None, None),
     ("slow.test", "https"): ("ok", None, None),
     ("down.test", "https"): ("down", None, None),
+    # SYNs dropped for everyone (full accept queue): control times out too, so down, not blocked/ip.
+    ("tcptimeout.test", "https"): ("down", None, None),
     # A certificate nobody trusts, served to probe and control alike: broken for everyone.
     ("badcert.test", "https"): ("down", None, None),
 }
