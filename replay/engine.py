@@ -24,8 +24,9 @@ from typing import Any
 
 from kzprobe import errors as E
 from kzprobe.model import FOLLOWUP, MEASURE, STEP_DNS, STEP_HTTP, STEP_TCP, STEP_TLS, Observation
-from kzprobe.replay import parsers
+from kzprobe.replay import control, parsers
 from kzprobe.replay.blockpages import BlockpageMatcher, BuiltinMatcher
+from kzprobe.replay.control import HELPER_REQUEST, HelperStreams
 from kzprobe.replay.pcapio import ACK, FIN, RST, SYN, ReadResult, _ntop, iter_packets
 
 TTL_MARGIN = 5
@@ -33,6 +34,8 @@ TTL_MARGIN = 5
 #: so missing answers are not failures.
 END_GRACE = 3.0
 _AFTER_CAP = 24
+#: An A and an AAAA query of one name to one resolver this close in time are one lookup.
+PAIR_WINDOW = 2.0
 _HEAD_CAP = 2048
 
 
@@ -52,6 +55,7 @@ class Flow:
         "cport",
         "first_n",
         "first_ts",
+        "helper",
         "last_n",
         "last_ts",
         "midstream",
@@ -98,6 +102,8 @@ class Flow:
         self.cli_close: tuple[int, int] | None = None
         self.srv_fin: int | None = None
         self.srv_rst: int | None = None
+        #: Set when the flow is the probe asking its control helper (reassembled in full).
+        self.helper: HelperStreams | None = None
 
 
 @dataclass
@@ -144,12 +150,15 @@ class Replayer:
     """Feed captures with :meth:`replay_file`; observations get running ids across files."""
 
     def __init__(self, matcher: BlockpageMatcher | None = None, *, idle: float = 60.0,
-                 dns_idle: float = 10.0, max_flows: int = 50_000, buf_cap: int = 4096) -> None:
+                 dns_idle: float = 10.0, max_flows: int = 50_000, buf_cap: int = 4096,
+                 helper_budget: int = 64 << 20) -> None:
         self.matcher = matcher or BuiltinMatcher()
         self.idle = idle
         self.dns_idle = dns_idle
         self.max_flows = max_flows
         self.buf_cap = buf_cap
+        #: Bytes of helper flows (reassembled in full) kept per file, all flows together.
+        self.helper_budget = helper_budget
         self.next_id = 1
 
     # --- the per-file pass ---------------------------------------------------------------------
@@ -162,11 +171,13 @@ class Replayer:
         self._dns: dict[tuple[bytes, int, int], DnsTx] = {}
         self._pending: list[tuple[Observation, bool]] = []  # (observation, needs a name)
         self._pfind: list[tuple[str, str, list[int], str]] = []  # findings waiting for a name
+        self._dns_done: list[tuple[str, Observation]] = []  # (client, lookup) until A/AAAA are folded
         self._names: dict[str, Counter[str]] = defaultdict(Counter)  # address -> names (SNI/Host)
         self._dns_names: dict[str, set[str]] = defaultdict(set)  # address -> qnames that gave it
         self._expired: list[int] = []
         self._undelivered: list[int] = []
         self._now = 0.0
+        self._helper_budget = self.helper_budget
         flows = self._flows
         tcp = self._tcp
         count = 0
@@ -201,6 +212,7 @@ class Replayer:
         self._dns.clear()
         self._resolve_pending()
         self._dns_outliers()
+        self._fold_dns()
         self._summarise_sweep()
         return out
 
@@ -229,6 +241,10 @@ class Replayer:
         fl.last_n = n
         fl.last_ts = ts
         plen = pend - poff
+        if fl.helper is not None:
+            if plen:
+                self._helper_seg(fl.helper, from_client, seq, raw[poff:pend], n)
+            return
         if from_client:
             if flags & SYN:
                 fl.midstream = False
@@ -244,6 +260,10 @@ class Replayer:
             if plen:
                 if fl.trigger is None:
                     fl.trigger = (n, ts, ttl, ipid, seq, plen)
+                    if raw.startswith(HELPER_REQUEST, poff):
+                        fl.helper = HelperStreams(seq, fl.srv_next)
+                        self._helper_seg(fl.helper, True, seq, raw[poff:pend], n)
+                        return
                 nxt = fl.cli_next
                 if nxt is None or seq == nxt:
                     if len(fl.cli_buf) < self.buf_cap:
@@ -383,14 +403,13 @@ class Replayer:
                        f"packet {a['packet']}: DNS answer for {tx.qname} injected: {reason}")
         obs = Observation(step=STEP_DNS, target=tx.qname, domain=tx.qname, source="pcap", address=None,
                           t_start=tx.t_start, t_end=tx.last_ts, failure=failure, data=data, packets=packets)
-        self._emit(obs)
+        self._dns_done.append((_ntop(tx.client), obs))
 
     def _dns_outliers(self) -> None:
         """An answer whose IP TTL is out of line with its resolver's other answers."""
         by_res: dict[str, list[Observation]] = defaultdict(list)
-        for o in self._out.observations:
-            if o.step == STEP_DNS:
-                by_res[o.data["resolver"]].append(o)
+        for _client, o in self._dns_done:
+            by_res[o.data["resolver"]].append(o)
         for obs in by_res.values():
             ttls = Counter(r["ip_ttl"] for o in obs for r in o.data["responses"])
             if not ttls:
@@ -409,8 +428,42 @@ class Replayer:
                                    f"packet {r['packet']}: DNS answer for {o.domain} looks injected: {reason}")
                         break
 
+    def _fold_dns(self) -> None:
+        """One observation per lookup, as the live probe makes it: A and AAAA folded together.
+
+        A stub resolver asks A and AAAA of one name at once; alone, an AAAA NOERROR-empty
+        answer (most sites have no IPv6) would read as ``dns_no_answer`` and make every verdict
+        inconclusive.  The pairing mirrors ``probes.dns._merge``: the same client, resolver,
+        transport and name, the AAAA query sent within ``PAIR_WINDOW`` of the A query.
+        """
+        groups: dict[tuple[str, str, str, str], list[Observation]] = defaultdict(list)
+        for client, o in self._dns_done:
+            groups[(client, o.data["resolver"], o.data["transport"], o.domain)].append(o)
+        self._dns_done.clear()
+        out: list[Observation] = []
+        for obs in groups.values():
+            aaaa = [o for o in obs if o.data["qtype"] == "AAAA"]
+            for o in obs:
+                if o.data["qtype"] != "A":
+                    continue
+                mate = min((q for q in aaaa if abs(q.t_start - o.t_start) <= PAIR_WINDOW),
+                           key=lambda q: abs(q.t_start - o.t_start), default=None)
+                if mate is None:
+                    out.append(o)
+                    continue
+                aaaa.remove(mate)
+                out.append(_merge_dns(o, mate))
+            out.extend(o for o in obs if o.data["qtype"] not in ("A", "AAAA"))
+            out.extend(aaaa)
+        out.sort(key=lambda o: (o.t_start, o.packets[:1]))
+        for o in out:
+            self._emit(o)
+
     # --- finishing a flow ----------------------------------------------------------------------
     def _finish_flow(self, fl: Flow, at_end: bool) -> None:
+        if fl.helper is not None:
+            self._finish_helper(fl, fl.helper)
+            return
         if fl.midstream or (not fl.syns and fl.synack is None):
             return
         address = _ntop(fl.srv)
@@ -564,6 +617,27 @@ class Replayer:
         return Observation(step=step, target="", domain=domain, source="pcap", address=address, port=fl.sport,
                            t_start=tts, t_end=t_end, failure=failure, data=data, packets=packets)
 
+    # --- control, from the probe's exchanges with its helper ----------------------------------
+    def _helper_seg(self, hs: HelperStreams, from_client: bool, seq: int, payload: bytes, n: int) -> None:
+        used = (hs.cli if from_client else hs.srv).add(seq, payload, n, self._helper_budget)
+        self._helper_budget -= used
+
+    def _finish_helper(self, fl: Flow, hs: HelperStreams) -> None:
+        """The helper's answers become control observations of the targets they were asked for."""
+        where = f"{_ntop(fl.srv)}:{fl.sport}"
+        for ex in control.exchanges(hs):
+            for o in ex.observations:
+                self._emit(o)
+            first = (ex.frames or ex.request_frames or [fl.first_n])[0]
+            if ex.problem:
+                self._find(ex.target, "control_missing", ex.frames[:1] or ex.request_frames[:1],
+                           f"packet {first}: no control for {ex.url or '?'} from the helper at {where}: "
+                           f"{ex.problem}")
+            if ex.refused:
+                self._find(ex.target, "control_refused", ex.frames[:1],
+                           f"packet {first}: the helper at {where} refused to measure {', '.join(ex.refused)} "
+                           f"for {ex.url}")
+
     # --- targets and ids -----------------------------------------------------------------------
     def _resolve_pending(self) -> None:
         """Name TCP-only flows after what other flows (SNI / Host) or DNS said about their address."""
@@ -613,6 +687,27 @@ class Replayer:
             ns = sorted(self._undelivered)
             self._find("", "undelivered", ns[:20], f"packets {_span(ns)}: {len(ns)} TTL-limited trigger(s) got no "
                                                     "answer and no ICMP: they did not reach the server")
+
+
+def _merge_dns(a: Observation, q: Observation) -> Observation:
+    """Fold an A and an AAAA lookup like ``probes.dns._merge``; ``responses`` stay the A query's."""
+    da, dq = a.data, q.data
+    addresses = list(dict.fromkeys([*da["addresses"], *dq["addresses"]]))
+    if addresses:
+        failure = None
+    elif a.failure and a.failure != E.DNS_NO_ANSWER:
+        failure = a.failure
+    elif q.failure and q.failure != E.DNS_NO_ANSWER:
+        failure = q.failure
+    else:
+        failure = E.DNS_NO_ANSWER
+    data: dict[str, Any] = {**da, "qtype": "A+AAAA", "answers": [*da["answers"], *dq["answers"]],
+                            "addresses": addresses}
+    if "injected" not in data and "injected" in dq:
+        data["injected"] = dq["injected"]
+    return Observation(step=STEP_DNS, target=a.target, domain=a.domain, source="pcap", address=None,
+                       t_start=min(a.t_start, q.t_start), t_end=max(a.t_end, q.t_end), failure=failure,
+                       data=data, packets=sorted({*a.packets, *q.packets}))
 
 
 def _followup(obs: Observation, owner: str) -> Observation:

@@ -233,3 +233,91 @@ def dns_message(msg: bytes) -> DnsMessage | None:
         answers.append({"type": QTYPES.get(rtype, str(rtype)), "name": name, "data": data, "ttl": ttl})
     return DnsMessage(txid, bool(flags & 0x8000), RCODES.get(flags & 0xF, str(flags & 0xF)),
                       qname, qtype, answers, addresses)
+
+
+# --- HTTP/1.1 message streams (the control helper's exchanges) ------------------------------------
+@dataclass
+class HttpMessage:
+    """One HTTP/1 message found in a reassembled stream, with its byte span in that stream."""
+
+    start: int
+    end: int
+    first_line: str
+    headers: dict[str, str]
+    body: bytes
+    complete: bool
+
+
+def _dechunk(buf: bytes, p: int, limit: int) -> tuple[bytes, int, bool]:
+    """Decode a chunked body starting at p: (body, offset after it, complete?)."""
+    out = bytearray()
+    n = len(buf)
+    for _ in range(100_000):  # bounded: a hostile stream of empty-looking chunks ends here
+        eol = buf.find(b"\r\n", p, min(n, p + 1024))
+        if eol < 0:
+            return bytes(out), n, False
+        size_s = buf[p:eol].split(b";", 1)[0].strip()
+        try:
+            size = int(size_s, 16)
+        except ValueError:
+            return bytes(out), n, False
+        p = eol + 2
+        if size == 0:
+            end = buf.find(b"\r\n\r\n", p - 2, min(n, p + 8192))  # trailers, then the blank line
+            return bytes(out), (end + 4 if end >= 0 else n), end >= 0
+        if size < 0 or p + size > n or len(out) + size > limit:
+            out += buf[p:min(n, p + size)]
+            return bytes(out), n, False
+        out += buf[p:p + size]
+        p += size + 2
+    return bytes(out), n, False
+
+
+def http_messages(buf: bytes, *, requests: bool, limit: int = 1 << 24, max_messages: int = 256
+                  ) -> list[HttpMessage]:
+    """Every HTTP/1 message in a reassembled one-direction stream, in order.
+
+    Bodies are delimited by Content-Length or chunked encoding; a response with neither runs to
+    the end of the stream (HTTP/1.0 style).  A message cut by the end of the stream comes back
+    with ``complete=False`` and what was there.  Never raises on malformed input.
+    """
+    out: list[HttpMessage] = []
+    p = 0
+    n = len(buf)
+    while p < n and len(out) < max_messages:
+        hend = buf.find(b"\r\n\r\n", p, min(n, p + 65536))
+        if hend < 0:
+            break
+        lines = buf[p:hend].split(b"\r\n")
+        first = lines[0].decode("latin-1", "replace")
+        if requests and not buf.startswith(_METHODS, p):
+            break
+        if not requests and not first.startswith("HTTP/"):
+            break
+        headers: dict[str, str] = {}
+        for line in lines[1:128]:
+            k, _, v = line.partition(b":")
+            if k:
+                headers[k.strip().decode("latin-1", "replace").lower()] = v.strip().decode("latin-1", "replace")
+        body_at = hend + 4
+        te = headers.get("transfer-encoding", "").lower()
+        cl = headers.get("content-length", "").strip()
+        code = first.split(" ", 2)[1][:3] if not requests and first.count(" ") else ""
+        if code.startswith("1") or code in ("204", "304"):  # no body, by definition (RFC 9112 6.3)
+            body, q, complete = b"", body_at, True
+        elif "chunked" in te:
+            body, q, complete = _dechunk(buf, body_at, limit)
+        elif cl.isdigit():
+            size = int(cl)
+            q = body_at + size
+            body, complete = buf[body_at:min(n, q, body_at + limit)], q <= n
+            q = min(q, n)
+        elif requests:
+            body, q, complete = b"", body_at, True
+        else:
+            body, q, complete = buf[body_at:body_at + limit], n, True
+        out.append(HttpMessage(p, q, first, headers, body, complete))
+        if not complete or q <= p:
+            break
+        p = q
+    return out

@@ -54,10 +54,7 @@ def _expected_file(capture: Path) -> Path:
 #: Captures whose DNS / IP / down verdicts need control, which a capture alone does not carry: the
 #: helper's answer *is* in the capture (HTTP to the helper), but replay does not decode it yet, and
 #: AAAA no-answer queries are separate observations there.  Known gap, kept visible (strict xfail).
-NEEDS_CONTROL = {
-    "kz2014.pcap", "method-dns-bogon.pcap", "method-dns-nxdomain.pcap", "method-dns-redirect.pcap",
-    "method-down.pcap", "method-ip-drop.pcap", "method-ip-reject.pcap", "method-tls-mitm.pcap",
-}
+NEEDS_CONTROL = {"kz2014.pcap", "method-tls-mitm.pcap"}
 
 
 @pytest.mark.skipif(not CAPTURES, reason=f"no lab captures under {FIXTURES} yet (kzprobe lab record writes them)")

@@ -1,0 +1,201 @@
+"""Control from the capture itself: the probe's exchanges with a ``kzprobe helper``.
+
+A live probe asks its control helper over plain HTTP (``POST /v1/control`` with JSON
+``{"url", "addresses"}``); the helper answers ``{"version": 1, "observations": [...],
+"refused": [...]}`` with observations made by the very same engine.  A capture of the probe's
+traffic therefore carries control, and verdicts that need a contrast (DNS, IP, down) can be made
+from the capture alone.
+
+Helper flows are recognised by their request line, not by an address: the helper can live
+anywhere, and a capture does not say where it was.  Unlike every other flow (whose first few KB
+are enough for a verdict), a helper answer can be tens of KB, so these flows are reassembled in
+full, in sequence order, with out-of-order segments held until the gap fills.  The bound is just
+larger: ``STREAM_CAP`` per direction and a per-file budget that the engine passes in.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from kzprobe.model import CONTROL, MEASURE, STEPS, Observation, Target
+from kzprobe.replay import parsers
+
+#: The request line that marks a flow as the probe talking to its control helper.
+HELPER_REQUEST = b"POST /v1/control"
+#: Per direction of one helper flow.  A helper answer is tens of KB; this leaves room for a
+#: helper that measured a site with a long redirect chain, and stops a hostile capture there.
+STREAM_CAP = 8 << 20
+#: Out-of-order segments held per direction while waiting for a gap to fill.
+MAX_OOO = 1024
+
+
+def _delta(seq: int, base: int) -> int:
+    """seq - base in sequence space (signed, modulo 2**32)."""
+    return ((seq - base + 0x80000000) & 0xFFFFFFFF) - 0x80000000
+
+
+class Reassembly:
+    """One direction of a TCP stream, in sequence order, with the frame of every byte run."""
+
+    __slots__ = ("cap", "data", "frames", "next", "ooo", "overflow")
+
+    def __init__(self, next_seq: int | None, cap: int = STREAM_CAP) -> None:
+        self.next = next_seq
+        self.cap = cap
+        self.data = bytearray()
+        #: (offset in data, frame number) where each frame's new bytes begin.
+        self.frames: list[tuple[int, int]] = []
+        self.ooo: dict[int, tuple[bytes, int]] = {}
+        self.overflow = False
+
+    def add(self, seq: int, payload: bytes, frame: int, budget: int) -> int:
+        """Take one segment; returns how many bytes were appended (the caller's budget)."""
+        if self.next is None:
+            self.next = seq
+        d = _delta(seq, self.next)
+        if d > 0:
+            if len(self.ooo) < MAX_OOO and seq not in self.ooo:
+                self.ooo[seq] = (payload, frame)
+            return 0
+        used = self._append(payload[-d:] if d else payload, frame, budget)
+        while self.ooo and not self.overflow:
+            got = self.ooo.pop(self.next & 0xFFFFFFFF, None)
+            if got is None:  # a held segment that overlaps what we now have
+                seq_k = next((k for k in self.ooo if _delta(k, self.next) <= 0), None)
+                if seq_k is None:
+                    break
+                p, f = self.ooo.pop(seq_k)
+                d = _delta(seq_k, self.next)
+                got = (p[-d:] if d else p, f)
+            used += self._append(got[0], got[1], budget - used)
+        return used
+
+    def _append(self, payload: bytes, frame: int, budget: int) -> int:
+        if not payload:
+            return 0
+        room = min(self.cap - len(self.data), budget)
+        if room <= 0:
+            self.overflow = True
+            return 0
+        if len(payload) > room:
+            payload = payload[:room]
+            self.overflow = True
+        self.frames.append((len(self.data), frame))
+        self.data += payload
+        assert self.next is not None
+        self.next = (self.next + len(payload)) & 0xFFFFFFFF
+        return len(payload)
+
+    def frames_of(self, start: int, end: int) -> list[int]:
+        """Frame numbers that carried bytes [start, end) of the stream."""
+        out: list[int] = []
+        for i, (off, frame) in enumerate(self.frames):
+            nxt = self.frames[i + 1][0] if i + 1 < len(self.frames) else len(self.data)
+            if off < end and nxt > start and frame not in out:
+                out.append(frame)
+        return out
+
+
+class HelperStreams:
+    __slots__ = ("cli", "srv")
+
+    def __init__(self, cli_next: int, srv_next: int | None) -> None:
+        self.cli = Reassembly(cli_next)
+        self.srv = Reassembly(srv_next)
+
+
+@dataclass
+class Exchange:
+    """One request to the helper and what its answer said."""
+
+    url: str
+    target: str
+    status: int | None
+    observations: list[Observation] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
+    frames: list[int] = field(default_factory=list)
+    request_frames: list[int] = field(default_factory=list)
+    problem: str | None = None
+
+
+def _num(v: Any, default: float = 0.0) -> float:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else default
+
+
+def _str(v: Any) -> str | None:
+    return v if isinstance(v, str) else None
+
+
+def observation(d: Any, target: str, frames: list[int]) -> Observation | None:
+    """A helper's ``Observation.to_dict()`` as a control observation of this capture, or None.
+
+    Fields are type-checked one by one: the bytes came off the wire, and a rule that meets a
+    list where it expects a dict would crash the classifier, not the parser.
+    """
+    if not isinstance(d, dict) or d.get("step") not in STEPS:
+        return None
+    data = d.get("data")
+    port = d.get("port")
+    return Observation(
+        step=str(d["step"]), target=target, domain=(_str(d.get("domain")) or target).lower(),
+        vantage=CONTROL, source="pcap", address=_str(d.get("address")),
+        port=port if isinstance(port, int) and not isinstance(port, bool) else None,
+        t_start=_num(d.get("t_start")), t_end=_num(d.get("t_end")), failure=_str(d.get("failure")),
+        purpose=_str(d.get("purpose")) or MEASURE, attempt=int(_num(d.get("attempt"))),
+        data=data if isinstance(data, dict) else {}, packets=list(frames),
+    )
+
+
+def _json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return None
+
+
+def exchanges(streams: HelperStreams) -> list[Exchange]:
+    """Pair the helper requests with their answers (HTTP/1.1 answers in request order)."""
+    cli, srv = streams.cli, streams.srv
+    reqs = parsers.http_messages(bytes(cli.data), requests=True)
+    resps = [m for m in parsers.http_messages(bytes(srv.data), requests=False)
+             if not m.first_line.split(" ", 2)[1:2] == ["100"]]
+    out: list[Exchange] = []
+    for i, req in enumerate(reqs):
+        if not req.first_line.startswith(HELPER_REQUEST.decode()):
+            continue
+        doc = _json(req.body)
+        url = str(doc.get("url") or "") if isinstance(doc, dict) else ""
+        target = Target(url).host if url else ""
+        ex = Exchange(url=url, target=target, status=None, request_frames=cli.frames_of(req.start, req.end))
+        out.append(ex)
+        if not target:
+            ex.problem = "the request names no URL"
+            continue
+        resp = resps[i] if i < len(resps) else None
+        if resp is None:
+            ex.problem = "no answer in the capture" + (" (stream cut short)" if srv.overflow or srv.ooo else "")
+            continue
+        ex.frames = srv.frames_of(resp.start, resp.end)
+        parts = resp.first_line.split(" ", 2)
+        ex.status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else None
+        if not resp.complete:
+            ex.problem = "the answer is cut short in the capture"
+            continue
+        answer = _json(resp.body)
+        if ex.status != 200:
+            why = answer.get("error") if isinstance(answer, dict) else None
+            ex.problem = f"the helper answered HTTP {ex.status}" + (f": {why}" if why else "")
+            continue
+        if not isinstance(answer, dict) or not isinstance(answer.get("observations"), list):
+            ex.problem = "the answer is not the helper's JSON"
+            continue
+        for d in answer["observations"][:1000]:
+            o = observation(d, target, ex.frames)
+            if o is not None:
+                ex.observations.append(o)
+        refused = answer.get("refused")
+        if isinstance(refused, list):
+            ex.refused = [f"{r.get('address')} ({r.get('reason')})" for r in refused[:50] if isinstance(r, dict)]
+    return out
