@@ -55,7 +55,9 @@ _ERRNO: dict[int, str] = {
 
 # OpenSSL X509_V_ERR_* codes (stable across OpenSSL versions).
 _X509_UNKNOWN_AUTHORITY = {2, 18, 19, 20, 21, 27}
-_X509_HOSTNAME_MISMATCH = 62
+#: HOSTNAME_MISMATCH, EMAIL_MISMATCH, IP_ADDRESS_MISMATCH: the certificate is for another name
+#: (64 is what an https://IP/ target, e.g. a Tor directory authority, gets).
+_X509_HOSTNAME_MISMATCH = frozenset({62, 63, 64})
 
 
 def walk(exc: BaseException) -> Iterator[BaseException]:
@@ -85,7 +87,7 @@ def _from_errno(e: BaseException) -> str | None:
 def _from_ssl(e: BaseException) -> str | None:
     if isinstance(e, ssl.SSLCertVerificationError):
         code = getattr(e, "verify_code", None)
-        if code == _X509_HOSTNAME_MISMATCH:
+        if code in _X509_HOSTNAME_MISMATCH:
             return SSL_INVALID_HOSTNAME
         if code in _X509_UNKNOWN_AUTHORITY:
             return SSL_UNKNOWN_AUTHORITY

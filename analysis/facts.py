@@ -226,10 +226,11 @@ class Facts:
         return any(o.ok for o in obs)
 
     def control_tls_ok(self, address: str | None = None) -> bool | None:
+        """Control completed a handshake (at ``address``) whose certificate did not fail validation."""
         obs = [o for o in self.control_tls if address is None or o.address == address]
         if not obs:
             return None
-        return any(o.ok for o in obs)
+        return any(o.ok and o.data.get("cert_valid") is not False for o in obs)
 
     @cached_property
     def control_http_ok(self) -> bool | None:

@@ -241,9 +241,9 @@ def _mitm(f: Facts) -> Hit | None:
         control_ok = f.control_tls_ok(o.address) or (f.control_tls_ok() and o.address in f.control_addresses)
         if national or control_ok:
             flag = " — a known national interception CA" if national else ""
+            ctl = "; control's certificate validates" if control_ok else ""
             return Hit([o], f"TLS to {o.address} with SNI {f.domain} presented a certificate issued by "
-                            f"'{issuer}'{flag} that does not validate ({o.data.get('cert_failure')}); "
-                            + ("control's certificate validates." if control_ok else ""),
+                            f"'{issuer}'{flag} that does not validate ({o.data.get('cert_failure')}){ctl}.",
                        confidence=0.95 if national else 0.85)
     return None
 

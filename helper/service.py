@@ -106,6 +106,15 @@ class ControlService:
         try:
             refused = await self.engine.measure(target, extra_addresses=addresses, followups=False,
                                                 allow=self.policy.allow_address, on_dns=on_dns)
+        except BaseExceptionGroup as group:
+            # on_dns runs inside the engine's nursery, so a refusal arrives wrapped in a group.
+            policy = group.subgroup(PolicyError)
+            if policy is None:
+                raise
+            leaf: BaseException = policy
+            while isinstance(leaf, BaseExceptionGroup):
+                leaf = leaf.exceptions[0]
+            raise leaf from None
         finally:
             _collector.reset(reset)
         out = [{"address": a, "reason": self.policy.address_refusal(a) or "refused"} for a in refused]

@@ -88,21 +88,16 @@ class Engine:
         return obs
 
     # --- DNS ---------------------------------------------------------------------------------
-    async def resolve(self, target: Target) -> list[Observation]:
+    def _lookups(self, target: Target) -> list[Awaitable[Observation]]:
         cfg, domain = self.config, target.host
-        results: list[Observation] = []
-
-        async def go(coro: Awaitable[Observation]) -> None:
-            results.append(await self._emit(await coro))
-
-        async with trio.open_nursery() as n:
-            if cfg.system_resolver:
-                n.start_soon(go, dnsprobe.lookup_system(target.url, domain, cfg.timeout))
-            for r in cfg.resolvers:
-                n.start_soon(go, dnsprobe.lookup(target.url, domain, r, "udp", cfg.timeout, cfg.dns_window))
-                if cfg.dns_tcp:
-                    n.start_soon(go, dnsprobe.lookup(target.url, domain, r, "tcp", cfg.timeout))
-        return results
+        out: list[Awaitable[Observation]] = []
+        if cfg.system_resolver:
+            out.append(dnsprobe.lookup_system(target.url, domain, cfg.timeout))
+        for r in cfg.resolvers:
+            out.append(dnsprobe.lookup(target.url, domain, r, "udp", cfg.timeout, cfg.dns_window))
+            if cfg.dns_tcp:
+                out.append(dnsprobe.lookup(target.url, domain, r, "tcp", cfg.timeout))
+        return out
 
     async def quick_resolve(self, host: str) -> str | None:
         """For redirects to another host: the first address any configured resolver gives."""
@@ -201,28 +196,42 @@ class Engine:
         resolved or was handed is filtered *before* any connection is made.
         """
         host = target.host
-        if _is_ip(host):
-            addresses = [host]
-        else:
-            dns_obs = await self.resolve(target)
-            addresses = []
-            for o in dns_obs:
-                for a in o.data.get("addresses", []):
-                    if a not in addresses:
-                        addresses.append(a)
-        for a in extra_addresses or []:
-            if a not in addresses:
-                addresses.append(a)
-        if on_dns is not None:
-            on_dns(addresses)
-        refused = [a for a in addresses if allow is not None and not allow(a)]
-        addresses = [a for a in addresses if a not in refused]
-        # IPv4 first: most censorship (and most lab networks) is v4; v6 is measured when room is left.
-        addresses.sort(key=lambda a: ":" in a)
-        addresses = addresses[: self.config.max_addresses]
+        refused: list[str] = []
+        started: list[str] = []
+        resolved: list[str] = []
         async with trio.open_nursery() as n:
-            for a in addresses:
-                n.start_soon(self._measure_address, target, a, followups)
+
+            def start(addresses: list[str]) -> None:
+                # IPv4 first: most censorship (and most lab networks) is v4; v6 when room is left.
+                for a in sorted(addresses, key=lambda a: ":" in a):
+                    if a in started or a in refused:
+                        continue
+                    if allow is not None and not allow(a):
+                        refused.append(a)
+                    elif len(started) < self.config.max_addresses:
+                        started.append(a)
+                        n.start_soon(self._measure_address, target, a, followups)
+
+            if _is_ip(host):
+                resolved.append(host)
+                start(resolved)
+            else:
+                # Each address is measured as soon as any resolver gives it: a slow resolver (TCP
+                # DNS under load, a silent one) must not hold back the steps that can go ahead.
+                async def lookup(coro: Awaitable[Observation]) -> None:
+                    o = await self._emit(await coro)
+                    new = [a for a in o.data.get("addresses", []) if a not in resolved]
+                    resolved.extend(new)
+                    start(new)
+
+                async with trio.open_nursery() as dn:
+                    for coro in self._lookups(target):
+                        dn.start_soon(lookup, coro)
+            extra = [a for a in extra_addresses or [] if a not in resolved]
+            # Before the caller's extra addresses are touched: the helper refuses here.
+            if on_dns is not None:
+                on_dns(resolved + extra)
+            start(extra)
         return refused
 
 

@@ -97,7 +97,10 @@ class Runner:
         interrupted = False
         try:
             trio.run(self._main, targets)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, BaseExceptionGroup) as exc:
+            # trio delivers Ctrl-C through the run's nurseries: usually wrapped in a group.
+            if isinstance(exc, BaseExceptionGroup) and exc.subgroup(KeyboardInterrupt) is None:
+                raise
             interrupted = True
         finally:
             # Anything measured but not yet committed (interrupt) is written now.

@@ -55,12 +55,7 @@ CASES: dict[tuple[str, str], tuple[str, str | None, str | None]] = {
 }
 
 #: Cases where kzprobe is wrong today (see the reasons); strict, so fixing the bug turns them red.
-KNOWN_BUGS = {
-    ("badcert.test", "https"): (
-        "analysis/rules.py _mitm: control_ok = f.control_tls_ok(address) counts any completed control "
-        "handshake, even one whose cert_valid is False, so a certificate nobody trusts is called "
-        "blocked/dpi (dpi.tls_mitm) with the sentence \"control's certificate validates\""),
-}
+KNOWN_BUGS: dict[tuple[str, str], str] = {}
 
 HELPER_ADDR = "127.0.0.60"
 TIMEOUT = 2.0

@@ -232,10 +232,6 @@ def test_ctrl_c_keeps_observations(interrupted: tuple[subprocess.Popen[str], str
     assert len(store.observations(rid)) >= seen
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "probes/runner.py Runner.run catches a bare KeyboardInterrupt, but trio (strict exception groups) "
-    "raises it wrapped in a BaseExceptionGroup from the run's nurseries: exit 1 with a traceback, run "
-    "state left 'running', no verdicts stored"))
 def test_ctrl_c_exits_130_and_marks_the_run_interrupted(
         interrupted: tuple[subprocess.Popen[str], str, Path, int], loopnet_lib: Any) -> None:
     proc, err, db, _seen = interrupted

@@ -241,10 +241,6 @@ def test_httpx_errors_in_exception_groups(servers: Servers, server: str, scheme:
     assert E.failure_string(exc) == expected
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "errors._from_ssl maps only X509_V_ERR_HOSTNAME_MISMATCH (62) to ssl_invalid_hostname; a certificate "
-    "that does not cover the IP of an https://IP/ URL fails with X509_V_ERR_IP_ADDRESS_MISMATCH (64) and "
-    "is reported as ssl_invalid_certificate"))
 def test_ip_url_with_a_certificate_for_a_name_is_invalid_hostname(servers: Servers) -> None:
     host, port = servers.wrong_name
     exc = _trio_caught(lambda: _get_in_nursery(f"https://{host}:{port}/", servers.ca_pem, sni=None))

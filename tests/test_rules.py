@@ -301,9 +301,6 @@ def test_rule_table_is_well_formed() -> None:
         assert r.doc
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "analysis/rules.py _mitm: control_tls_ok(address) is true for any completed control handshake, "
-    "even with cert_valid False, so a certificate nobody trusts becomes blocked/dpi tls.mitm"))
 def test_certificate_nobody_trusts_is_not_interception() -> None:
     """Control's handshake completes but its chain does not validate either: no interception."""
     obs = [dns([A]), tcp(A), tls(A, valid=False, issuer="Self CA"), http(A, E.SSL_UNKNOWN_AUTHORITY),
