@@ -99,9 +99,14 @@ class Reassembly:
 
 
 class HelperStreams:
-    __slots__ = ("cli", "srv")
+    """Both directions of one helper flow; the helper's end is named, so that a flow first seen
+    mid-stream (its SYN lost by the capture) is still read the right way round."""
 
-    def __init__(self, cli_next: int, srv_next: int | None) -> None:
+    __slots__ = ("cli", "sport", "srv", "srv_b")
+
+    def __init__(self, srv_b: bytes, sport: int, cli_next: int | None, srv_next: int | None) -> None:
+        self.srv_b = srv_b
+        self.sport = sport
         self.cli = Reassembly(cli_next)
         self.srv = Reassembly(srv_next)
 
@@ -155,25 +160,37 @@ def _json(body: bytes) -> Any:
         return None
 
 
+def _answer_target(answer: Any) -> str:
+    """The target the helper's answer says it measured (its observations carry the URL)."""
+    if isinstance(answer, dict) and isinstance(answer.get("observations"), list):
+        for d in answer["observations"]:
+            if isinstance(d, dict) and isinstance(d.get("target"), str) and d["target"]:
+                return Target(d["target"]).host
+    return ""
+
+
 def exchanges(streams: HelperStreams) -> list[Exchange]:
-    """Pair the helper requests with their answers (HTTP/1.1 answers in request order)."""
+    """Pair the helper requests with their answers (HTTP/1.1 answers come in request order).
+
+    A capture can lose the request (the flow is then known as a helper flow by its endpoint,
+    see the engine) or the answer: the request's URL names the target when it is there, else
+    the answer's own observations do.
+    """
     cli, srv = streams.cli, streams.srv
     reqs = parsers.http_messages(bytes(cli.data), requests=True)
     resps = [m for m in parsers.http_messages(bytes(srv.data), requests=False)
-             if not m.first_line.split(" ", 2)[1:2] == ["100"]]
+             if m.first_line.split(" ", 2)[1:2] != ["100"]]
     out: list[Exchange] = []
-    for i, req in enumerate(reqs):
-        if not req.first_line.startswith(HELPER_REQUEST.decode()):
-            continue
-        doc = _json(req.body)
-        url = str(doc.get("url") or "") if isinstance(doc, dict) else ""
-        target = Target(url).host if url else ""
-        ex = Exchange(url=url, target=target, status=None, request_frames=cli.frames_of(req.start, req.end))
-        out.append(ex)
-        if not target:
-            ex.problem = "the request names no URL"
-            continue
+    for i in range(max(len(reqs), len(resps))):
+        req = reqs[i] if i < len(reqs) else None
         resp = resps[i] if i < len(resps) else None
+        if req is not None and not req.first_line.startswith(HELPER_REQUEST.decode()):
+            continue
+        doc = _json(req.body) if req is not None else None
+        url = str(doc.get("url") or "") if isinstance(doc, dict) else ""
+        ex = Exchange(url=url, target=Target(url).host if url else "", status=None,
+                      request_frames=cli.frames_of(req.start, req.end) if req is not None else [])
+        out.append(ex)
         if resp is None:
             ex.problem = "no answer in the capture" + (" (stream cut short)" if srv.overflow or srv.ooo else "")
             continue
@@ -191,8 +208,20 @@ def exchanges(streams: HelperStreams) -> list[Exchange]:
         if not isinstance(answer, dict) or not isinstance(answer.get("observations"), list):
             ex.problem = "the answer is not the helper's JSON"
             continue
+        said = _answer_target(answer)
+        if not ex.target:
+            ex.target = said
+            ex.url = ex.url or said
+        elif said and said != ex.target:
+            # Requests and answers out of step (a capture that lost a request mid-connection):
+            # pairing them would give one site's control to another.
+            ex.problem = f"the answer is about {said}, not {ex.target}: request and answer out of step"
+            continue
+        if not ex.target:
+            ex.problem = "neither the request nor the answer names the target"
+            continue
         for d in answer["observations"][:1000]:
-            o = observation(d, target, ex.frames)
+            o = observation(d, ex.target, ex.frames)
             if o is not None:
                 ex.observations.append(o)
         refused = answer.get("refused")

@@ -36,6 +36,9 @@ END_GRACE = 3.0
 _AFTER_CAP = 24
 #: An A and an AAAA query of one name to one resolver this close in time are one lookup.
 PAIR_WINDOW = 2.0
+#: Certificate checks take milliseconds; a client closing later than this after the server's
+#: handshake flight gave up waiting rather than rejected what it got.
+REJECT_WITHIN = 0.5
 _HEAD_CAP = 2048
 
 
@@ -99,7 +102,7 @@ class Flow:
         self.trig_icmp: tuple[int, str, int, int] | None = None
         # (number, ts, flags, ttl, ip_id, length, ack, client_closed_before, payload head)
         self.after: list[tuple[int, float, int, int, int | None, int, int, bool, bytes]] = []
-        self.cli_close: tuple[int, int] | None = None
+        self.cli_close: tuple[int, int, float] | None = None
         self.srv_fin: int | None = None
         self.srv_rst: int | None = None
         #: Set when the flow is the probe asking its control helper (reassembled in full).
@@ -121,6 +124,7 @@ class DnsTx:
     answers: list[dict[str, object]] = field(default_factory=list)
     last_ts: float = 0.0
     icmp: tuple[int, str, int, int] | None = None
+    transport: str = "udp"
 
 
 @dataclass
@@ -171,13 +175,16 @@ class Replayer:
         self._dns: dict[tuple[bytes, int, int], DnsTx] = {}
         self._pending: list[tuple[Observation, bool]] = []  # (observation, needs a name)
         self._pfind: list[tuple[str, str, list[int], str]] = []  # findings waiting for a name
-        self._dns_done: list[tuple[str, Observation]] = []  # (client, lookup) until A/AAAA are folded
+        # (client, lookup, asked once and never answered) until A and AAAA are folded
+        self._dns_done: list[tuple[str, Observation, bool]] = []
         self._names: dict[str, Counter[str]] = defaultdict(Counter)  # address -> names (SNI/Host)
         self._dns_names: dict[str, set[str]] = defaultdict(set)  # address -> qnames that gave it
         self._expired: list[int] = []
         self._undelivered: list[int] = []
         self._now = 0.0
         self._helper_budget = self.helper_budget
+        self._helper_eps: set[tuple[bytes, int]] = set()  # (address, port) of helpers seen asked
+        self._loss: tuple[int, str] | None = None  # first evidence that the capture dropped packets
         flows = self._flows
         tcp = self._tcp
         count = 0
@@ -241,9 +248,10 @@ class Replayer:
         fl.last_n = n
         fl.last_ts = ts
         plen = pend - poff
-        if fl.helper is not None:
+        hs = fl.helper
+        if hs is not None:
             if plen:
-                self._helper_seg(fl.helper, from_client, seq, raw[poff:pend], n)
+                self._helper_seg(hs, not (sp == hs.sport and s == hs.srv_b), seq, raw[poff:pend], n)
             return
         if from_client:
             if flags & SYN:
@@ -253,16 +261,19 @@ class Replayer:
                 fl.syn_seq = seq
                 if fl.cli_ttl is None:
                     fl.cli_ttl = ttl
-                fl.cli_next = (seq + 1) & 0xFFFFFFFF
+                fl.cli_next = (seq + 1 + plen) & 0xFFFFFFFF  # plen: TCP Fast Open data
                 return
             if fl.midstream:
+                if plen and self._helper_eps:
+                    self._helper_answer(fl, s, sp, seq, raw, poff, pend, n)
                 return
             if plen:
                 if fl.trigger is None:
                     fl.trigger = (n, ts, ttl, ipid, seq, plen)
                     if raw.startswith(HELPER_REQUEST, poff):
-                        fl.helper = HelperStreams(seq, fl.srv_next)
+                        fl.helper = HelperStreams(d, dp, seq, fl.srv_next)
                         self._helper_seg(fl.helper, True, seq, raw[poff:pend], n)
+                        self._helper_eps.add((d, dp))
                         return
                 nxt = fl.cli_next
                 if nxt is None or seq == nxt:
@@ -271,12 +282,24 @@ class Replayer:
                     fl.cli_next = (seq + plen) & 0xFFFFFFFF
                 elif not _seq_ge(seq, nxt):
                     fl.cli_retx += 1
+                elif self._loss is None:
+                    self._loss = (n, f"packet {n} starts {(seq - nxt) & 0xFFFFFFFF} bytes past the last client "
+                                     "data the capture holds")
             if flags & (FIN | RST) and fl.cli_close is None:
-                fl.cli_close = (n, flags)
+                fl.cli_close = (n, flags, ts)
             return
         # from the server
-        if fl.midstream:
-            return
+        cn = fl.cli_next
+        if ack != cn and cn is not None and flags & ACK and self._loss is None and not fl.midstream:
+            # The server acknowledges client bytes that the capture never showed (1 is a FIN).
+            gap = (ack - cn) & 0xFFFFFFFF
+            if 1 < gap < 0x80000000:
+                self._loss = (n, f"packet {n} acknowledges {gap} bytes of client data the capture does not hold")
+        if fl.midstream or (plen and fl.trigger is None and self._helper_eps):
+            if plen and self._helper_eps:
+                self._helper_answer(fl, s, sp, seq, raw, poff, pend, n)
+            if fl.midstream or fl.helper is not None:
+                return
         if flags & SYN:
             fl.synack_count += 1
             if fl.synack is None:
@@ -370,7 +393,7 @@ class Replayer:
         resolver = f"{_ntop(tx.server)}:{tx.sport}"
         first = tx.responses[0] if tx.responses else None
         data: dict[str, Any] = {
-            "resolver": resolver, "transport": "udp", "qtype": tx.qtype,
+            "resolver": resolver, "transport": tx.transport, "qtype": tx.qtype,
             "rcode": first["rcode"] if first else None,
             "answers": tx.answers, "addresses": list(first["addresses"]) if first else [],
             "responses": [{k: r[k] for k in ("rcode", "addresses", "ip_ttl", "ip_id", "packet", "delay")}
@@ -403,12 +426,61 @@ class Replayer:
                        f"packet {a['packet']}: DNS answer for {tx.qname} injected: {reason}")
         obs = Observation(step=STEP_DNS, target=tx.qname, domain=tx.qname, source="pcap", address=None,
                           t_start=tx.t_start, t_end=tx.last_ts, failure=failure, data=data, packets=packets)
-        self._dns_done.append((_ntop(tx.client), obs))
+        silent = first is None and tx.icmp is None and len(tx.queries) == 1
+        self._dns_done.append((_ntop(tx.client), obs, silent))
+
+    def _tcp_dns(self, fl: Flow, cut: bool) -> bool:
+        """DNS over TCP: the lookups on a flow to port 53, as DNS observations (transport "tcp").
+
+        The live probe records no TCP step for them, so neither does replay.  Responses are
+        read per segment where a segment holds whole messages (so that each has its packet, IP
+        TTL and IP-ID for the injection checks), else from the reassembled stream.
+        """
+        assert fl.trigger is not None
+        tn, tts = fl.trigger[0], fl.trigger[1]
+        txs: dict[int, DnsTx] = {}
+        for q in parsers.dns_stream(bytes(fl.cli_buf)):
+            if not q.response and q.txid not in txs:
+                txs[q.txid] = DnsTx(fl.cli, fl.cport, fl.srv, fl.sport, q.txid, q.qname, q.qtype or "A", [tn], tts,
+                                    last_ts=tts, transport="tcp")
+        if not txs:
+            return False
+        seen: set[int] = set()
+
+        def take(m: parsers.DnsMessage, n: int, ts: float, ttl: int | None, ipid: int | None) -> None:
+            tx = txs.get(m.txid)
+            if tx is None or not m.response or len(tx.responses) >= 8:
+                return
+            seen.add(m.txid)
+            tx.last_ts = max(tx.last_ts, ts)
+            tx.responses.append({"rcode": m.rcode, "addresses": m.addresses, "ip_ttl": ttl, "ip_id": ipid,
+                                 "packet": n, "delay": round(ts - tx.t_start, 6), "source": _ntop(fl.srv)})
+            if not tx.answers:
+                tx.answers = m.answers
+            for a in m.addresses:
+                self._dns_names[a].add(m.qname)
+
+        for e in fl.after:
+            if e[5] and e[8]:
+                for m in parsers.dns_stream(e[8]):
+                    take(m, e[0], e[1], e[3], e[4])
+        first = next((e for e in fl.after if e[5]), None)
+        if first is not None:
+            for m in parsers.dns_stream(bytes(fl.srv_buf)):
+                if m.txid not in seen:
+                    take(m, first[0], first[1], first[3], first[4])
+        for tx in txs.values():
+            if not tx.responses and cut:
+                continue
+            if not tx.responses:
+                tx.last_ts = fl.last_ts
+            self._finish_dns(tx, at_end=False)
+        return True
 
     def _dns_outliers(self) -> None:
         """An answer whose IP TTL is out of line with its resolver's other answers."""
         by_res: dict[str, list[Observation]] = defaultdict(list)
-        for _client, o in self._dns_done:
+        for _client, o, _silent in self._dns_done:
             by_res[o.data["resolver"]].append(o)
         for obs in by_res.values():
             ttls = Counter(r["ip_ttl"] for o in obs for r in o.data["responses"])
@@ -437,7 +509,17 @@ class Replayer:
         transport and name, the AAAA query sent within ``PAIR_WINDOW`` of the A query.
         """
         groups: dict[tuple[str, str, str, str], list[Observation]] = defaultdict(list)
-        for client, o in self._dns_done:
+        # Every stub resolver asks again when no answer comes; one that did not got its answer,
+        # and a capture that provably dropped packets dropped that answer too: unknown, not a
+        # timeout.  (A lookup that is half unknown says only what its other half found.)
+        lost: set[int] = set()
+        for client, o, silent in self._dns_done:
+            if silent and self._loss is not None:
+                lost.add(id(o))
+                self._find(o.domain, "capture_loss", o.packets,
+                           f"packet {o.packets[0]}: the {o.data['qtype']} query for {o.domain} to "
+                           f"{o.data['resolver']} has no answer in the capture but was never asked again; "
+                           f"the capture lost packets, so this is not counted as a timeout")
             groups[(client, o.data["resolver"], o.data["transport"], o.domain)].append(o)
         self._dns_done.clear()
         out: list[Observation] = []
@@ -452,9 +534,15 @@ class Replayer:
                     out.append(o)
                     continue
                 aaaa.remove(mate)
-                out.append(_merge_dns(o, mate))
+                if id(o) in lost:
+                    out.append(mate if mate.data["addresses"] else o)  # o: dropped below
+                elif id(mate) in lost:
+                    out.append(o)
+                else:
+                    out.append(_merge_dns(o, mate))
             out.extend(o for o in obs if o.data["qtype"] not in ("A", "AAAA"))
             out.extend(aaaa)
+        out = [o for o in out if id(o) not in lost]
         out.sort(key=lambda o: (o.t_start, o.packets[:1]))
         for o in out:
             self._emit(o)
@@ -468,6 +556,8 @@ class Replayer:
             return
         address = _ntop(fl.srv)
         cut = at_end and self._now - fl.last_ts < END_GRACE
+        if fl.sport == 53 and fl.trigger is not None and self._tcp_dns(fl, cut):
+            return
         # --- TCP connect
         tcp_fail: str | None = None
         stopped = "handshake"
@@ -588,6 +678,18 @@ class Replayer:
                     kind_s = parsers.tls_server_reply(body)
                     outcome = "server_hello" if kind_s == "server_hello" else "alert"
                     failure = None if outcome == "server_hello" else E.SSL_FAILED_HANDSHAKE
+                    rejected = self._rejected(fl, buf, sn) if outcome == "server_hello" and not injected else None
+                    if rejected is not None:
+                        # The model's "handshake completed, certificate does not validate" (what
+                        # the live probe's unverified handshake records): here the server did its
+                        # part and the verifying client refused to finish.
+                        outcome = "cert_rejected"
+                        data.update(cert_valid=False, cert_failure=E.SSL_INVALID_CERTIFICATE,
+                                    issuer="unknown (not read from the capture)")
+                        self._find(domain, "cert_rejected", [sn, rejected],
+                                   f"packet {rejected}: the client abandoned the TLS handshake with {address} "
+                                   f"(SNI {sni}) right after the server's certificate (packet {sn}) without "
+                                   "sending its Finished: it rejected the certificate")
                 else:
                     outcome = "response"
                     failure = None
@@ -618,17 +720,30 @@ class Replayer:
                            t_start=tts, t_end=t_end, failure=failure, data=data, packets=packets)
 
     # --- control, from the probe's exchanges with its helper ----------------------------------
+    def _helper_answer(self, fl: Flow, s: bytes, sp: int, seq: int, raw: bytes, poff: int, pend: int,
+                       n: int) -> None:
+        """A capture that lost a helper request (or the flow's start) still holds the answer:
+        an HTTP response from an endpoint already known, by a request line, as a helper."""
+        if (s, sp) in self._helper_eps and raw.startswith(b"HTTP/1.", poff):
+            fl.helper = HelperStreams(s, sp, None, seq)
+            self._helper_seg(fl.helper, False, seq, raw[poff:pend], n)
+
     def _helper_seg(self, hs: HelperStreams, from_client: bool, seq: int, payload: bytes, n: int) -> None:
         used = (hs.cli if from_client else hs.srv).add(seq, payload, n, self._helper_budget)
         self._helper_budget -= used
 
     def _finish_helper(self, fl: Flow, hs: HelperStreams) -> None:
         """The helper's answers become control observations of the targets they were asked for."""
-        where = f"{_ntop(fl.srv)}:{fl.sport}"
+        where = f"{_ntop(hs.srv_b)}:{hs.sport}"
+        if (hs.cli.ooo or hs.srv.ooo) and self._loss is None:
+            first = min(f for _p, f in (*hs.cli.ooo.values(), *hs.srv.ooo.values()))
+            self._loss = (first, f"packet {first} follows a gap that the capture never fills")
         for ex in control.exchanges(hs):
             for o in ex.observations:
                 self._emit(o)
             first = (ex.frames or ex.request_frames or [fl.first_n])[0]
+            if not ex.request_frames and self._loss is None:
+                self._loss = (first, f"packet {first} answers a request to the helper that the capture does not hold")
             if ex.problem:
                 self._find(ex.target, "control_missing", ex.frames[:1] or ex.request_frames[:1],
                            f"packet {first}: no control for {ex.url or '?'} from the helper at {where}: "
@@ -638,24 +753,38 @@ class Replayer:
                            f"packet {first}: the helper at {where} refused to measure {', '.join(ex.refused)} "
                            f"for {ex.url}")
 
+    def _rejected(self, fl: Flow, cli: bytes, server_hello: int) -> int | None:
+        """The frame where a client abandoned a handshake after the server's flight, else None.
+
+        A client that got the server's whole first flight and then closes (or alerts) instead
+        of sending its Finished refused something in it: in practice, the certificate.  Closing
+        long after the flight is a timeout instead (a slow or stalled certificate), so the
+        client must close within ``REJECT_WITHIN`` of the server's last bytes before it.
+        """
+        close = fl.cli_close
+        if close is None or close[0] < server_hello:
+            return None
+        if any(x is not None and x < close[0] for x in (fl.srv_rst, fl.srv_fin)):  # the server quit first
+            return None
+        if parsers.tls_client_after_hello(cli) not in ("nothing", "alert"):
+            return None
+        last = max((e[1] for e in fl.after if e[5] and e[0] < close[0]), default=None)
+        if last is None or close[2] - last > REJECT_WITHIN:
+            return None
+        return close[0]
+
     # --- targets and ids -----------------------------------------------------------------------
     def _resolve_pending(self) -> None:
         """Name TCP-only flows after what other flows (SNI / Host) or DNS said about their address."""
         attempts: Counter[tuple[str, str]] = Counter()
         for obs, unnamed in self._pending:
             if unnamed or not obs.domain:
-                addr = obs.address or ""
-                names = self._names.get(addr)
-                if names:
-                    obs.domain = names.most_common(1)[0][0]
-                elif self._dns_names.get(addr):
-                    obs.domain = sorted(self._dns_names[addr])[0]
-                else:
-                    obs.domain = addr
+                obs.domain = self._name_of(obs.address or "")
             # A flow to an address that DNS gave for another name, carrying a different SNI/Host,
-            # is a follow-up for that name (kzprobe's benign-SNI/Host check), not a target of its own.
+            # is a follow-up for that name (kzprobe's benign-SNI/Host check), not a target of its
+            # own -- its TCP connect included.
             owners = self._dns_names.get(obs.address or "", set())
-            if obs.step in (STEP_TLS, STEP_HTTP) and owners and obs.domain not in owners:
+            if (obs.step in (STEP_TLS, STEP_HTTP) or not unnamed) and owners and obs.domain not in owners:
                 for owner in sorted(owners):
                     self._emit(_followup(obs, owner), attempts)
                 continue
@@ -663,9 +792,23 @@ class Replayer:
             self._emit(obs, attempts)
         self._pending.clear()
         for addr, kind, packets, sentence in self._pfind:
-            name = self._names.get(addr)
-            self._find(name.most_common(1)[0][0] if name else addr, kind, packets, sentence)
+            self._find(self._name_of(addr), kind, packets, sentence)
         self._pfind.clear()
+
+    def _name_of(self, addr: str) -> str:
+        """The name a flow without SNI / Host of its own is about: a name seen (SNI / Host) at its
+        address that DNS also gave it, else DNS's, else the most seen, else the address itself.
+        DNS comes first because follow-ups put a benign name on the same address."""
+        names = self._names.get(addr)
+        owners = self._dns_names.get(addr)
+        if names and owners:
+            own = [(count, -i, name) for i, (name, count) in enumerate(names.items()) if name in owners]
+            return max(own)[2] if own else sorted(owners)[0]
+        if names:
+            return names.most_common(1)[0][0]
+        if owners:
+            return sorted(owners)[0]
+        return addr
 
     def _emit(self, obs: Observation, attempts: Counter[tuple[str, str]] | None = None) -> None:
         obs.id = self.next_id
@@ -679,6 +822,10 @@ class Replayer:
         self._out.findings.append(Finding(self._file, domain, kind, packets, sentence))
 
     def _summarise_sweep(self) -> None:
+        if self._loss is not None:
+            n, why = self._loss
+            self._find("", "capture_loss", [n], f"the capture dropped packets ({why}): a missing answer in it "
+                                                 "is not by itself evidence of blocking")
         if self._expired:
             ns = sorted(self._expired)
             self._find("", "expired", ns[:20], f"packets {_span(ns)}: {len(ns)} trigger(s) expired in transit "

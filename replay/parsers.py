@@ -78,6 +78,47 @@ def tls_server_reply(buf: bytes) -> str:
     return "other"
 
 
+def tls_client_after_hello(buf: bytes) -> str:
+    """What a TLS client sent after its ClientHello, from the start of its stream.
+
+    "nothing", "alert" (a plaintext alert, or a TLS 1.3 record too short for a Finished: an
+    encrypted alert), "continued" (its next flight: key exchange, CCS + Finished, data) or
+    "unknown" (the ClientHello itself is not all there).
+    """
+    n = len(buf)
+    if n < 9 or buf[0] != 0x16 or buf[5] != 0x01:
+        return "unknown"
+    need = 4 + ((buf[6] << 16) | (buf[7] << 8) | buf[8])  # the ClientHello handshake message
+    p = 0
+    got = 0
+    while got < need:
+        if p + 5 > n or buf[p] != 0x16:
+            return "unknown"
+        rlen = (buf[p + 3] << 8) | buf[p + 4]
+        got += rlen
+        p += 5 + rlen
+    if got > need:  # more handshake messages in the same record: the client went on
+        return "continued"
+    for _ in range(4):
+        if p >= n:
+            return "nothing"
+        if p + 5 > n:
+            return "unknown"
+        rtype = buf[p]
+        rlen = (buf[p + 3] << 8) | buf[p + 4]
+        if rtype == 0x15:
+            return "alert"
+        if rtype == 0x14:  # TLS 1.3 middlebox-compatibility CCS: look at what follows it
+            p += 5 + rlen
+            continue
+        # An encrypted TLS 1.3 alert is 2 + 1 + 16 (AEAD tag) = 19 bytes; the shortest
+        # Finished is 4 + 32 + 1 + 16 = 53.
+        if rtype == 0x17 and rlen < 40:
+            return "alert"
+        return "continued"
+    return "continued"
+
+
 # --- HTTP ----------------------------------------------------------------------------------------
 _METHODS = (b"GET ", b"POST ", b"HEAD ", b"PUT ", b"OPTIONS ", b"DELETE ", b"CONNECT ", b"PATCH ")
 _TITLE = re.compile(rb"<title[^>]*>(.*?)</title", re.I | re.S)
@@ -320,4 +361,20 @@ def http_messages(buf: bytes, *, requests: bool, limit: int = 1 << 24, max_messa
         if not complete or q <= p:
             break
         p = q
+    return out
+
+
+def dns_stream(buf: bytes, max_messages: int = 64) -> list[DnsMessage]:
+    """DNS messages in a TCP stream (RFC 7766: each one prefixed by its 2-byte length)."""
+    out: list[DnsMessage] = []
+    p = 0
+    while p + 2 <= len(buf) and len(out) < max_messages:
+        ln = (buf[p] << 8) | buf[p + 1]
+        if ln < 12 or p + 2 + ln > len(buf):
+            break
+        msg = dns_message(buf[p + 2:p + 2 + ln])
+        if msg is None:
+            break
+        out.append(msg)
+        p += 2 + ln
     return out
