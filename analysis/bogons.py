@@ -29,6 +29,15 @@ _BOGON_NETS = tuple(
 )
 
 
+def is_ip(text: str) -> bool:
+    """True for an IPv4 or IPv6 address literal (no brackets, no port)."""
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return False
+
+
 @lru_cache(maxsize=4096)
 def is_bogon(address: str) -> bool:
     try:

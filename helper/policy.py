@@ -20,6 +20,8 @@ from urllib.parse import SplitResult, urlsplit
 import dns.exception
 import dns.name
 
+from kzprobe.analysis.bogons import is_ip
+
 MAX_URL_LENGTH = 2048
 ALLOWED_PORTS = frozenset({80, 443})
 ALLOWED_SCHEMES = frozenset({"http", "https"})
@@ -153,7 +155,7 @@ class Policy:
         why = self.port_refusal(port)
         if why:
             raise PolicyError(f"{why}: refused", "forbidden_port")
-        if _is_ip(host):
+        if is_ip(host):
             why = self.address_refusal(host)
             if why:
                 raise PolicyError(f"{host}: {why}: refused", "forbidden_address")
@@ -169,9 +171,3 @@ class Policy:
         return parts
 
 
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-        return True
-    except ValueError:
-        return False

@@ -19,6 +19,7 @@ from cryptography.x509.oid import NameOID
 from cryptography.x509.verification import Criticality, ExtensionPolicy, PolicyBuilder, Store, VerificationError
 
 from kzprobe import errors as E
+from kzprobe.analysis.bogons import is_ip
 
 
 def _policy(when: dt.datetime) -> PolicyBuilder:
@@ -115,7 +116,7 @@ class TrustStore:
         if not (leaf.not_valid_before_utc <= when <= leaf.not_valid_after_utc):
             return False, E.SSL_INVALID_CERTIFICATE
         try:
-            subject = x509.DNSName(hostname) if not _is_ip(hostname) else x509.IPAddress(_ip(hostname))
+            subject = x509.DNSName(hostname) if not is_ip(hostname) else x509.IPAddress(_ip(hostname))
             verifier = _policy(when).store(self.store).build_server_verifier(subject)
             verifier.verify(leaf, inter)
             return True, None
@@ -135,16 +136,6 @@ class TrustStore:
             except (VerificationError, ValueError):
                 break
         return False, E.SSL_UNKNOWN_AUTHORITY
-
-
-def _is_ip(s: str) -> bool:
-    import ipaddress
-
-    try:
-        ipaddress.ip_address(s)
-        return True
-    except ValueError:
-        return False
 
 
 def _ip(s: str) -> Any:

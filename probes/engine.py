@@ -12,7 +12,6 @@ Follow-ups cost nothing on the happy path, which is what keeps a thousand-target
 
 from __future__ import annotations
 
-import ipaddress
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from urllib.parse import urlsplit
 import trio
 
 from kzprobe import errors as E
+from kzprobe.analysis.bogons import is_ip
 from kzprobe.analysis.facts import DNSCHECK, INTERFERENCE
 from kzprobe.analysis.fingerprints import Fingerprints
 from kzprobe.model import FOLLOWUP, MEASURE, PROBE, Observation, Target
@@ -52,12 +52,6 @@ class ProbeConfig:
     source_address: str | None = None
 
 
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-        return True
-    except ValueError:
-        return False
 
 
 class Engine:
@@ -212,7 +206,7 @@ class Engine:
                         started.append(a)
                         n.start_soon(self._measure_address, target, a, followups)
 
-            if _is_ip(host):
+            if is_ip(host):
                 resolved.append(host)
                 start(resolved)
             else:

@@ -178,7 +178,7 @@ class _Receiver(threading.Thread):
                 p = decode_ip(0, time.time(), data, 0)
                 if p is None or p.version != 4 or p.dst != self.client:
                     continue
-                rec = _to_pkt(p)
+                rec = pcapmod.to_pkt(p)
                 if rec.proto == 1:
                     if rec.quoted is None or rec.quoted[1] != self.address:
                         continue
@@ -195,20 +195,6 @@ class _Receiver(threading.Thread):
         self.join(timeout=2)
         for s in self.socks:
             s.close()
-
-
-def _to_pkt(p: Any) -> Pkt:
-    rec = Pkt(num=0, src=p.src, dst=p.dst, proto=p.proto, ttl=p.ttl, ip_id=p.ip_id or 0)
-    if p.proto == 1:
-        rec.icmp_type, rec.icmp_code = p.icmp_type, p.icmp_code
-        q = p.inner
-        if q is not None and q.version == 4:
-            rec.quoted = (q.src, q.dst, q.proto, q.sport or 0, q.dport or 0, q.ip_id or 0, q.ttl)
-    elif p.proto in (6, 17):
-        rec.sport, rec.dport = p.sport or 0, p.dport or 0
-        rec.flags, rec.seq, rec.ack = pcapmod._flags(p.flags), p.seq, p.ack
-        rec.payload = p.payload
-    return rec
 
 
 def _source_address(address: str) -> str:

@@ -26,6 +26,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from kzprobe.trace import wire
 from kzprobe.trace.decide import (
@@ -83,6 +84,21 @@ def _flags(bits: int) -> str:
     return "".join(letter for bit, letter in _FLAG_LETTERS if bits & bit)
 
 
+def to_pkt(p: Any, number: int = 0) -> Pkt:
+    """A decoded :mod:`kzprobe.replay.pcapio` packet -> the sweep's :class:`Pkt` (captures and live)."""
+    rec = Pkt(num=number, src=p.src, dst=p.dst, proto=p.proto, ttl=p.ttl, ip_id=p.ip_id or 0)
+    if p.proto == 1:
+        rec.icmp_type, rec.icmp_code = p.icmp_type, p.icmp_code
+        q = p.inner
+        if q is not None and q.version == 4:
+            rec.quoted = (q.src, q.dst, q.proto, q.sport or 0, q.dport or 0, q.ip_id or 0, q.ttl)
+    elif p.proto in (6, 17):
+        rec.sport, rec.dport = p.sport or 0, p.dport or 0
+        rec.flags, rec.seq, rec.ack = _flags(p.flags), p.seq, p.ack
+        rec.payload = p.payload
+    return rec
+
+
 def read_packets(path: str | Path) -> list[Pkt]:
     """Every IPv4 packet of a capture as a :class:`Pkt` (1-based numbers, as Wireshark)."""
     from kzprobe.replay import pcapio
@@ -93,17 +109,7 @@ def read_packets(path: str | Path) -> list[Pkt]:
         for p in pcapio.iter_packets(str(path), result):
             if p.version != 4:
                 continue
-            rec = Pkt(num=p.number, src=p.src, dst=p.dst, proto=p.proto, ttl=p.ttl, ip_id=p.ip_id or 0)
-            if p.proto == 1:
-                rec.icmp_type, rec.icmp_code = p.icmp_type, p.icmp_code
-                q = p.inner
-                if q is not None and q.version == 4:
-                    rec.quoted = (q.src, q.dst, q.proto, q.sport or 0, q.dport or 0, q.ip_id or 0, q.ttl)
-            elif p.proto in (6, 17):
-                rec.sport, rec.dport = p.sport or 0, p.dport or 0
-                rec.flags, rec.seq, rec.ack = _flags(p.flags), p.seq, p.ack
-                rec.payload = p.payload
-            out.append(rec)
+            out.append(to_pkt(p, p.number))
     except FileNotFoundError:
         raise PcapError(f"{path}: no such file") from None
     except (OSError, pcapio.CaptureError) as exc:
