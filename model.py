@@ -47,6 +47,9 @@ SOURCES = ("live", "pcap", "ooni")
 MEASURE = "measure"
 #: The same address with a benign SNI / Host (example.com): tells DPI from IP blocking.
 FOLLOWUP = "followup"
+#: The same GET without certificate validation, made only after validation failed: what is
+#: served behind the bad certificate (a blockpage?).  Never counts as the site being reachable.
+PEEK = "peek"
 #: A step of a redirect chain beyond the first URL (OONI import); the rules ignore it.
 REDIRECT = "redirect"
 

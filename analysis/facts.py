@@ -16,6 +16,8 @@ from kzprobe import errors as E
 from kzprobe.model import (
     CONTROL,
     FOLLOWUP,
+    MEASURE,
+    PEEK,
     PROBE,
     STEP_DNS,
     STEP_HTTP,
@@ -244,7 +246,8 @@ class Facts:
 
     @cached_property
     def blockpages(self) -> list[Observation]:
-        return [o for o in self.probe_http if o.data.get("blockpage")]
+        """Responses matching a blockpage fingerprint, including what a peek behind a bad certificate saw."""
+        return [o for o in self._sel(STEP_HTTP, PROBE, (MEASURE, PEEK)) if o.data.get("blockpage")]
 
     @cached_property
     def network_unreachable_everywhere(self) -> bool:

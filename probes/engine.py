@@ -23,7 +23,7 @@ from kzprobe import errors as E
 from kzprobe.analysis.bogons import is_ip
 from kzprobe.analysis.facts import DNSCHECK, INTERFERENCE
 from kzprobe.analysis.fingerprints import Fingerprints
-from kzprobe.model import FOLLOWUP, MEASURE, PROBE, Observation, Target
+from kzprobe.model import FOLLOWUP, MEASURE, PEEK, PROBE, Observation, Target
 from kzprobe.probes import dns as dnsprobe
 from kzprobe.probes import http as httpprobe
 from kzprobe.probes import tcp as tcpprobe
@@ -31,6 +31,8 @@ from kzprobe.probes import tls as tlsprobe
 from kzprobe.probes.certs import TrustStore
 
 Sink = Callable[[Observation], Awaitable[None]]
+
+_CERT_FAILURES = frozenset({E.SSL_INVALID_HOSTNAME, E.SSL_UNKNOWN_AUTHORITY, E.SSL_INVALID_CERTIFICATE})
 
 
 @dataclass
@@ -167,6 +169,8 @@ class Engine:
                     return
             await trio.aclose_forcefully(stream)
         http = await self._http(target, address, None, MEASURE, 0)
+        if followups and http.failure in _CERT_FAILURES:
+            await self._http(target, address, None, PEEK, 0)
         if followups and http.failure in INTERFERENCE:
             await self._http(target, address, cfg.control_sni, FOLLOWUP, 0)
             for i in range(cfg.retries):
