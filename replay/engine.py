@@ -62,6 +62,7 @@ class Flow:
         "last_n",
         "last_ts",
         "midstream",
+        "pre_rst",
         "sport",
         "srv",
         "srv_buf",
@@ -91,6 +92,8 @@ class Flow:
         self.synack: tuple[int, int, int | None, float] | None = None
         self.synack_count = 0
         self.syn_rst: tuple[int, int, int | None, float] | None = None
+        #: (number, ttl) of the first RST after the handshake but before any trigger was sent.
+        self.pre_rst: tuple[int, int] | None = None
         self.syn_icmp: tuple[int, str, int, int] | None = None
         self.cli_buf = bytearray()
         self.cli_next: int | None = None
@@ -309,6 +312,8 @@ class Replayer:
         if fl.trigger is None:
             if flags & RST and fl.synack is None and fl.syn_rst is None:
                 fl.syn_rst = (n, ttl, ipid, ts)
+            elif flags & RST and fl.pre_rst is None:
+                fl.pre_rst = (n, ttl)
         elif len(fl.after) < _AFTER_CAP:
             head = raw[poff:min(pend, poff + _HEAD_CAP)] if plen and len(fl.after) < 8 else b""
             fl.after.append((n, ts, flags, ttl, ipid, plen, ack, fl.cli_close is not None, head))
@@ -665,6 +670,15 @@ class Replayer:
                     reason += f"; IP-ID {sipid} vs {ref[2]}"
                 kind = "blockpage" if slen else "rst" if sflags & RST else "fin"
                 injected = {"packet": sn, "kind": kind, "reason": reason}
+                pre = fl.pre_rst
+                if kind == "rst" and pre is not None and abs(pre[1] - sttl) < TTL_MARGIN:
+                    # Reported, not acted on: CenTrace's censored and control sweeps to one server
+                    # both look like this, so it cannot tell them apart within one file.
+                    injected["pre_trigger"] = pre[0]
+                    self._find(domain, "pre_trigger_reset", [pre[0], sn],
+                               f"packet {pre[0]}: a RST with the same IP TTL ({pre[1]}) as the injected one "
+                               f"(packet {sn}) came before the {what} was sent: the injector may not be "
+                               f"triggered by the name {domain}")
                 data["injected"] = injected
                 more = [e[0] for e in answers if e[0] != sn and abs(e[3] - ref[1]) >= TTL_MARGIN]
                 also = f" (also packets {', '.join(map(str, more[:5]))})" if more else ""

@@ -93,3 +93,15 @@ def test_control_sweeps_show_no_injection(name: str) -> None:
     fr = _replay(name)
     assert not [o for o in fr.observations if o.data.get("injected")]
     assert all(v.status != "blocked" for v in classify(fr.observations))
+
+
+@pytest.mark.parametrize("name", ["200.115.176.142_binance.com_binance.com.pcap",
+                                  "200.115.176.142_binance.com_example.com.pcap"])
+def test_binance_resets_before_the_trigger_are_reported(name: str) -> None:
+    """Both binance sweeps get a RST with the injector's TTL to a bare ACK *before* the trigger:
+    reported beside the injection, since one file cannot tell the censored sweep from the control."""
+    fr = _replay(name)
+    (inj,) = [o for o in fr.observations if (o.data.get("injected") or {}).get("kind") == "rst"]
+    pre = inj.data["injected"]["pre_trigger"]
+    assert pre < inj.data["injected"]["packet"] and pre not in inj.packets
+    assert [f.packets for f in fr.findings if f.kind == "pre_trigger_reset"] == [[pre, inj.data["injected"]["packet"]]]
