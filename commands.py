@@ -19,7 +19,8 @@ from rich.table import Table
 
 from kzprobe.model import Target, Verdict
 
-err = Console(stderr=True)
+# soft_wrap: a warning is one line (file:line: reason), whatever the terminal width.
+err = Console(stderr=True, soft_wrap=True)
 
 STATUS_STYLE = {"ok": "green", "blocked": "bold red", "down": "yellow", "inconclusive": "magenta"}
 
