@@ -32,6 +32,10 @@ def replay(files: tuple[str, ...], fmt: str, store: bool, db: str | None, finger
     Reconstructs DNS transactions, TCP flows, TLS ClientHellos and HTTP requests, judges which
     packets were injected (IP TTL / IP-ID unlike the server's own), and classifies each domain
     with the same rules as live runs.  Evidence cites packet numbers as Wireshark counts them.
+
+    Control comes from the capture itself: the probe's requests to its control helper
+    (POST /v1/control, found by that request line) and the helper's answers are always decoded
+    as control observations, never reported as targets.
     """
     from kzprobe.replay.blockpages import default_matcher
     from kzprobe.replay.engine import FileReplay, Replayer

@@ -704,6 +704,7 @@ class Replayer:
                                    f"packet {rejected}: the client abandoned the TLS handshake with {address} "
                                    f"(SNI {sni}) right after the server's certificate (packet {sn}) without "
                                    "sending its Finished: it rejected the certificate")
+                        packets.append(rejected)
                 else:
                     outcome = "response"
                     failure = None

@@ -264,3 +264,16 @@ def test_client_abandoning_the_handshake_rejected_the_certificate(tmp_path: Path
     assert (tls.data["outcome"] == "cert_rejected") is rejected
     assert (tls.data.get("cert_valid") is False) is rejected
     assert any(f.kind == "cert_rejected" for f in fr.findings) is rejected
+
+
+def test_helper_observation_fields_are_type_checked() -> None:
+    from kzprobe.replay.control import observation
+
+    assert observation({"step": "nonsense"}, "a.example", [1]) is None
+    assert observation(["not", "a", "dict"], "a.example", [1]) is None
+    o = observation({"step": "tls", "data": [1], "port": "443", "t_start": "x", "failure": 3, "address": 5,
+                     "attempt": True, "domain": None}, "a.example", [7, 8])
+    assert o is not None
+    assert (o.data, o.port, o.t_start, o.failure, o.address, o.domain) == ({}, None, 0.0, None, None, "a.example")
+    assert (o.vantage, o.source, o.target, o.packets) == ("control", "pcap", "a.example", [7, 8])
+    classify([o])  # the classifier copes with what the sanitiser lets through

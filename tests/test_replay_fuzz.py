@@ -71,3 +71,26 @@ def test_random_bytes_after_a_magic(tail: bytes, magic: bytes) -> None:
 @given(st.integers(1, 5999))
 def test_truncated_gzip(cut: int) -> None:
     _replay_bytes(gzip.compress(SEED)[:cut])
+
+
+HELPER_SEED_FILE = Path(__file__).resolve().parents[1] / "fixtures" / "pcaps" / "method-dns-nxdomain.pcap"
+HELPER_SEED = HELPER_SEED_FILE.read_bytes() if HELPER_SEED_FILE.is_file() else SEED
+#: Where the helper's first JSON answer sits in the capture: mutations aim there, so that the
+#: HTTP/JSON decoding of control (and the classifier reading its result) is what gets fuzzed.
+_AT = max(0, HELPER_SEED.find(b'{"version"'))
+
+
+@settings(max_examples=60, deadline=3000, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.integers(-300, 3000), st.integers(0, 255)), min_size=1, max_size=16))
+def test_mutated_helper_answers_never_crash_replay_or_classifier(muts: list[tuple[int, int]]) -> None:
+    from kzprobe.analysis import classify
+
+    data = bytearray(HELPER_SEED)
+    for off, val in muts:
+        data[min(len(data) - 1, max(0, _AT + off))] = val
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "h.pcap"
+        path.write_bytes(bytes(data))
+        fr = Replayer().replay_file(str(path))
+    for v in classify(fr.observations):
+        v.to_dict()
