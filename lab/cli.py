@@ -237,8 +237,10 @@ def record(out: Path, scenario: str, timeout: float) -> None:
 def _capture(lab_: Lab, out: Path, timeout: float) -> tuple[list[dict[str, Any]], int]:
     iface = lab_.veth("volunteer", "up")
     dump = subprocess.Popen(
+        # -B 16 MiB: a run's burst (dozens of handshakes at once) overflowed the default buffer and
+        # the kernel dropped packets, which makes a fixture lie about what happened on the wire.
         ["ip", "netns", "exec", lab_.ns_name("volunteer"), "tcpdump", "-Z", "root", "-i", iface, "-U", "-n",
-         "--immediate-mode", "-s", "0", "-w", str(out.resolve())],
+         "-B", "16384", "--immediate-mode", "-s", "0", "-w", str(out.resolve())],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -256,8 +258,13 @@ def _capture(lab_: Lab, out: Path, timeout: float) -> tuple[list[dict[str, Any]]
         except subprocess.TimeoutExpired:
             dump.kill()
             _, err = dump.communicate()
-    packets = 0
+    packets = dropped = 0
     for ln in (err or "").splitlines():
         if "packets captured" in ln:
             packets = int(ln.split()[0])
+        elif "dropped by kernel" in ln:
+            dropped = int(ln.split()[0])
+    if dropped:
+        raise LabError(f"{out}: tcpdump says the kernel dropped {dropped} packet(s): the capture is incomplete; "
+                       "record again")
     return verdicts, packets

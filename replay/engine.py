@@ -652,7 +652,10 @@ class Replayer:
             if limited:
                 self._undelivered.append(tn)
                 return None
-            if cut:
+            # Still open at the end of the capture: only "cut" if the trigger itself is recent.
+            # A client retransmitting its trigger for END_GRACE seconds with no answer at all is
+            # silence, even though its own retransmissions keep the flow looking alive.
+            if cut and self._now - tts < END_GRACE:
                 return None
             failure: str | None
             outcome, failure = "silence", E.TIMEOUT
