@@ -214,7 +214,7 @@ def record(out: Path, scenario: str, timeout: float) -> None:
         "recorded_with": "kzprobe lab record",
         "volunteer": lab_.volunteer_address,
         "resolvers": {"isp": lab_.isp_resolver, "public": lab_.public_resolver},
-        # The probe's requests to the control helper cross the same interface; replay should skip them.
+        # The probe's requests to the control helper cross the same interface; replay decodes their answers as control.
         "helper": lab_.helper_url,
         "hops": {r: lab_.router_address(r) for r in ("isp", "bb1", "bb2")},
         "targets": [
