@@ -15,7 +15,6 @@ from __future__ import annotations
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
 
 import trio
 
@@ -233,8 +232,4 @@ class Engine:
         return refused
 
 
-def url_host(url: str) -> str:
-    return (urlsplit(url).hostname or "").lower()
-
-
-__all__ = ["E", "Engine", "ProbeConfig", "Sink", "url_host"]
+__all__ = ["Engine", "ProbeConfig", "Sink"]
