@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kzprobe.replay.parsers import client_hello_sni
+
 SO_ORIGINAL_DST = 80
 
 
@@ -33,29 +35,6 @@ def original_dst(sock: socket.socket) -> tuple[str, int]:
     raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
     port = struct.unpack("!H", raw[2:4])[0]
     return socket.inet_ntoa(raw[4:8]), port
-
-
-def client_hello_sni(data: bytes) -> str | None:
-    """The server_name in a TLS ClientHello record, or None (not TLS, incomplete, no SNI)."""
-    try:
-        if data[0] != 0x16 or data[5] != 0x01:
-            return None
-        pos = 5 + 4 + 2 + 32  # record header, handshake header, version, random
-        pos += 1 + data[pos]  # session id
-        pos += 2 + struct.unpack("!H", data[pos:pos + 2])[0]  # cipher suites
-        pos += 1 + data[pos]  # compression methods
-        end = pos + 2 + struct.unpack("!H", data[pos:pos + 2])[0]
-        pos += 2
-        while pos + 4 <= end:
-            ext_type, ext_len = struct.unpack("!HH", data[pos:pos + 4])
-            pos += 4
-            if ext_type == 0:
-                name_len = struct.unpack("!H", data[pos + 3:pos + 5])[0]
-                return data[pos + 5:pos + 5 + name_len].decode("ascii", "replace").lower()
-            pos += ext_len
-    except (IndexError, struct.error):
-        return None
-    return None
 
 
 def _relay(a: Any, b: Any, idle: float = 30.0) -> None:
@@ -112,7 +91,7 @@ class Proxy:
                 if not hello or len(hello) >= 5 + struct.unpack("!H", hello[3:5] or b"\0\0")[0]:
                     break
                 time.sleep(0.01)
-            name = client_hello_sni(hello) if hello else None
+            name = client_hello_sni(hello)[1] if hello else None
             ctx = self.contexts.get(name or "")
             upstream = socket.create_connection((addr, port), timeout=10)
             if ctx is None:
