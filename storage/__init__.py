@@ -11,6 +11,7 @@ Default database: ``$KZPROBE_DB`` if set, else ``$XDG_DATA_HOME/kzprobe/kzprobe.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -71,6 +72,24 @@ class RunInfo:
     state: str
     vantage: dict[str, Any]
     n_targets: int
+
+
+# The model's dataclasses are the contract; the rows mirror them field for field (plus run_id),
+# so the columns are derived rather than listed again in each direction.
+_OBS_COLUMNS = tuple(f.name for f in dataclasses.fields(Observation) if f.name != "id")
+_VERDICT_COLUMNS = tuple(f.name for f in dataclasses.fields(Verdict))
+
+
+def _observation(r: ObservationRow) -> Observation:
+    o = Observation(**{f: getattr(r, f) for f in _OBS_COLUMNS})
+    o.id, o.packets = r.id, list(r.packets or [])
+    return o
+
+
+def _verdict(r: VerdictRow) -> Verdict:
+    v = Verdict(**{f: getattr(r, f) for f in _VERDICT_COLUMNS})
+    v.observations, v.packets = list(r.observations or []), list(r.packets or [])
+    return v
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -174,26 +193,7 @@ class Store:
         if not observations:
             return
         with self._session.begin() as s:
-            rows = [
-                ObservationRow(
-                    run_id=run_id,
-                    target=o.target,
-                    step=o.step,
-                    vantage=o.vantage,
-                    source=o.source,
-                    domain=o.domain,
-                    address=o.address,
-                    port=o.port,
-                    t_start=o.t_start,
-                    t_end=o.t_end,
-                    failure=o.failure,
-                    purpose=o.purpose,
-                    attempt=o.attempt,
-                    data=o.data,
-                    packets=o.packets,
-                )
-                for o in observations
-            ]
+            rows = [ObservationRow(run_id=run_id, **{f: getattr(o, f) for f in _OBS_COLUMNS}) for o in observations]
             s.add_all(rows)
             s.flush()
             for o, row in zip(observations, rows, strict=True):
@@ -203,22 +203,7 @@ class Store:
         """Replace the run's verdicts (re-classifying a run is idempotent)."""
         with self._session.begin() as s:
             s.execute(delete(VerdictRow).where(VerdictRow.run_id == run_id))
-            s.add_all(
-                VerdictRow(
-                    run_id=run_id,
-                    target=v.target,
-                    domain=v.domain,
-                    status=v.status,
-                    mechanism=v.mechanism,
-                    detail=v.detail,
-                    rule=v.rule,
-                    confidence=v.confidence,
-                    sentence=v.sentence,
-                    observations=v.observations,
-                    packets=v.packets,
-                )
-                for v in verdicts
-            )
+            s.add_all(VerdictRow(run_id=run_id, **{f: getattr(v, f) for f in _VERDICT_COLUMNS}) for v in verdicts)
 
     def add_trace(self, run_id: int, target: str, result: dict[str, Any]) -> None:
         with self._session.begin() as s:
@@ -254,44 +239,12 @@ class Store:
             q = select(ObservationRow).where(ObservationRow.run_id == run_id)
             if target is not None:
                 q = q.where(ObservationRow.target == target)
-            return [
-                Observation(
-                    id=r.id,
-                    step=r.step,
-                    target=r.target,
-                    domain=r.domain,
-                    vantage=r.vantage,
-                    source=r.source,
-                    address=r.address,
-                    port=r.port,
-                    t_start=r.t_start,
-                    t_end=r.t_end,
-                    failure=r.failure,
-                    purpose=r.purpose,
-                    attempt=r.attempt,
-                    data=r.data,
-                    packets=list(r.packets or []),
-                )
-                for r in s.scalars(q.order_by(ObservationRow.id))
-            ]
+            return [_observation(r) for r in s.scalars(q.order_by(ObservationRow.id))]
 
     def verdicts(self, run_id: int) -> list[Verdict]:
         with self._session() as s:
-            return [
-                Verdict(
-                    target=r.target,
-                    domain=r.domain,
-                    status=r.status,
-                    mechanism=r.mechanism,
-                    detail=r.detail,
-                    rule=r.rule,
-                    confidence=r.confidence,
-                    sentence=r.sentence,
-                    observations=list(r.observations or []),
-                    packets=list(r.packets or []),
-                )
-                for r in s.scalars(select(VerdictRow).where(VerdictRow.run_id == run_id).order_by(VerdictRow.id))
-            ]
+            rows = s.scalars(select(VerdictRow).where(VerdictRow.run_id == run_id).order_by(VerdictRow.id))
+            return [_verdict(r) for r in rows]
 
     def traces(self, run_id: int) -> list[dict[str, Any]]:
         with self._session() as s:
