@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, delete, event, func, select
+from sqlalchemy import create_engine, delete, event, func, inspect, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -125,11 +125,28 @@ class Store:
             row = s.get(Meta, "schema_version")
             if row is None:
                 s.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
-            elif int(row.value) > SCHEMA_VERSION:
-                raise StorageError(
-                    f"{self.url}: schema version {row.value} is newer than this kzprobe's "
-                    f"({SCHEMA_VERSION}); upgrade kzprobe"
-                )
+                found = SCHEMA_VERSION
+            else:
+                try:
+                    found = int(row.value)
+                except ValueError:
+                    raise StorageError(f"{self.url}: unreadable schema version {row.value[:20]!r} in table meta: "
+                                       "not a kzprobe database, or a damaged one") from None
+        if found > SCHEMA_VERSION:
+            raise StorageError(f"{self.url}: schema version {found} is newer than this kzprobe's "
+                               f"({SCHEMA_VERSION}); upgrade kzprobe")
+        if found < SCHEMA_VERSION:
+            raise StorageError(f"{self.url}: schema version {found} is older than this kzprobe's "
+                               f"({SCHEMA_VERSION}); run `kzprobe db upgrade`")
+        # A version that matches but a table without a column the code needs (a hand-edited or
+        # half-migrated database) would otherwise fail later with a long traceback mid-run.
+        live = inspect(self.engine)
+        for table in Base.metadata.sorted_tables:
+            have = {c["name"] for c in live.get_columns(table.name)}
+            missing = [c.name for c in table.columns if c.name not in have]
+            if missing:
+                raise StorageError(f"{self.url}: table {table.name} lacks column(s) {', '.join(missing)}; "
+                                   "run `kzprobe db upgrade`")
 
     def session(self) -> Session:
         return self._session()

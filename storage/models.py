@@ -13,7 +13,7 @@ from sqlalchemy import JSON, Float, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 #: Bump when the schema changes; stored in the ``meta`` table and checked on open.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class Base(DeclarativeBase):
@@ -34,8 +34,17 @@ class RunRow(Base):
     software_version: Mapped[str] = mapped_column(String(32))
     started: Mapped[float] = mapped_column(Float)
     ended: Mapped[float | None] = mapped_column(Float, nullable=True)
-    #: "running", "done", "interrupted", "failed".
+    #: "running", "done", "interrupted" (Ctrl-C / SIGTERM), "deadline" (--deadline ran out),
+    #: "failed" (internal error).  "abandoned" is never stored: it is how a "running" row whose
+    #: process is gone is shown (see ``pid`` / ``host_boot``).
     state: Mapped[str] = mapped_column(String(16), default="running")
+    #: The process measuring this run, and an identity that pid reuse cannot fake: the kernel's
+    #: boot id plus the process's start time (clock ticks since boot, /proc/PID/stat field 22).
+    pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    host_boot: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    proc_start: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    #: Last sign of life of the measuring process (wall clock), refreshed while it measures.
+    heartbeat: Mapped[float | None] = mapped_column(Float, nullable=True)
     #: resolver, network_name, asn, country, no_network ...  Never the probe's public IP
     #: unless the volunteer opted in.
     vantage: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
@@ -50,6 +59,11 @@ class TargetRow(Base):
     domain: Mapped[str] = mapped_column(String(255))
     category: Mapped[str] = mapped_column(String(16), default="")
     claim: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    #: When the target's measurement completed (all its observations committed); None means not
+    #: measured yet, which is what ``run --resume`` measures and what shows as ``not_measured``.
+    measured: Mapped[float | None] = mapped_column(Float, nullable=True)
+    #: Position in the run's probe order (list order or --shuffle SEED), so a resume keeps it.
+    position: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class ObservationRow(Base):
