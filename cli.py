@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "lab": ("kzprobe.lab.cli", "lab", "A simulated censored ISP in network namespaces (root)."),
     "replay": ("kzprobe.replay.cli", "replay", "Classify censorship from packet captures."),
     "trace": ("kzprobe.trace.cli", "trace", "Locate the censoring hop (TTL-limited sweeps)."),
+    "db": ("kzprobe.storage.cli", "db", "Database maintenance: upgrade the schema in place."),
 }
 
 

@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from kzprobe import __version__
 from kzprobe.model import Claim, Observation, Target, Verdict, now
 from kzprobe.storage.models import (
+    HEAD_REVISION,
     SCHEMA_VERSION,
     Base,
     Meta,
@@ -35,6 +36,8 @@ from kzprobe.storage.models import (
     TraceRow,
     VerdictRow,
 )
+from kzprobe.storage.classifier import classifier_version
+from kzprobe.storage.upgrade import revision_of, stamp
 
 __all__ = ["SCHEMA_VERSION", "RunInfo", "StorageError", "Store", "default_db_path", "resolve_db_url"]
 
@@ -92,6 +95,15 @@ def _verdict(r: VerdictRow) -> Verdict:
     return v
 
 
+def _vantage_columns(vantage: dict[str, Any]) -> dict[str, str | None]:
+    """The declared vantage's filterable keys, as the runs table's columns hold them."""
+    def text(key: str, limit: int) -> str | None:
+        value = vantage.get(key)
+        return None if value is None or value == "" else str(value)[:limit]
+
+    return {"network_name": text("network_name", 128), "asn": text("asn", 16), "country": text("country", 8)}
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     # WAL: readers (kzprobe verdicts, report) never block the writer of a running probe.
@@ -113,7 +125,6 @@ class Store:
             self.engine: Engine = create_engine(self.url)
             if self.engine.dialect.name == "sqlite":
                 event.listen(self.engine, "connect", _sqlite_pragmas)
-            Base.metadata.create_all(self.engine)
             self._session = sessionmaker(self.engine, expire_on_commit=False)
             self._check_schema()
         except SQLAlchemyError as exc:
@@ -121,23 +132,26 @@ class Store:
                                f"{str(exc).splitlines()[0]}") from None
 
     def _check_schema(self) -> None:
-        with self._session.begin() as s:
-            row = s.get(Meta, "schema_version")
-            if row is None:
-                s.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
-                found = SCHEMA_VERSION
-            else:
-                try:
-                    found = int(row.value)
-                except ValueError:
-                    raise StorageError(f"{self.url}: unreadable schema version {row.value[:20]!r} in table meta: "
-                                       "not a kzprobe database, or a damaged one") from None
-        if found > SCHEMA_VERSION:
-            raise StorageError(f"{self.url}: schema version {found} is newer than this kzprobe's "
-                               f"({SCHEMA_VERSION}); upgrade kzprobe")
-        if found < SCHEMA_VERSION:
-            raise StorageError(f"{self.url}: schema version {found} is older than this kzprobe's "
-                               f"({SCHEMA_VERSION}); run `kzprobe db upgrade`")
+        """Create a new database at the current schema; refuse an older or newer one."""
+        with self.engine.begin() as conn:
+            rev = revision_of(conn)
+            if rev is None:
+                Base.metadata.create_all(conn)
+                stamp(conn, HEAD_REVISION)
+                with Session(conn) as s:
+                    s.merge(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
+                    s.flush()
+                return
+        if rev == HEAD_REVISION:
+            self._check_columns()
+            return
+        if rev.startswith("schema-") or rev > HEAD_REVISION:
+            raise StorageError(f"{self.url}: its schema ({rev}) is newer than this kzprobe's "
+                               f"({HEAD_REVISION}); upgrade kzprobe")
+        raise StorageError(f"{self.url}: its schema ({rev}) is older than this kzprobe's ({HEAD_REVISION}); "
+                           f"run `kzprobe db upgrade --db {self.url}` first (nothing is lost)")
+
+    def _check_columns(self) -> None:
         # A version that matches but a table without a column the code needs (a hand-edited or
         # half-migrated database) would otherwise fail later with a long traceback mid-run.
         live = inspect(self.engine)
@@ -174,6 +188,7 @@ class Store:
                 vantage=vantage or {},
                 options=options or {},
                 state="running",
+                **_vantage_columns(vantage or {}),
             )
             s.add(run)
             s.flush()
@@ -184,6 +199,8 @@ class Store:
             run = s.get(RunRow, run_id)
             if run is not None:
                 run.vantage = {**run.vantage, **fields}
+                for k, v in _vantage_columns(run.vantage).items():
+                    setattr(run, k, v)
 
     def finish_run(self, run_id: int, state: str = "done", ended: float | None = None) -> None:
         with self._session.begin() as s:
@@ -220,7 +237,9 @@ class Store:
         """Replace the run's verdicts (re-classifying a run is idempotent)."""
         with self._session.begin() as s:
             s.execute(delete(VerdictRow).where(VerdictRow.run_id == run_id))
-            s.add_all(VerdictRow(run_id=run_id, **{f: getattr(v, f) for f in _VERDICT_COLUMNS}) for v in verdicts)
+            version = classifier_version()
+            s.add_all(VerdictRow(run_id=run_id, classifier_version=version,
+                                 **{f: getattr(v, f) for f in _VERDICT_COLUMNS}) for v in verdicts)
 
     def add_trace(self, run_id: int, target: str, result: dict[str, Any]) -> None:
         with self._session.begin() as s:

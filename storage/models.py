@@ -7,13 +7,23 @@ The columns the analyst filters on (step, vantage, failure, address, ...) are re
 
 from __future__ import annotations
 
+import uuid
 from typing import Any, ClassVar
 
-from sqlalchemy import JSON, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import JSON, Boolean, Float, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-#: Bump when the schema changes; stored in the ``meta`` table and checked on open.
+#: Bump when the schema changes; stored in the ``meta`` table and checked on open.  Every bump
+#: comes with an Alembic migration in ``storage/migrations/versions`` (``kzprobe db upgrade``).
 SCHEMA_VERSION = 2
+#: The Alembic revision these models correspond to (tests check it is the migrations' head).
+#: A new database is created from the models and stamped with it, without importing Alembic.
+HEAD_REVISION = "0002"
+
+
+def new_uid() -> str:
+    """A run's globally unique id: random, so it says nothing about the volunteer."""
+    return str(uuid.uuid4())
 
 
 class Base(DeclarativeBase):
@@ -49,6 +59,22 @@ class RunRow(Base):
     #: unless the volunteer opted in.
     vantage: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     options: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    #: Global id: the same run on a volunteer's machine and on a collector (uploads key on it).
+    uid: Mapped[str] = mapped_column(String(36), default=new_uid)
+    #: The declared vantage as real columns (copies of ``vantage``'s keys) so that analysts'
+    #: filters (--network, --asn, --country) are plain indexed SQL on SQLite and PostgreSQL alike.
+    network_name: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    asn: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    country: Mapped[str | None] = mapped_column(String(8), nullable=True)
+    classifier_version: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    #: On a collector: the name of the token that uploaded the run (never a client address).
+    submitter: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+    __table_args__ = (
+        Index("ix_runs_uid", "uid", unique=True),
+        Index("ix_runs_vantage", "network_name", "asn", "country"),
+        Index("ix_runs_started", "started"),
+    )
 
 
 class TargetRow(Base):
@@ -84,8 +110,14 @@ class ObservationRow(Base):
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     packets: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    #: On a collector: the volunteer's sequence number (its local observation id).  Unique per
+    #: run, so a retried batch cannot store an observation twice.  NULL in a volunteer's database.
+    seq: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
-    __table_args__ = (Index("ix_obs_run_target", "run_id", "target"),)
+    __table_args__ = (
+        Index("ix_obs_run_target", "run_id", "target"),
+        Index("ix_obs_run_seq", "run_id", "seq", unique=True),
+    )
 
 
 class VerdictRow(Base):
@@ -102,6 +134,9 @@ class VerdictRow(Base):
     sentence: Mapped[str] = mapped_column(Text)
     observations: Mapped[list[Any]] = mapped_column(JSON, default=list)
     packets: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    #: Which classifier decided (``kzprobe.storage.classifier.classifier_version()``); NULL for
+    #: verdicts stored before schema 2.
+    classifier_version: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class TraceRow(Base):
@@ -110,3 +145,35 @@ class TraceRow(Base):
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), index=True)
     target: Mapped[str] = mapped_column(Text)
     result: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class UploadRow(Base):
+    """The volunteer's upload queue: per (run, collector), the highest sequence number the
+    collector acknowledged.  Observations are sent in id order, so one number is the queue."""
+
+    __tablename__ = "uploads"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"))
+    collector: Mapped[str] = mapped_column(String(255))
+    acked_seq: Mapped[int] = mapped_column(Integer, default=0)
+    opened: Mapped[bool] = mapped_column(Boolean, default=False)
+    closed: Mapped[bool] = mapped_column(Boolean, default=False)
+    updated: Mapped[float] = mapped_column(Float, default=0.0)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+    __table_args__ = (Index("ix_uploads_run_collector", "run_id", "collector", unique=True),)
+
+
+class TokenRow(Base):
+    """A collector's upload token: only a salted scrypt hash of its secret is kept."""
+
+    __tablename__ = "collector_tokens"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    #: The public half of the token (``kzp_<key_id>_<secret>``): finds the row without the secret.
+    key_id: Mapped[str] = mapped_column(String(32))
+    salt: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(128))
+    created: Mapped[float] = mapped_column(Float)
+    revoked: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+    __table_args__ = (Index("ix_tokens_key_id", "key_id", unique=True),)
