@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from kzprobe import __version__
 from kzprobe.model import Claim, Observation, Target, Verdict, now
+from kzprobe.storage.classifier import classifier_version
 from kzprobe.storage.models import (
     HEAD_REVISION,
     SCHEMA_VERSION,
@@ -36,7 +37,6 @@ from kzprobe.storage.models import (
     TraceRow,
     VerdictRow,
 )
-from kzprobe.storage.classifier import classifier_version
 from kzprobe.storage.upgrade import revision_of, stamp
 
 __all__ = ["SCHEMA_VERSION", "RunInfo", "StorageError", "Store", "default_db_path", "resolve_db_url"]

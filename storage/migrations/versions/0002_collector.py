@@ -1,6 +1,7 @@
 """Schema 2: durable runs (the measuring process's pid, boot id, start time and heartbeat; each
-target's measured time and position), run uids and declared vantage columns, observation sequence numbers, the classifier
-version of each verdict, the volunteer's upload queue and the collector's tokens.
+target's measured time and position), run uids and declared vantage columns, observation
+sequence numbers, the classifier version of each verdict, the volunteer's upload queue and the
+collector's tokens.
 
 Existing runs get a random uid and their vantage columns copied from the ``vantage`` JSON, so
 old runs answer the new filters (--network, --asn, --country) like new ones.
