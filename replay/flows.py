@@ -1,0 +1,350 @@
+"""TCP flows and the ICMP errors that quote them: streaming, bounded state per flow.
+
+A flow keeps what the verdict needs, not the stream: the client's SYNs, the server's handshake
+packet (its IP TTL / IP-ID are the endpoint's signature), the trigger (the first client data:
+a ClientHello or a request), the server packets that followed it, and the first bytes of each
+direction (more for a plain-HTTP response, whose body the feature layer reads).  A finished
+flow becomes a TCP observation plus, through :mod:`.trigger`, a TLS or HTTP one.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from kzprobe import errors as E
+from kzprobe.model import STEP_TCP, Observation
+from kzprobe.replay import dns, helperflows, trigger
+from kzprobe.replay.control import HELPER_REQUEST, HelperStreams
+from kzprobe.replay.pcapio import ACK, FIN, RST, SYN, Packet, _ntop
+from kzprobe.replay.state import END_GRACE, SOURCE, FileState, seq_ge
+
+#: Server packets after the trigger kept per flow (the answer is among the first few).
+AFTER_CAP = 24
+#: Payload bytes kept of each of the first server packets after the trigger (injected pages).
+HEAD_CAP = 2048
+_HTTP_METHODS = (b"GET ", b"POST ", b"HEAD ", b"PUT ", b"OPTIONS ", b"DELETE ", b"PATCH ")
+
+
+class Mark(NamedTuple):
+    """A server packet that signs the endpoint: its SYN/ACK, or its RST to our SYN."""
+
+    number: int
+    ttl: int
+    ip_id: int | None
+    ts: float
+
+
+class Trig(NamedTuple):
+    """The trigger: the client's first data segment."""
+
+    number: int
+    ts: float
+    ttl: int
+    ip_id: int | None
+    seq: int
+    length: int
+
+    @property
+    def end(self) -> int:
+        return (self.seq + self.length) & 0xFFFFFFFF
+
+
+class Answer(NamedTuple):
+    """A server packet after the trigger."""
+
+    number: int
+    ts: float
+    flags: int
+    ttl: int
+    ip_id: int | None
+    length: int
+    ack: int
+    #: The client had already closed (FIN/RST) when it came.
+    after_close: bool
+    #: The first HEAD_CAP payload bytes (of the first 8 answers only).
+    head: bytes
+
+
+class Icmp(NamedTuple):
+    """An ICMP error quoting one of the flow's packets."""
+
+    number: int
+    router: str
+    type: int
+    code: int
+
+
+class Close(NamedTuple):
+    number: int
+    flags: int
+    ts: float
+
+
+class PreRst(NamedTuple):
+    """A RST after the handshake but before any trigger was sent."""
+
+    number: int
+    ttl: int
+
+
+class Flow:
+    __slots__ = (
+        "after", "cli", "cli_buf", "cli_close", "cli_next", "cli_retx", "cli_ttl", "cport", "first_n",
+        "first_ts", "helper", "last_n", "last_ts", "midstream", "pre_rst", "sport", "srv", "srv_buf",
+        "srv_cap", "srv_fin", "srv_next", "srv_overflow", "srv_rst", "syn_icmp", "syn_rst", "syn_seq",
+        "synack", "synack_count", "syns", "trig_icmp", "trigger", "version",
+    )
+
+    def __init__(self, cli: bytes, cport: int, srv: bytes, sport: int, n: int, ts: float, version: int,
+                 srv_cap: int) -> None:
+        self.cli, self.cport, self.srv, self.sport = cli, cport, srv, sport
+        self.version = version
+        self.first_n = self.last_n = n
+        self.first_ts = self.last_ts = ts
+        self.midstream = True
+        self.syns: list[int] = []
+        self.syn_seq: int | None = None
+        self.cli_ttl: int | None = None
+        self.synack: Mark | None = None
+        self.synack_count = 0
+        self.syn_rst: Mark | None = None
+        self.pre_rst: PreRst | None = None
+        self.syn_icmp: Icmp | None = None
+        self.cli_buf = bytearray()
+        self.cli_next: int | None = None
+        self.cli_retx = 0
+        self.srv_buf = bytearray()
+        self.srv_cap = srv_cap
+        #: The server sent more in-order bytes than srv_buf kept.
+        self.srv_overflow = False
+        self.srv_next: int | None = None
+        self.trigger: Trig | None = None
+        self.trig_icmp: Icmp | None = None
+        self.after: list[Answer] = []
+        self.cli_close: Close | None = None
+        self.srv_fin: int | None = None
+        self.srv_rst: int | None = None
+        #: Set when the flow is the probe asking its control helper (reassembled in full).
+        self.helper: HelperStreams | None = None
+
+
+def on_tcp(st: FileState, p: Packet) -> None:
+    s, sp, d, dp, flags, n = p.src_b, p.sport, p.dst_b, p.dport, p.flags, p.number
+    assert sp is not None and dp is not None
+    flows = st.flows
+    cap = st.limits.buf_cap
+    fl = flows.get((s, sp, d, dp))
+    if fl is not None:
+        from_client = True
+    else:
+        fl = flows.get((d, dp, s, sp))
+        if fl is not None:
+            from_client = False
+        elif flags & SYN and not flags & ACK:
+            fl = flows[(s, sp, d, dp)] = Flow(s, sp, d, dp, n, p.ts, p.version, cap)
+            from_client = True
+        elif flags & SYN:  # capture began between SYN and SYN/ACK
+            fl = flows[(d, dp, s, sp)] = Flow(d, dp, s, sp, n, p.ts, p.version, cap)
+            fl.midstream = False
+            from_client = False
+        else:
+            # Mid-stream: remember it so that its packets stay cheap; it yields nothing.
+            fl = flows[(s, sp, d, dp)] = Flow(s, sp, d, dp, n, p.ts, p.version, cap)
+            from_client = True
+    fl.last_n = n
+    fl.last_ts = p.ts
+    raw, poff, pend, seq = p.raw, p.poff, p.pend, p.seq
+    plen = pend - poff
+    hs = fl.helper
+    if hs is not None:
+        if plen:
+            helperflows.segment(st, hs, not (sp == hs.sport and s == hs.srv_b), seq, raw[poff:pend], n)
+        return
+    if from_client:
+        _from_client(st, fl, p, plen)
+        return
+    # from the server
+    cn = fl.cli_next
+    if p.ack != cn and cn is not None and flags & ACK and st.loss is None and not fl.midstream:
+        # The server acknowledges client bytes that the capture never showed (1 is a FIN).
+        gap = (p.ack - cn) & 0xFFFFFFFF
+        if 1 < gap < 0x80000000:
+            st.lost(n, f"packet {n} acknowledges {gap} bytes of client data the capture does not hold")
+    if fl.midstream or (plen and fl.trigger is None and st.helper_eps):
+        if plen and st.helper_eps:
+            helperflows.answer(st, fl, s, sp, seq, raw[poff:pend], n)
+        if fl.midstream or fl.helper is not None:
+            return
+    if flags & SYN:
+        fl.synack_count += 1
+        if fl.synack is None:
+            fl.synack = Mark(n, p.ttl, p.ip_id, p.ts)
+            fl.srv_next = (seq + 1) & 0xFFFFFFFF
+        return
+    if fl.trigger is None:
+        if flags & RST and fl.synack is None and fl.syn_rst is None:
+            fl.syn_rst = Mark(n, p.ttl, p.ip_id, p.ts)
+        elif flags & RST and fl.pre_rst is None:
+            fl.pre_rst = PreRst(n, p.ttl)
+    elif len(fl.after) < AFTER_CAP:
+        head = raw[poff:min(pend, poff + HEAD_CAP)] if plen and len(fl.after) < 8 else b""
+        fl.after.append(Answer(n, p.ts, flags, p.ttl, p.ip_id, plen, p.ack, fl.cli_close is not None, head))
+    if plen:
+        nxt = fl.srv_next
+        if nxt is None or seq == nxt:
+            _keep_server(st, fl, raw[poff:pend])
+            fl.srv_next = (seq + plen) & 0xFFFFFFFF
+    if flags & RST and fl.srv_rst is None:
+        fl.srv_rst = n
+    if flags & FIN and fl.srv_fin is None:
+        fl.srv_fin = n
+
+
+def _keep_server(st: FileState, fl: Flow, payload: bytes) -> None:
+    room = fl.srv_cap - len(fl.srv_buf)
+    if fl.srv_cap > st.limits.buf_cap:  # a plain-HTTP response: bytes past buf_cap come from the budget
+        room = min(room, st.http_budget)
+    if room <= 0:
+        fl.srv_overflow = True
+        return
+    take = payload[:room]
+    if fl.srv_cap > st.limits.buf_cap:
+        st.http_budget -= len(take)
+    fl.srv_buf += take
+    if len(take) < len(payload):
+        fl.srv_overflow = True
+
+
+def _from_client(st: FileState, fl: Flow, p: Packet, plen: int) -> None:
+    flags, seq, n = p.flags, p.seq, p.number
+    if flags & SYN:
+        fl.midstream = False
+        if len(fl.syns) < 8:
+            fl.syns.append(n)
+        fl.syn_seq = seq
+        if fl.cli_ttl is None:
+            fl.cli_ttl = p.ttl
+        fl.cli_next = (seq + 1 + plen) & 0xFFFFFFFF  # plen: TCP Fast Open data
+        return
+    raw, poff, pend = p.raw, p.poff, p.pend
+    if fl.midstream:
+        if plen and st.helper_eps:
+            helperflows.answer(st, fl, p.src_b, p.sport or 0, seq, raw[poff:pend], n)
+        return
+    if plen:
+        if fl.trigger is None:
+            fl.trigger = Trig(n, p.ts, p.ttl, p.ip_id, seq, plen)
+            if raw.startswith(HELPER_REQUEST, poff):
+                fl.helper = HelperStreams(p.dst_b, p.dport or 0, seq, fl.srv_next)
+                helperflows.segment(st, fl.helper, True, seq, raw[poff:pend], n)
+                st.helper_eps.add((p.dst_b, p.dport or 0))
+                return
+            if raw.startswith(_HTTP_METHODS, poff):
+                fl.srv_cap = max(fl.srv_cap, st.limits.http_cap)
+        nxt = fl.cli_next
+        cap = st.limits.buf_cap
+        if nxt is None or seq == nxt:
+            if len(fl.cli_buf) < cap:
+                fl.cli_buf += raw[poff:pend][: cap - len(fl.cli_buf)]
+            fl.cli_next = (seq + plen) & 0xFFFFFFFF
+        elif not seq_ge(seq, nxt):
+            fl.cli_retx += 1
+        elif st.loss is None:
+            st.lost(n, f"packet {n} starts {(seq - nxt) & 0xFFFFFFFF} bytes past the last client data the "
+                       "capture holds")
+    if flags & (FIN | RST) and fl.cli_close is None:
+        fl.cli_close = Close(n, flags, p.ts)
+
+
+def on_icmp(st: FileState, p: Packet) -> None:
+    q = p.inner
+    assert q is not None and p.icmp_type is not None and p.icmp_code is not None
+    note = Icmp(p.number, _ntop(p.src_b), p.icmp_type, p.icmp_code)
+    if q.proto == 6 and q.sport is not None and q.dport is not None:
+        fl = st.flows.get((q.src_b, q.sport, q.dst_b, q.dport))
+        if fl is None:
+            return
+        trig = fl.trigger
+        if trig is not None and fl.trig_icmp is None and (
+            (q.ip_id is not None and q.ip_id == trig.ip_id) or q.seq == trig.seq
+        ):
+            fl.trig_icmp = note
+        elif trig is None and fl.syn_icmp is None and q.seq is not None and q.seq == fl.syn_seq:
+            fl.syn_icmp = note
+    elif q.proto == 17 and q.dport == 53:
+        dns.on_icmp(st, q.src_b, q.sport, q.dst_b, note)
+
+
+def sweep(st: FileState, now: float) -> None:
+    """Finish what has been idle too long (capture time)."""
+    lim = st.limits
+    done = [k for k, fl in st.flows.items() if now - fl.last_ts > lim.idle]
+    for k in done:
+        finish(st, st.flows.pop(k), at_end=False)
+    dns.sweep(st, now)
+
+
+def evict(st: FileState) -> None:
+    # Oldest-created first (dict order): bounded memory beats perfect answers for floods.
+    for k in list(st.flows)[: max(1, st.limits.max_flows // 10)]:
+        finish(st, st.flows.pop(k), at_end=False)
+
+
+def finish(st: FileState, fl: Flow, at_end: bool) -> None:
+    """A flow's TCP observation, and its TLS/HTTP one (named later, in :mod:`.naming`)."""
+    if fl.helper is not None:
+        helperflows.finish(st, fl, fl.helper)
+        return
+    if fl.midstream or (not fl.syns and fl.synack is None):
+        return
+    address = _ntop(fl.srv)
+    cut = at_end and st.now - fl.last_ts < END_GRACE
+    if fl.sport == 53 and fl.trigger is not None and dns.tcp_lookups(st, fl, cut):
+        return
+    tcp_fail: str | None = None
+    stopped = "handshake"
+    tcp_packets = list(fl.syns)
+    ref: trigger.Ref | None = None
+    if fl.synack is not None:
+        tcp_packets.append(fl.synack.number)
+        ref = trigger.Ref("SYN/ACK", fl.synack.ttl, fl.synack.ip_id, fl.synack.number)
+        stopped = "established"
+    elif fl.syn_rst is not None:
+        tcp_fail = E.CONNECTION_REFUSED
+        tcp_packets.append(fl.syn_rst.number)
+        ref = trigger.Ref("RST to our SYN", fl.syn_rst.ttl, fl.syn_rst.ip_id, fl.syn_rst.number)
+    elif fl.syn_icmp is not None:
+        ic = fl.syn_icmp
+        tcp_packets.append(ic.number)
+        if (fl.version == 4 and ic.type == 11) or (fl.version == 6 and ic.type == 3):
+            return  # a TTL-limited SYN that expired: a traceroute step, not a connection attempt
+        if fl.version == 4:
+            tcp_fail = (E.NETWORK_UNREACHABLE if ic.code == 0 else E.CONNECTION_REFUSED if ic.code == 3
+                        else E.HOST_UNREACHABLE)
+        else:
+            tcp_fail = E.CONNECTION_REFUSED if ic.code == 4 else E.HOST_UNREACHABLE
+    else:
+        if cut:
+            return
+        tcp_fail = E.TIMEOUT
+    mark = fl.synack or fl.syn_rst
+    tcp = Observation(step=STEP_TCP, target="", domain="", source=SOURCE, address=address, port=fl.sport,
+                      t_start=fl.first_ts, t_end=mark.ts if mark is not None else fl.last_ts,
+                      failure=tcp_fail, data={"stopped": stopped, "syn_retransmits": max(0, len(fl.syns) - 1),
+                                              "retransmissions": fl.cli_retx},
+                      packets=tcp_packets)
+    if tcp_fail == E.TIMEOUT:
+        st.pfind.append((address, "tcp_timeout", tcp_packets,
+                         f"packet {fl.syns[0] if fl.syns else fl.first_n}: TCP handshake to {address}:"
+                         f"{fl.sport} timed out ({len(fl.syns)} SYN, no SYN/ACK)"))
+    app: Observation | None = None
+    if fl.trigger is not None:
+        app = trigger.observe(st, fl, address, ref, cut)
+        if app is not None:
+            tcp.data["stopped"] = app.data.pop("_stopped", "trigger")
+    name = app.domain if app is not None else None
+    st.pending.append((tcp, not name))
+    if name:
+        tcp.target = tcp.domain = name
+    if app is not None:
+        st.pending.append((app, False))

@@ -1,0 +1,209 @@
+"""The trigger (ClientHello or HTTP request) and what answered it: outcome and injection.
+
+Injection rule: a packet that answers the trigger is injected when its IP TTL differs from the
+server's own handshake packet (its SYN/ACK, or its RST to our SYN) by ``TTL_MARGIN`` or more.
+Routers on one path do not change hop counts mid-flow by that much, and a middlebox that forges
+the server's address cannot know how many hops the server is away.  IP-ID is reported beside
+TTL but does not decide alone: many stacks send IP-ID 0 with DF set.
+
+TTL-limited sweeps (CenTrace, ``kzprobe trace``): a trigger sent with a TTL lower than the
+client's handshake TTL that no one answers did not reach the server -- that is not a timeout.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from kzprobe import errors as E
+from kzprobe.model import STEP_HTTP, STEP_TLS, Observation
+from kzprobe.replay import parsers
+from kzprobe.replay.pcapio import ACK, FIN, RST
+from kzprobe.replay.state import END_GRACE, SOURCE, TTL_MARGIN, FileState, seq_ge
+
+if TYPE_CHECKING:
+    from kzprobe.replay.flows import Answer, Flow
+
+#: Certificate checks take milliseconds; a client closing later than this after the server's
+#: handshake flight gave up waiting rather than rejected what it got.
+REJECT_WITHIN = 0.5
+
+
+class Ref(NamedTuple):
+    """The server's own signature on this flow (what injected packets are compared with)."""
+
+    what: str
+    ttl: int
+    ip_id: int | None
+    number: int
+
+
+class Request(NamedTuple):
+    method: str
+    path: str
+    host: str
+
+
+def observe(st: FileState, fl: Flow, address: str, ref: Ref | None, cut: bool) -> Observation | None:
+    """The TLS or HTTP observation of a flow's trigger, or None (not TLS/HTTP, or unanswered
+    because the capture ended or the trigger's TTL was limited)."""
+    trig = fl.trigger
+    assert trig is not None
+    tn, tts = trig.number, trig.ts
+    buf = bytes(fl.cli_buf)
+    is_tls, sni = parsers.client_hello_sni(buf)
+    got = None if is_tls else parsers.http_request(buf)
+    if not is_tls and got is None:
+        return None
+    req = Request(*got) if got is not None else None
+    if is_tls:
+        domain = sni or address
+        what = f"ClientHello (SNI {sni})" if sni else "ClientHello (no SNI)"
+    else:
+        assert req is not None
+        host = req.host
+        domain = (host.rsplit(":", 1)[0] if host and not host.endswith("]") else host) or address
+        what = f"{req.method} {req.path} (Host {host})"
+    # Remember the name even if this flow yields no observation: TCP-only flows to the same
+    # address (handshake timeouts) are named after it.
+    if domain != address:
+        st.names[address][domain] += 1
+    # Packets that answer the trigger: before the client closed, or acknowledging the trigger.
+    answers = [e for e in fl.after
+               if not e.after_close or (e.flags & ACK and seq_ge(e.ack, trig.end) and (e.length or e.flags & RST))]
+    sig = next((e for e in answers if e.length or e.flags & (RST | FIN)), None)
+    limited = fl.cli_ttl is not None and trig.ttl + 2 < fl.cli_ttl
+    data: dict[str, Any]
+    if is_tls:
+        data = {"sni": sni}
+    else:
+        assert req is not None
+        data = {"host": req.host, "url": f"http://{req.host or address}{req.path}", "status": None, "title": None,
+                "body_head": "", "blockpage": None, "body_length": 0}
+    packets = [tn]
+    failure: str | None
+    if sig is None:
+        if fl.trig_icmp is not None:
+            st.expired.append(tn)
+            return None
+        if limited:
+            st.undelivered.append(tn)
+            return None
+        # Still open at the end of the capture: only "cut" if the trigger itself is recent. A
+        # client retransmitting its trigger for END_GRACE seconds with no answer at all is
+        # silence, even though its own retransmissions keep the flow looking alive.
+        if cut and st.now - tts < END_GRACE:
+            return None
+        outcome, failure = "silence", E.TIMEOUT
+        st.find(domain, "silence", [tn], f"packet {tn}: no answer to the {what} sent to {address}:{fl.sport}: "
+                                         "the connection went silent (blackholed?)")
+        t_end = fl.last_ts
+    else:
+        t_end = sig.ts
+        packets += [e.number for e in answers[:6]]
+        injected = _injection(st, fl, domain, what, ref, sig, answers, tn)
+        if injected is not None:
+            data["injected"] = injected
+        delay_ms = (sig.ts - tts) * 1000
+        if sig.length:
+            body = sig.head if injected else bytes(fl.srv_buf) or sig.head
+            if is_tls:
+                outcome, failure = _tls_reply(st, fl, domain, address, sni, buf, body, sig, bool(injected), data,
+                                              packets)
+            else:
+                outcome, failure = "response", None
+                _http_reply(st, domain, what, body, sig, data)
+        elif sig.flags & RST:
+            outcome, failure = "rst", E.CONNECTION_RESET
+            if not injected:
+                st.find(domain, "reset", [tn, sig.number], f"packet {sig.number}: connection reset {delay_ms:.0f} ms "
+                                                            f"after the {what} (packet {tn})")
+        else:
+            outcome, failure = "fin", E.EOF
+            if not injected:
+                st.find(domain, "eof", [tn, sig.number], f"packet {sig.number}: connection closed (FIN) "
+                                                          f"{delay_ms:.0f} ms after the {what} (packet {tn})")
+    if fl.trig_icmp is not None:
+        packets.append(fl.trig_icmp.number)
+    packets.sort()
+    if is_tls:
+        data["outcome"] = outcome
+    data["_stopped"] = f"after trigger: {outcome}"
+    return Observation(step=STEP_TLS if is_tls else STEP_HTTP, target="", domain=domain, source=SOURCE,
+                       address=address, port=fl.sport, t_start=tts, t_end=t_end, failure=failure, data=data,
+                       packets=packets)
+
+
+def _injection(st: FileState, fl: Flow, domain: str, what: str, ref: Ref | None, sig: Answer,
+               answers: list[Answer], tn: int) -> dict[str, Any] | None:
+    """The ``injected`` record when the answer's IP TTL is not the server's, else None."""
+    if ref is None or abs(sig.ttl - ref.ttl) < TTL_MARGIN:
+        return None
+    reason = f"IP TTL {sig.ttl} vs the server's {ref.what} TTL {ref.ttl}"
+    if sig.ip_id is not None and ref.ip_id is not None:
+        reason += f"; IP-ID {sig.ip_id} vs {ref.ip_id}"
+    kind = "blockpage" if sig.length else "rst" if sig.flags & RST else "fin"
+    injected: dict[str, Any] = {"packet": sig.number, "kind": kind, "reason": reason}
+    pre = fl.pre_rst
+    if kind == "rst" and pre is not None and abs(pre.ttl - sig.ttl) < TTL_MARGIN:
+        # Reported, not acted on: CenTrace's censored and control sweeps to one server both look
+        # like this, so it cannot tell them apart within one file.
+        injected["pre_trigger"] = pre.number
+        st.find(domain, "pre_trigger_reset", [pre.number, sig.number],
+                f"packet {pre.number}: a RST with the same IP TTL ({pre.ttl}) as the injected one (packet "
+                f"{sig.number}) came before the {what} was sent: the injector may not be triggered by the name "
+                f"{domain}")
+    more = [e.number for e in answers if e.number != sig.number and abs(e.ttl - ref.ttl) >= TTL_MARGIN]
+    also = f" (also packets {', '.join(map(str, more[:5]))})" if more else ""
+    st.find(domain, f"injected_{kind}", [sig.number, *more[:5]],
+            f"packet {sig.number}: {kind.upper() if kind != 'blockpage' else 'response'} injected after the "
+            f"{what} (packet {tn}): {reason}{also}")
+    return injected
+
+
+def _tls_reply(st: FileState, fl: Flow, domain: str, address: str, sni: str | None, cli: bytes, body: bytes,
+               sig: Answer, injected: bool, data: dict[str, Any], packets: list[int]) -> tuple[str, str | None]:
+    if parsers.tls_server_reply(body) != "server_hello":
+        return "alert", E.SSL_FAILED_HANDSHAKE
+    rejected = None if injected else _rejected(fl, cli, sig.number)
+    if rejected is None:
+        return "server_hello", None
+    # The model's "handshake completed, certificate does not validate" (what the live probe's
+    # unverified handshake records): the server did its part and the verifying client refused
+    # to finish.
+    data.update(cert_valid=False, cert_failure=E.SSL_INVALID_CERTIFICATE, issuer="unknown (not read from the capture)")
+    st.find(domain, "cert_rejected", [sig.number, rejected],
+            f"packet {rejected}: the client abandoned the TLS handshake with {address} (SNI {sni}) right after the "
+            f"server's certificate (packet {sig.number}) without sending its Finished: it rejected the certificate")
+    packets.append(rejected)
+    return "cert_rejected", None
+
+
+def _http_reply(st: FileState, domain: str, what: str, body: bytes, sig: Answer, data: dict[str, Any]) -> None:
+    resp = parsers.http_response(body)
+    bp = st.matcher.match(resp.body, resp.headers)
+    data.update(status=resp.status, title=resp.title, body_head=resp.body[:512], blockpage=bp,
+                body_length=resp.body_length)
+    if bp:
+        st.find(domain, "blockpage", [sig.number], f"packet {sig.number}: blockpage '{bp}' served for {what} "
+                                                   f"(title {resp.title!r})")
+
+
+def _rejected(fl: Flow, cli: bytes, server_hello: int) -> int | None:
+    """The frame where a client abandoned a handshake after the server's flight, else None.
+
+    A client that got the server's whole first flight and then closes (or alerts) instead of
+    sending its Finished refused something in it: in practice, the certificate.  Closing long
+    after the flight is a timeout instead (a slow or stalled certificate), so the client must
+    close within ``REJECT_WITHIN`` of the server's last bytes before it.
+    """
+    close = fl.cli_close
+    if close is None or close.number < server_hello:
+        return None
+    if any(x is not None and x < close.number for x in (fl.srv_rst, fl.srv_fin)):  # the server quit first
+        return None
+    if parsers.tls_client_after_hello(cli) not in ("nothing", "alert"):
+        return None
+    last = max((e.ts for e in fl.after if e.length and e.number < close.number), default=None)
+    if last is None or close.ts - last > REJECT_WITHIN:
+        return None
+    return close.number
