@@ -1,14 +1,22 @@
-"""Offline certificate validation, so the TLS step can record the chain even when it is bad.
+"""One certificate validator for every step: OpenSSL, through the ``ssl`` module.
 
-The TLS probe handshakes *without* verification (otherwise an interception certificate would
-abort the handshake before we could see who issued it) and then validates the chain here,
-against the trust store, with the ``cryptography`` package's X.509 path validation.
+Why OpenSSL and not a second implementation: the TLS step and the HTTP step (httpx, i.e.
+OpenSSL) must never disagree about a chain, and the reference a user compares with (curl,
+``openssl verify``, most browsers' behaviour on odd-but-valid chains such as a leaf without an
+Authority Key Identifier) is OpenSSL's path building.  An earlier version validated the TLS
+step's chain with ``cryptography``'s strict web-PKI policy, which calls such a leaf
+``ssl_unknown_authority`` while the HTTP step accepts it: a CDN answer served with one became a
+false ``blocked/dns``.
+
+So the TLS step now verifies *in the handshake*, with the context built here, and captures the
+chain whether or not it verifies (OpenSSL keeps the peer's chain after a failed verification).
+The failure string comes from OpenSSL's X509_V_ERR code through :func:`kzprobe.errors.failure_string`,
+the same mapping the HTTP step's certificate errors go through.
 """
 
 from __future__ import annotations
 
 import base64
-import datetime as dt
 import ssl
 from functools import cached_property
 from pathlib import Path
@@ -16,23 +24,11 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
-from cryptography.x509.verification import Criticality, ExtensionPolicy, PolicyBuilder, Store, VerificationError
 
 from kzprobe import errors as E
-from kzprobe.analysis.bogons import is_ip
 
-
-def _policy(when: dt.datetime) -> PolicyBuilder:
-    """Web PKI path validation, relaxed on extension *criticality* the way OpenSSL is.
-
-    cryptography's default policy is strict RFC 5280 (a critical SAN beside a non-empty
-    subject, or a critical EKU, fails); browsers and OpenSSL accept both, and so do we, so that
-    "invalid" means what a user's browser would say.
-    """
-    ee = (ExtensionPolicy.webpki_defaults_ee()
-          .require_present(x509.SubjectAlternativeName, Criticality.AGNOSTIC, None)
-          .may_be_present(x509.ExtendedKeyUsage, Criticality.AGNOSTIC, None))
-    return PolicyBuilder().time(when).extension_policies(ca_policy=ExtensionPolicy.webpki_defaults_ca(), ee_policy=ee)
+#: The ALPN offered by the TLS step, as a browser offers it.
+ALPN = ["h2", "http/1.1"]
 
 
 def _name(n: x509.Name) -> str:
@@ -53,21 +49,37 @@ def describe(der: bytes) -> dict[str, Any]:
     try:
         san = c.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         names = [str(v) for v in san.get_values_for_type(x509.DNSName)]
-    except x509.ExtensionNotFound:
+        names += [str(v) for v in san.get_values_for_type(x509.IPAddress)]
+    except (x509.ExtensionNotFound, ValueError):
         names = []
-    out.update(
-        subject=_name(c.subject),
-        issuer=_name(c.issuer),
-        san=names,
-        not_before=c.not_valid_before_utc.isoformat(),
-        not_after=c.not_valid_after_utc.isoformat(),
-        serial=format(c.serial_number, "x"),
-    )
+    try:
+        out.update(
+            subject=_name(c.subject),
+            issuer=_name(c.issuer),
+            san=names,
+            not_before=c.not_valid_before_utc.isoformat(),
+            not_after=c.not_valid_after_utc.isoformat(),
+            serial=format(c.serial_number, "x"),
+        )
+    except ValueError:  # a malformed name or date: keep the DER, say so
+        out["error"] = "unparseable"
     return out
 
 
+def verify_failure(exc: BaseException) -> str | None:
+    """The OONI failure string when ``exc`` (however wrapped) is a certificate verification error."""
+    for e in E.walk(exc):
+        if isinstance(e, ssl.SSLCertVerificationError):
+            return E.failure_string(e)
+    return None
+
+
 class TrustStore:
-    """The roots a probe trusts: certifi's bundle plus any ``--ca-bundle`` PEM files."""
+    """The roots a probe trusts: certifi's bundle plus any ``--ca-bundle`` PEM files.
+
+    Every verifying context of a run comes from here, so the TLS step, the HTTP step and the
+    helper client trust exactly the same roots with exactly the same OpenSSL flags.
+    """
 
     def __init__(self, extra: list[str | Path] | None = None, *, include_default: bool = True) -> None:
         self.paths: list[Path] = []
@@ -80,65 +92,23 @@ class TrustStore:
                 pass
         self.paths.extend(Path(p) for p in (extra or []))
 
-    @cached_property
-    def roots(self) -> list[x509.Certificate]:
-        certs: list[x509.Certificate] = []
-        import warnings
-
-        for p in self.paths:
-            with warnings.catch_warnings():
-                # certifi ships a few roots with non-positive serials; they still validate.
-                warnings.simplefilter("ignore")
-                certs.extend(x509.load_pem_x509_certificates(p.read_bytes()))
-        return certs
-
-    @cached_property
-    def store(self) -> Store:
-        return Store(self.roots)
-
-    def ssl_context(self) -> ssl.SSLContext:
-        """A verifying client context trusting the same roots (for the HTTP step)."""
-        ctx = ssl.create_default_context()
+    def _context(self) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED + check_hostname
+        # Pinned to OpenSSL's own defaults (what `openssl verify` and curl do), whatever this
+        # Python's defaults are: newer Pythons add X509_STRICT and PARTIAL_CHAIN.
+        ctx.verify_flags = ssl.VERIFY_X509_TRUSTED_FIRST
+        ctx.hostname_checks_common_name = True
         for p in self.paths:
             ctx.load_verify_locations(cafile=str(p))
         return ctx
 
-    def validate(self, chain_der: list[bytes], hostname: str) -> tuple[bool, str | None]:
-        """(valid, failure string) for a chain (leaf first) presented for ``hostname``."""
-        if not chain_der:
-            return False, E.SSL_INVALID_CERTIFICATE
-        try:
-            leaf = x509.load_der_x509_certificate(chain_der[0])
-            inter = [x509.load_der_x509_certificate(d) for d in chain_der[1:]]
-        except ValueError:
-            return False, E.SSL_INVALID_CERTIFICATE
-        when = dt.datetime.now(dt.UTC)
-        if not (leaf.not_valid_before_utc <= when <= leaf.not_valid_after_utc):
-            return False, E.SSL_INVALID_CERTIFICATE
-        try:
-            subject = x509.DNSName(hostname) if not is_ip(hostname) else x509.IPAddress(_ip(hostname))
-            verifier = _policy(when).store(self.store).build_server_verifier(subject)
-            verifier.verify(leaf, inter)
-            return True, None
-        except VerificationError:
-            pass
-        except ValueError:
-            return False, E.SSL_INVALID_CERTIFICATE
-        # Tell "wrong name" from "untrusted issuer": validate again for a name the leaf does carry.
-        names = describe(chain_der[0]).get("san") or []
-        for alt in names:
-            if "*" in alt:
-                alt = alt.replace("*", "x", 1)
-            try:
-                v = _policy(when).store(self.store).build_server_verifier(x509.DNSName(alt))
-                v.verify(leaf, inter)
-                return False, E.SSL_INVALID_HOSTNAME
-            except (VerificationError, ValueError):
-                break
-        return False, E.SSL_UNKNOWN_AUTHORITY
+    @cached_property
+    def handshake_context(self) -> ssl.SSLContext:
+        """The TLS step's context: verifying, with a browser's ALPN."""
+        ctx = self._context()
+        ctx.set_alpn_protocols(ALPN)
+        return ctx
 
-
-def _ip(s: str) -> Any:
-    import ipaddress
-
-    return ipaddress.ip_address(s)
+    def ssl_context(self) -> ssl.SSLContext:
+        """A verifying client context trusting the same roots (the HTTP step, the helper client)."""
+        return self._context()

@@ -63,7 +63,6 @@ class Engine:
         self.sink = sink
         self.vantage = vantage
         self.trust = TrustStore(list(config.ca_bundles))
-        self.tls_ctx = tlsprobe.unverified_context()
         self.fingerprints = Fingerprints.default(config.fingerprints)
         self._verify_ctx: ssl.SSLContext = self.trust.ssl_context()
         self.clients: httpprobe.Clients | None = None
@@ -117,7 +116,7 @@ class Engine:
         if stream is None:
             return None
         obs = await tlsprobe.handshake(stream, target.url, target.host, address, tcp.port or 443, sni, cfg.timeout,
-                                       self.trust, self.tls_ctx, purpose=purpose, attempt=attempt)
+                                       self.trust, purpose=purpose, attempt=attempt)
         return await self._emit(obs)
 
     async def _http(self, target: Target, address: str, host: str | None, purpose: str, attempt: int

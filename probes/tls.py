@@ -1,7 +1,10 @@
-"""TLS step: a handshake with a chosen SNI on ``trio.SSLStream``, recording the chain.
+"""TLS step: a handshake with a chosen SNI on ``trio.SSLStream``, verified by OpenSSL, recording the chain.
 
-The handshake is made without verification so that a bad chain (interception, wrong name,
-unknown CA) is still seen and recorded; validation happens offline in :mod:`certs`.
+The handshake verifies (OpenSSL, with the run's trust store: :mod:`certs`).  A chain that does
+not verify ends the handshake at the certificate, as a browser would, but the chain OpenSSL
+received is still recorded, so an interception certificate, a wrong name or an unknown CA is
+seen and named: the step then has ``failure=None`` (the network delivered a certificate),
+``cert_valid=False`` and ``cert_failure`` = OpenSSL's verdict as an OONI string.
 """
 
 from __future__ import annotations
@@ -13,10 +16,11 @@ import trio
 
 from kzprobe import errors as E
 from kzprobe.model import STEP_TLS, Observation, now
-from kzprobe.probes.certs import TrustStore, describe
+from kzprobe.probes.certs import TrustStore, describe, verify_failure
 
 
 def unverified_context() -> ssl.SSLContext:
+    """A non-verifying client context (kept for callers that only want a handshake)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
@@ -26,6 +30,7 @@ def unverified_context() -> ssl.SSLContext:
 
 def _chain(obj: ssl.SSLObject) -> list[bytes]:
     # Python < 3.13 has no public API for the full chain; the private one is stable since 3.10.
+    # It answers after a failed verification too: OpenSSL keeps the chain it received.
     sslobj = getattr(obj, "_sslobj", None)
     getter = getattr(sslobj, "get_unverified_chain", None)
     if getter is not None:
@@ -38,36 +43,44 @@ def _chain(obj: ssl.SSLObject) -> list[bytes]:
                 return [c.public_bytes(der) if hasattr(c, "public_bytes") else bytes(c) for c in chain]
         except Exception:
             pass
-    leaf = obj.getpeercert(binary_form=True)
+    try:
+        leaf = obj.getpeercert(binary_form=True)
+    except ValueError:  # no handshake yet
+        leaf = None
     return [leaf] if leaf else []
 
 
 async def handshake(stream: trio.abc.Stream, target: str, domain: str, address: str, port: int, sni: str,
-                    timeout: float, trust: TrustStore, ctx: ssl.SSLContext, *, purpose: str = "measure",
-                    attempt: int = 0, vantage: str = "probe") -> Observation:
-    """Handshake over an open TCP stream; always closes it."""
+                    timeout: float, trust: TrustStore, ctx: ssl.SSLContext | None = None, *,
+                    purpose: str = "measure", attempt: int = 0, vantage: str = "probe") -> Observation:
+    """Handshake over an open TCP stream; always closes it.
+
+    ``ctx`` defaults to the trust store's verifying context; a non-verifying one records the
+    chain with ``cert_valid=None`` (not validated).
+    """
     t0 = now()
     data: dict[str, Any] = {"sni": sni}
     failure: str | None = None
+    ctx = ctx if ctx is not None else trust.handshake_context
     ssl_stream = trio.SSLStream(stream, ctx, server_hostname=sni)
+    obj = ssl_stream._ssl_object  # the SSLObject: version/cipher/alpn/chain
     try:
-        with trio.fail_after(timeout):
-            await ssl_stream.do_handshake()
-        obj = ssl_stream._ssl_object  # the SSLObject: version/cipher/alpn/chain
-        chain = _chain(obj)
-        valid, cert_failure = trust.validate(chain, sni)
-        certs = [describe(d) for d in chain]
-        data.update(
-            version=obj.version(),
-            cipher=(obj.cipher() or ("",))[0],
-            alpn=obj.selected_alpn_protocol(),
-            certificates=certs,
-            cert_valid=valid,
-            cert_failure=cert_failure,
-            issuer=certs[0].get("issuer", "") if certs else "",
-        )
-    except (trio.TooSlowError, trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
-        failure = E.failure_string(exc)
+        try:
+            with trio.fail_after(timeout):
+                await ssl_stream.do_handshake()
+            valid: bool | None = True if ctx.verify_mode == ssl.CERT_REQUIRED else None
+            cert_failure: str | None = None
+            data.update(version=obj.version(), cipher=(obj.cipher() or ("",))[0],
+                        alpn=obj.selected_alpn_protocol())
+        except (trio.TooSlowError, trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
+            cert_failure = verify_failure(exc)
+            if cert_failure is None:
+                failure = E.failure_string(exc)
+            valid = False
+        if failure is None:
+            certs = [describe(d) for d in _chain(obj)]
+            data.update(certificates=certs, cert_valid=valid, cert_failure=cert_failure,
+                        issuer=certs[0].get("issuer", "") if certs else "")
     finally:
         with trio.move_on_after(0.5) as cs:
             cs.shield = True

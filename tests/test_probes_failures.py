@@ -287,8 +287,7 @@ def test_tcp_step(servers: Servers, loopnet: Any, loopnet_lib: Any) -> None:
 async def _tls_step(addr: tuple[str, int], ca_pem: Path, sni: str = NAME, timeout: float = 2.0) -> Any:
     tcp, stream = await tcpprobe.connect("u", NAME, addr[0], addr[1], timeout)
     assert stream is not None, tcp.failure
-    return await tlsprobe.handshake(stream, "u", NAME, addr[0], addr[1], sni, timeout, TrustStore([ca_pem]),
-                                    tlsprobe.unverified_context())
+    return await tlsprobe.handshake(stream, "u", NAME, addr[0], addr[1], sni, timeout, TrustStore([ca_pem]))
 
 
 @pytest.mark.parametrize(("server", "failure", "cert_valid", "cert_failure"), [
@@ -296,7 +295,8 @@ async def _tls_step(addr: tuple[str, int], ca_pem: Path, sni: str = NAME, timeou
     ("reset", E.CONNECTION_RESET, None, None),
     ("eof", E.EOF, None, None),
     ("silent", E.TIMEOUT, None, None),
-    # The handshake itself completes (no verification), the chain is kept and validated offline.
+    # OpenSSL verifies in the handshake; a chain that fails ends it at the certificate, but the
+    # network delivered one: no failure, the chain is kept and OpenSSL's verdict recorded.
     ("untrusted", None, False, E.SSL_UNKNOWN_AUTHORITY),
     ("wrong_name", None, False, E.SSL_INVALID_HOSTNAME),
     ("expired", None, False, E.SSL_INVALID_CERTIFICATE),
@@ -310,7 +310,8 @@ def test_tls_step(servers: Servers, server: str, failure: str | None, cert_valid
     assert obs.data.get("cert_failure") == cert_failure
     if failure is None:
         assert obs.data["certificates"] and obs.data["certificates"][0]["der_b64"]
-        assert obs.data["version"].startswith("TLS")
+        if cert_valid:
+            assert obs.data["version"].startswith("TLS")
 
 
 @pytest.mark.parametrize(("server", "scheme", "failure"), [

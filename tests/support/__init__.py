@@ -1,0 +1,1 @@
+"""Shared test machinery (importable as kzprobe.tests.support.*)."""
