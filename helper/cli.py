@@ -9,6 +9,7 @@ import sys
 import warnings
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -55,7 +56,17 @@ def _check_bundle(path: str) -> None:
         raise click.BadParameter(f"{path}: no certificates in it", param_hint="--ca-bundle")
 
 
-@click.command("helper")
+def _parse_cidrs(values: tuple[str, ...], option: str) -> list[Any]:
+    out = []
+    for v in values:
+        try:
+            out.append(ipaddress.ip_network(v.strip(), strict=False))
+        except ValueError:
+            raise click.BadParameter(f"{v!r} is not an address or CIDR prefix", param_hint=option) from None
+    return out
+
+
+@click.group("helper", invoke_without_command=True)
 @click.option("--listen", default="127.0.0.1:8780", show_default=True, metavar="ADDR:PORT",
               help="Address and port to listen on (port 0: any free port, printed when ready).")
 @click.option("--resolver", "resolvers", multiple=True, metavar="IP[:PORT]",
@@ -65,9 +76,15 @@ def _check_bundle(path: str) -> None:
 @click.option("--allow-private", is_flag=True,
               help="LAB ONLY: also connect to loopback/private/bogon addresses and to ports other than 80 "
                    "and 443. Never use on a helper reachable from the internet.")
+@click.option("--deny", "deny", multiple=True, metavar="CIDR",
+              help="Never connect to this prefix (repeatable): what the operator's network reaches but the "
+                   "world must not. Applies even with --allow-private.")
+@click.option("--lab-public", "lab_public", multiple=True, metavar="CIDR", hidden=True,
+              help="LAB ONLY: treat this special-purpose prefix as public internet (the lab's TEST-NETs). "
+                   "The host's own addresses and --deny stay refused.")
 @click.option("--token", default=None, envvar="KZPROBE_HELPER_TOKEN", metavar="TOKEN",
-              help="Require 'Authorization: Bearer TOKEN' (env KZPROBE_HELPER_TOKEN). Probes pass it as "
-                   "--helper URL#token=TOKEN.")
+              help="Require 'Authorization: Bearer TOKEN' (env KZPROBE_HELPER_TOKEN; at least 16 bytes, make "
+                   "one with `kzprobe helper token new`). Probes pass it as --helper URL#token=TOKEN.")
 @click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Serve HTTPS with this certificate chain (PEM); needs --tls-key.")
 @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), default=None,
@@ -82,9 +99,18 @@ def _check_bundle(path: str) -> None:
               help="Measurements at once.")
 @click.option("--queue", default=64, show_default=True, type=click.IntRange(0, 4096),
               help="Requests that may wait (up to 5 s) for a measurement slot; beyond that, 503 at once.")
-def helper(listen: str, resolvers: tuple[str, ...], ca_bundles: tuple[str, ...], allow_private: bool,
+@click.option("--client-concurrency", default=4, show_default=True, type=click.IntRange(1, 1024),
+              help="Measurements at once per client (address, IPv6 /64, or token); beyond that, 429.")
+@click.option("--client-rate", default=4.0, show_default=True, type=click.FloatRange(0.01, 10000),
+              help="Requests per second per client, sustained (bursts of 10x allowed); beyond that, 429.")
+@click.option("--max-connections", default=1024, show_default=True, type=click.IntRange(1, 1 << 20),
+              help="Open client connections (always kept 256 below the file-descriptor limit).")
+@click.pass_context
+def helper(ctx: click.Context, listen: str, resolvers: tuple[str, ...], ca_bundles: tuple[str, ...],
+           allow_private: bool, deny: tuple[str, ...], lab_public: tuple[str, ...],
            token: str | None, tls_cert: str | None, tls_key: str | None, timeout: float, deadline: float,
-           io_timeout: float, concurrency: int, queue: int) -> None:
+           io_timeout: float, concurrency: int, queue: int, client_concurrency: int, client_rate: float,
+           max_connections: int) -> None:
     """Run the control helper: measure targets from outside the censored network.
 
     Probes call it with `kzprobe run --helper http://ADDR:PORT`. For each request it resolves the
@@ -92,8 +118,11 @@ def helper(listen: str, resolvers: tuple[str, ...], ca_bundles: tuple[str, ...],
     TLS handshake with SNI and an HTTP GET, and answers with the observations (vantage "control").
 
     It is not an open proxy: unless --allow-private is given it refuses loopback, private,
-    link-local, CGNAT and other non-global addresses, and ports other than 80 and 443.
+    link-local, CGNAT and other non-global addresses, the host's own addresses, --deny prefixes,
+    and ports other than 80 and 443.
     """
+    if ctx.invoked_subcommand is not None:
+        return
     try:
         host, port = _parse_listen(listen)
     except ValueError as exc:
@@ -109,18 +138,41 @@ def helper(listen: str, resolvers: tuple[str, ...], ca_bundles: tuple[str, ...],
             ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(tls_cert, tls_key)
         except (ssl.SSLError, OSError) as exc:
             raise click.BadParameter(f"{tls_cert} / {tls_key}: {exc}", param_hint="--tls-cert") from None
-    if token is not None and (not token.strip() or any(c.isspace() for c in token)):
-        raise click.BadParameter("must be non-empty and without whitespace", param_hint="--token")
+    if token is not None:
+        from kzprobe.hardening.tokens import token_problem
+
+        problem = token_problem(token)
+        if problem:
+            raise click.BadParameter(problem, param_hint="--token")
+    deny_nets = _parse_cidrs(deny, "--deny")
+    lab_nets = _parse_cidrs(lab_public, "--lab-public")
 
     opts = HelperOptions(host=host, port=port, resolvers=list(resolvers), ca_bundles=list(ca_bundles),
                          allow_private=allow_private, token=token, tls_cert=tls_cert, tls_key=tls_key,
-                         timeout=timeout, limits=Limits(concurrency=concurrency, queue=queue, deadline=deadline,
-                                                     body_timeout=io_timeout, header_timeout=io_timeout))
+                         timeout=timeout, deny=deny_nets, lab_public=lab_nets,
+                         limits=Limits(concurrency=concurrency, queue=queue, deadline=deadline,
+                                       body_timeout=io_timeout, header_timeout=io_timeout,
+                                       client_concurrency=client_concurrency, client_rate=client_rate,
+                                       client_burst=max(1, round(client_rate * 10)),
+                                       max_connections=max_connections))
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="kzprobe helper: %(message)s")
     for noisy in ("httpx", "httpcore", "hpack"):
         # One line per measured request is the probe's business, not the operator's log.
         logging.getLogger(noisy).setLevel(logging.WARNING)
     _run(opts)
+
+
+@helper.group("token")
+def token_group() -> None:
+    """Helper tokens."""
+
+
+@token_group.command("new")
+def token_new() -> None:
+    """Print a new random token (32 bytes, URL-safe) for --token and the probes' #token=."""
+    from kzprobe.hardening.tokens import new_token
+
+    click.echo(new_token())
 
 
 def _run(opts: HelperOptions) -> None:

@@ -6,21 +6,30 @@ free scanner of the operator's own network (cloud metadata at 169.254.169.254, d
 ever connects to globally routed unicast addresses, on ports 80 and 443, and every refusal has
 a reason that goes back to the client.
 
-``--allow-private`` lifts both checks.  It exists for the lab and the tests, where every site
-lives on loopback or in private namespaces on high ports; it must never be used on a helper that
+On top of the address classes it refuses the helper host's own addresses and every route of the
+kernel's ``local`` table (:mod:`kzprobe.helper.localnet`), and whatever the operator lists with
+``--deny CIDR`` (the networks the host can reach but the world must not).
+
+Refusals say only "refused": never which address a name resolved to, since that is what the
+operator's resolver knows about internal names.
+
+``--allow-private`` lifts the class, port and local checks (never ``--deny``).  It exists for
+the lab and the tests, where every site lives
+on loopback or in private namespaces on high ports; it must never be used on a helper that
 is reachable from the internet.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import SplitResult, urlsplit
 
 import dns.exception
 import dns.name
 
 from kzprobe.analysis.bogons import is_ip
+from kzprobe.helper.localnet import LocalNetworks, Network
 
 MAX_URL_LENGTH = 2048
 ALLOWED_PORTS = frozenset({80, 443})
@@ -86,12 +95,39 @@ def _embedded_v4(ip: IPAddress) -> ipaddress.IPv4Address | None:
     return None
 
 
+#: What a refusal says to the client, whatever the reason (the reason goes to the log only).
+REFUSED = "refused"
+
+
+def idna_problem(host: str) -> str | None:
+    """Why the system resolver could not even be asked for ``host`` (None: it can).
+
+    dnspython accepts names that Python's ``idna`` codec -- which getaddrinfo goes through --
+    rejects (over-long labels after encoding, characters IDNA 2003 forbids): reject them up front
+    instead of letting a ``UnicodeError`` escape from deep inside a measurement.
+    """
+    try:
+        encoded = host.rstrip(".").encode("idna")
+    except (UnicodeError, ValueError):
+        return "not a valid internationalised name"
+    if not encoded or len(encoded) > 253 or any(not 0 < len(label) <= 63 for label in encoded.split(b".")):
+        return "not a valid DNS name"
+    return None
+
+
 @dataclass(frozen=True)
 class Policy:
     allow_private: bool = False
+    #: ``--deny``: refused even with --allow-private.
+    deny: tuple[Network, ...] = ()
+    #: The host's own addresses and local-table routes (refreshed by the server).
+    local: LocalNetworks = field(default_factory=LocalNetworks)
+    #: LAB ONLY (``--lab-public``): prefixes treated as the public internet although their class
+    #: is special-purpose (the lab's 198.51.100.0/24 ...).  Local and denied addresses stay refused.
+    lab_public: tuple[Network, ...] = ()
 
     def address_refusal(self, address: str) -> str | None:
-        """Why the helper will not connect to ``address`` (None: it will)."""
+        """Why the helper will not connect to ``address`` (None: it will); for the log, not the client."""
         try:
             ip: IPAddress = ipaddress.ip_address(address)
         except ValueError:
@@ -103,7 +139,13 @@ class Policy:
             return f"embeds {inner}: {why}" if why else None
         if any(ip in n for n in _NEVER):
             return "unspecified, multicast or broadcast address"
+        if any(ip.version == n.version and ip in n for n in self.deny):
+            return "denied by --deny"
         if self.allow_private:
+            return None
+        if ip in self.local:
+            return "an address of the helper's own host"
+        if any(ip.version == n.version and ip in n for n in self.lab_public):
             return None
         if ip.is_loopback:
             return "loopback address"
@@ -156,9 +198,8 @@ class Policy:
         if why:
             raise PolicyError(f"{why}: refused", "forbidden_port")
         if is_ip(host):
-            why = self.address_refusal(host)
-            if why:
-                raise PolicyError(f"{host}: {why}: refused", "forbidden_address")
+            if self.address_refusal(host):
+                raise PolicyError(REFUSED, "forbidden_address")
         else:
             try:
                 name = dns.name.from_text(host)
@@ -168,6 +209,9 @@ class Policy:
             # the operator's search domains, i.e. name something inside the operator's network.
             if len(name.labels) < (2 if self.allow_private else 3):
                 raise PolicyError(f"host {host!r} is not a fully qualified name", "bad_url")
+            why = idna_problem(host)
+            if why:
+                raise PolicyError(f"host {host!r} is {why}", "bad_url")
         return parts
 
 

@@ -6,34 +6,49 @@ and is easy to get wrong by hand -- keep-alive and idle timeouts (a client dribb
 headers is dropped after ``keep_alive_timeout``: hypercorn counts a connection as idle until a
 full request head has arrived), a per-read timeout, header size limits, TLS termination and a
 graceful shutdown.  What it leaves to us is small and lives here: routing, the token, the body
-size / body time limits, the concurrency limiter and the per-request deadline -- and every one of
-those answers with a JSON error.
+size / body time limits, per-client limits, the concurrency limiter and the per-request
+deadline -- and every one of those answers with a JSON error.  The connection cap is in
+:mod:`kzprobe.helper.listen`; the limits, tokens and budgets themselves in :mod:`kzprobe.hardening`.
 
 Protocol (the client is :mod:`kzprobe.probes.control`):
 
 * ``POST /v1/control`` ``{"url": URL, "addresses": [IP, ...]}`` -> ``200 {"version": 1,
   "observations": [Observation.to_dict(), ...], "refused": [{"address", "reason"}, ...]}``
-* ``GET /v1/health`` -> ``{"ok": true, "version": 1, "kzprobe": VERSION}``
+* ``GET /v1/health`` -> ``{"ok": true}``; with the token also ``"version"`` and ``"kzprobe"``.
 * errors: ``{"error": "<one line>", "code": "<short code>"}`` with 400 / 401 / 403 / 404 / 405 /
-  408 / 413 / 415 / 500 / 503 / 504.
+  408 / 413 / 415 / 429 (with ``Retry-After``) / 500 (a bug in the helper, never the network) /
+  503 / 504.
+
+A measurement is cancelled as soon as its client goes away (``http.disconnect``: a closed
+HTTP/1.1 connection, or an HTTP/2 stream reset), so abandoned requests free their slot at once.
 """
 
 from __future__ import annotations
 
-import hmac
+import contextlib
 import ipaddress
 import json
 import logging
 import math
 import signal
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any, cast
 
 import trio
 
 from kzprobe import __version__
+from kzprobe.hardening import (
+    Budget,
+    ConcurrencyLimiter,
+    RateLimiter,
+    TokenGuard,
+    client_key,
+    connection_cap,
+    retry_after_header,
+)
+from kzprobe.hardening.tokens import Auth
+from kzprobe.helper.localnet import LocalNetworks, Network
 from kzprobe.helper.policy import Policy, PolicyError
 from kzprobe.helper.service import ControlResult, ControlService, HelperEngine
 from kzprobe.probes.engine import ProbeConfig
@@ -64,6 +79,21 @@ class Limits:
     body_timeout: float = 10.0
     #: Idle time allowed before a full request head arrives (slow-loris on the headers).
     header_timeout: float = 10.0
+    #: Per client (address, IPv6 /64, or token): measurements at once, and a token bucket of
+    #: requests (``client_rate`` per second sustained, ``client_burst`` at once).  A probe asks for
+    #: control of each target once, a few at a time; these leave it room and stop one client from
+    #: taking the whole helper.
+    client_concurrency: int = 4
+    client_rate: float = 4.0
+    client_burst: int = 40
+    #: Open client connections (kept below the fd limit, see hardening.connection_cap), and per client.
+    max_connections: int = 1024
+    client_connections: int = 64
+    #: Per request: HTTP requests across redirects x addresses, body bytes downloaded in total,
+    #: DNS answers (and addresses) returned per lookup.
+    max_fetches: int = 16
+    max_download: int = 1024 * 1024
+    max_dns_answers: int = 16
 
 
 class HttpError(Exception):
@@ -108,6 +138,21 @@ def parse_request(body: bytes, max_addresses: int) -> tuple[str, list[str]]:
     return url, addresses
 
 
+@contextlib.contextmanager
+def _one_error() -> Iterator[None]:
+    """A nursery wraps our HttpError in a group: hand the route the HttpError itself."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        http = group.subgroup(HttpError)
+        if http is None:
+            raise
+        leaf: BaseException = http
+        while isinstance(leaf, BaseExceptionGroup):
+            leaf = leaf.exceptions[0]
+        raise leaf from None
+
+
 @dataclass
 class HelperApp:
     """The ASGI application.  ``measure`` does the work, so tests can drive the app without sockets."""
@@ -119,6 +164,9 @@ class HelperApp:
     def __post_init__(self) -> None:
         self.limiter = trio.CapacityLimiter(self.limits.concurrency)
         self.waiting = 0
+        self.guard = TokenGuard(self.token) if self.token is not None else None
+        self.rates = RateLimiter(self.limits.client_rate, self.limits.client_burst)
+        self.per_client = ConcurrencyLimiter(self.limits.client_concurrency)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope.get("type")
@@ -166,7 +214,11 @@ class HelperApp:
         if path == "/v1/health":
             if method != "GET":
                 raise HttpError(405, "method_not_allowed", f"{method} not allowed on {path}", {"Allow": "GET"})
-            return 200, {"ok": True, "version": PROTOCOL_VERSION, "kzprobe": __version__}, {}
+            # Liveness for anyone; what runs here (the version) only for the token holder.
+            if self.guard is not None and self._header(scope, b"authorization") is not None:
+                if self.guard.check(self._address(scope), self._header(scope, b"authorization")).ok:
+                    return 200, {"ok": True, "version": PROTOCOL_VERSION, "kzprobe": __version__}, {}
+            return 200, {"ok": True}, {}
         if path == "/v1/control":
             if method != "POST":
                 raise HttpError(405, "method_not_allowed", f"{method} not allowed on {path}", {"Allow": "POST"})
@@ -179,15 +231,34 @@ class HelperApp:
                 return bytes(v).decode("latin-1")
         return None
 
-    def _authorize(self, scope: Scope) -> None:
-        if self.token is None:
-            return
-        auth = self._header(scope, b"authorization") or ""
-        scheme, _, given = auth.partition(" ")
-        # compare_digest: the token must not leak through response timing.
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
+    def _address(self, scope: Scope) -> str:
+        client = scope.get("client")
+        return client_key(str(client[0]) if client else None)
+
+    def _authorize(self, scope: Scope) -> str:
+        """Check the token; returns the client key the request counts against."""
+        address = self._address(scope)
+        if self.guard is None:
+            return address
+        result = self.guard.check(address, self._header(scope, b"authorization"))
+        if result.status is Auth.LOCKED:
+            raise HttpError(429, "too_many_failures", "too many wrong tokens from this client",
+                            {"Retry-After": retry_after_header(result.retry_after)})
+        if not result.ok:
             raise HttpError(401, "unauthorized", "missing or wrong bearer token",
                             {"WWW-Authenticate": 'Bearer realm="kzprobe-helper"'})
+        assert self.token is not None
+        return client_key(None, self.token)
+
+    def _limit(self, key: str) -> None:
+        wait = self.rates.take(key)
+        if wait > 0:
+            raise HttpError(429, "rate_limited", "too many requests from this client",
+                            {"Retry-After": retry_after_header(wait)})
+        if not self.per_client.try_acquire(key):
+            raise HttpError(429, "too_many_requests",
+                            f"more than {self.limits.client_concurrency} requests at once from this client",
+                            {"Retry-After": "1"})
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
         cap = self.limits.max_body
@@ -235,22 +306,51 @@ class HelperApp:
         raise busy
 
     async def _control(self, scope: Scope, receive: Receive) -> tuple[int, dict[str, Any], dict[str, str]]:
-        self._authorize(scope)
+        key = self._authorize(scope)
+        self._limit(key)
+        try:
+            return await self._limited_control(scope, receive)
+        finally:
+            self.per_client.release(key)
+
+    async def _limited_control(self, scope: Scope, receive: Receive) -> tuple[int, dict[str, Any], dict[str, str]]:
         ctype = (self._header(scope, b"content-type") or "").split(";")[0].strip().lower()
         if ctype != "application/json":
             raise HttpError(415, "unsupported_media_type", "Content-Type must be application/json")
         body = await self._read_body(scope, receive)
         url, addresses = parse_request(body, self.limits.max_addresses)
-        await self._admit()
-        try:
-            with trio.move_on_after(self.limits.deadline) as cs:
-                result = await self.measure(url, addresses)
-        except PolicyError as exc:
-            status = 400 if exc.code == "bad_url" else 403
-            raise HttpError(status, exc.code, str(exc)) from None
-        finally:
-            self.limiter.release()
-        if cs.cancelled_caught:
+        gone = False
+        result: ControlResult | None = None
+        # The deadline covers the wait for a slot as well: it is the client's whole wait.
+        with trio.move_on_after(self.limits.deadline + self.limits.queue_wait) as outer, _one_error():
+            async with trio.open_nursery() as nursery:
+
+                async def watch() -> None:
+                    # After the body, the only message left is http.disconnect: the client closed
+                    # the connection (HTTP/1.1) or reset the stream (HTTP/2).  Nobody is waiting
+                    # for the answer any more, so stop measuring for them.
+                    nonlocal gone
+                    while (await receive())["type"] != "http.disconnect":
+                        pass
+                    gone = True
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(watch)
+                try:
+                    await self._admit()
+                    try:
+                        with trio.move_on_after(self.limits.deadline):
+                            result = await self.measure(url, addresses)
+                    finally:
+                        self.limiter.release()
+                except PolicyError as exc:
+                    status = 400 if exc.code == "bad_url" else 403
+                    raise HttpError(status, exc.code, str(exc)) from None
+                finally:
+                    nursery.cancel_scope.cancel()
+        if gone:
+            raise HttpError(499, "client_gone", "client closed the request")
+        if result is None or outer.cancelled_caught:
             raise HttpError(504, "timeout", f"measurement did not finish within {self.limits.deadline:g} s")
         return 200, result.to_json(PROTOCOL_VERSION), {}
 
@@ -267,6 +367,8 @@ class HelperOptions:
     tls_key: str | None = None
     timeout: float = 5.0
     limits: Limits = field(default_factory=Limits)
+    deny: list[Network] = field(default_factory=list)
+    lab_public: list[Network] = field(default_factory=list)
 
     @property
     def bind(self) -> str:
@@ -284,23 +386,53 @@ def hypercorn_config(opts: HelperOptions) -> Any:
     hc.include_server_header = False
     hc.keep_alive_timeout = opts.limits.header_timeout
     hc.read_timeout = math.ceil(opts.limits.header_timeout)
-    hc.h11_max_incomplete_size = 16 * 1024
-    hc.h2_max_concurrent_streams = max(1, opts.limits.concurrency)
+    hc.ssl_handshake_timeout = min(opts.limits.header_timeout, 10.0)
+    # A request head (request line + headers) must fit in 8 KiB, as in nginx's default; the
+    # control protocol needs a few hundred bytes.
+    hc.h11_max_incomplete_size = 8 * 1024
+    hc.h2_max_inbound_frame_size = 16 * 1024
+    hc.h2_max_concurrent_streams = max(1, min(opts.limits.concurrency, opts.limits.client_concurrency * 2))
     hc.graceful_timeout = 2.0
     hc.shutdown_timeout = 5.0
+    hc.backlog = 128
     if opts.tls_cert and opts.tls_key:
         hc.certfile, hc.keyfile = opts.tls_cert, opts.tls_key
     return hc
 
 
+#: How often the host's own addresses are re-read (DHCP renewals, floating IPs).
+LOCAL_REFRESH = 10.0
+
+
+async def _refresh_local(local: LocalNetworks) -> None:
+    while True:
+        await trio.sleep(LOCAL_REFRESH)
+        nets = await trio.to_thread.run_sync(_read_local)
+        local.nets = nets
+
+
+def _read_local() -> frozenset[Network]:
+    from kzprobe.helper.localnet import read_local_networks
+
+    return read_local_networks()
+
+
 async def serve(opts: HelperOptions, *, ready: Callable[[str], None]) -> None:
     """Run until SIGINT or SIGTERM; calls ``ready(url)`` once the socket is listening."""
-    from hypercorn.trio import serve as hypercorn_serve
+    from kzprobe.helper.listen import ClientGate, serve_capped
 
-    policy = Policy(allow_private=opts.allow_private)
+    local = LocalNetworks(await trio.to_thread.run_sync(_read_local))
+    policy = Policy(allow_private=opts.allow_private, deny=tuple(opts.deny), local=local,
+                    lab_public=tuple(opts.lab_public))
+    lim = opts.limits
     config = ProbeConfig(resolvers=list(opts.resolvers), system_resolver=not opts.resolvers,
                          ca_bundles=list(opts.ca_bundles), timeout=opts.timeout,
-                         max_addresses=opts.limits.max_addresses, retries=0, dnscheck=False)
+                         max_addresses=lim.max_addresses, retries=0, dnscheck=False)
+    budget = Budget(fetches=lim.max_fetches, bytes=lim.max_download, dns_answers=lim.max_dns_answers)
+    cap = connection_cap(lim.max_connections)
+    if cap < lim.max_connections:
+        log.warning("connection cap lowered to %d to stay below the file-descriptor limit", cap)
+    gate = ClientGate(cap, min(cap, lim.client_connections))
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
 
         async def shutdown_trigger() -> None:
@@ -308,9 +440,16 @@ async def serve(opts: HelperOptions, *, ready: Callable[[str], None]) -> None:
                 return
 
         async with HelperEngine(config, policy) as engine:
-            service = ControlService(engine, policy)
-            app = HelperApp(service.control, token=opts.token, limits=opts.limits)
+            service = ControlService(engine, policy, budget)
+            app = HelperApp(service.control, token=opts.token, limits=lim)
             async with trio.open_nursery() as nursery:
-                binds = await nursery.start(partial(hypercorn_serve, cast(Any, app), hypercorn_config(opts),
-                                                    shutdown_trigger=shutdown_trigger, mode="asgi"))
+                nursery.start_soon(_refresh_local, local)
+
+                async def run_server(task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+                    await serve_capped(cast(Any, app), hypercorn_config(opts), gate,
+                                       shutdown_trigger=shutdown_trigger, task_status=task_status)
+                    # Returned after a signal and a graceful close: stop the refresher too.
+                    nursery.cancel_scope.cancel()
+
+                binds = await nursery.start(run_server)
                 ready(binds[0] if binds else opts.bind)

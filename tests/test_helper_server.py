@@ -49,8 +49,8 @@ DNS_ADDR = "127.31.7.2"
 SITE_ADDR = "127.31.7.3"
 SITE_NAME = "site.test"
 SITE_TITLE = "Helper Test Site"
-LAB_TOKEN = "lab-token"
-STRICT_TOKEN = "strict-token"
+LAB_TOKEN = "lab-token-0123456789abcdef"
+STRICT_TOKEN = "strict-token-0123456789abcdef"
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -268,8 +268,11 @@ def test_lab_helper_measures_the_site(net: Net, lab_helper: Helper) -> None:
     for o in obs:
         by_step.setdefault(o.step, []).append(o)
     dns_obs = by_step["dns"]
-    # The helper used *its* resolver (the only one it was given), over UDP and TCP.
-    assert {o.data["resolver"] for o in dns_obs} == {net.resolver}
+    # The helper used *its* resolver (the only one it was given), over UDP and TCP, and does not
+    # say where that resolver is.
+    assert {o.data["resolver"] for o in dns_obs} == {"control"}
+    assert sorted(o.data["transport"] for o in dns_obs) == ["tcp", "udp"]
+    assert net.resolver.rsplit(":", 1)[0] not in r.text
     assert all(o.ok and SITE_ADDR in o.data["addresses"] for o in dns_obs)
     (tcp,) = by_step["tcp"]
     assert tcp.ok and tcp.address == SITE_ADDR and tcp.port == net.site_port
@@ -282,7 +285,13 @@ def test_lab_helper_measures_the_site(net: Net, lab_helper: Helper) -> None:
 
 
 def test_lab_helper_health(lab_helper: Helper) -> None:
+    # Without the token: alive, nothing more (no version to match against known bugs).
     r = httpx.get(f"{lab_helper.url}/v1/health", trust_env=False)
+    assert r.status_code == 200 and r.json() == {"ok": True}
+    r = httpx.get(f"{lab_helper.url}/v1/health", trust_env=False,
+                  headers={"Authorization": "Bearer wrong-but-long-enough"})
+    assert r.status_code == 200 and r.json() == {"ok": True}
+    r = httpx.get(f"{lab_helper.url}/v1/health", trust_env=False, headers={"Authorization": f"Bearer {LAB_TOKEN}"})
     assert r.status_code == 200 and r.json()["ok"] is True and r.json()["version"] == 1
 
 
