@@ -29,6 +29,11 @@ from kzprobe.probes.engine import ProbeConfig, Sink
 DOH_DEFAULTS = ("https://dns.google/dns-query", "https://cloudflare-dns.com/dns-query")
 #: Consecutive connection failures after which a helper is no longer asked during this run.
 DEAD_AFTER = 3
+#: Requests in flight to one helper: its per-client limit (``kzprobe helper --client-concurrency``,
+#: default 4).  Asking for more only earns 429s.
+HELPER_CONCURRENCY = 4
+#: Busy (503) or over a per-client limit (429): retries, each after the helper's Retry-After.
+BUSY_RETRIES = 5
 
 
 def _retry_after(value: str | None) -> float:
@@ -54,6 +59,7 @@ class ControlClient:
         self.notes: list[str] = []
         #: helper -> consecutive connection failures; a helper is skipped after DEAD_AFTER of them.
         self._failures: dict[str, int] = {}
+        self._slots = trio.CapacityLimiter(HELPER_CONCURRENCY)
         # A helper request runs DNS, TCP, TLS and HTTP (up to 3 timeouts with redirects) on its side:
         # allow for all of it before giving up on the answer.
         self.client = httpx.AsyncClient(verify=trust.ssl_context(), trust_env=False,
@@ -88,11 +94,14 @@ class ControlClient:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         try:
             body = {"url": target.url, "addresses": addresses}
-            r = await self.client.post(f"{base}/v1/control", json=body, headers=headers)
-            if r.status_code == 503:
-                # Busy: the helper sheds load; wait as asked (bounded) and try once more.
-                await trio.sleep(_retry_after(r.headers.get("retry-after")))
+            async with self._slots:
                 r = await self.client.post(f"{base}/v1/control", json=body, headers=headers)
+                for _ in range(BUSY_RETRIES):
+                    if r.status_code not in (429, 503):
+                        break
+                    # Busy or over our share: the helper sheds load; wait as asked (bounded), retry.
+                    await trio.sleep(_retry_after(r.headers.get("retry-after")))
+                    r = await self.client.post(f"{base}/v1/control", json=body, headers=headers)
             payload: dict[str, Any] = r.json()
             self._failures[base] = 0
             if r.status_code != 200:
