@@ -37,17 +37,17 @@ def replay(files: tuple[str, ...], fmt: str, store: bool, db: str | None, finger
     (POST /v1/control, found by that request line) and the helper's answers are always decoded
     as control observations, never reported as targets.
     """
-    from kzprobe.replay.blockpages import default_matcher
+    from kzprobe.analysis.fingerprints import Fingerprints
     from kzprobe.replay.engine import FileReplay, Replayer
     from kzprobe.replay.pcapio import CaptureError
 
     if db is not None and not store:
         raise click.UsageError("--db is only used with --store")
     try:
-        matcher = default_matcher(fingerprints)
+        fps = Fingerprints.default(extra=list(fingerprints))
     except Exception as exc:  # a bad fingerprint file: one line, no traceback
         raise click.ClickException(f"fingerprints: {exc}") from None
-    replayer = Replayer(matcher)
+    replayer = Replayer(fps)
     results: list[FileReplay] = []
     failed: list[str] = []
     for path in files:

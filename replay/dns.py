@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from kzprobe import errors as E
+from kzprobe.analysis.features import fold_pair
 from kzprobe.model import STEP_DNS, Observation
 from kzprobe.replay import parsers
 from kzprobe.replay.pcapio import Packet, _ntop
@@ -248,7 +249,7 @@ def fold(st: FileState) -> None:
             elif id(mate) in lost:
                 out.append(o)
             else:
-                out.append(_merge(o, mate))
+                out.append(fold_pair(o, mate))
         out.extend(o for o in obs if o.data["qtype"] not in ("A", "AAAA"))
         out.extend(aaaa)
     out = [o for o in out if id(o) not in lost]
@@ -256,23 +257,3 @@ def fold(st: FileState) -> None:
     for o in out:
         st.emit(o)
 
-
-def _merge(a: Observation, q: Observation) -> Observation:
-    """Fold an A and an AAAA lookup like ``probes.dns._merge``; ``responses`` stay the A query's."""
-    da, dq = a.data, q.data
-    addresses = list(dict.fromkeys([*da["addresses"], *dq["addresses"]]))
-    if addresses:
-        failure = None
-    elif a.failure and a.failure != E.DNS_NO_ANSWER:
-        failure = a.failure
-    elif q.failure and q.failure != E.DNS_NO_ANSWER:
-        failure = q.failure
-    else:
-        failure = E.DNS_NO_ANSWER
-    data: dict[str, Any] = {**da, "qtype": "A+AAAA", "answers": [*da["answers"], *dq["answers"]],
-                            "addresses": addresses}
-    if "injected" not in data and "injected" in dq:
-        data["injected"] = dq["injected"]
-    return Observation(step=STEP_DNS, target=a.target, domain=a.domain, source=SOURCE, address=None,
-                       t_start=min(a.t_start, q.t_start), t_end=max(a.t_end, q.t_end), failure=failure,
-                       data=data, packets=sorted({*a.packets, *q.packets}))

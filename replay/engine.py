@@ -16,13 +16,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from kzprobe.model import MEASURE
 from kzprobe.replay import dns, flows, naming
-from kzprobe.replay.blockpages import BlockpageMatcher, BuiltinMatcher
 from kzprobe.replay.flows import Flow
 from kzprobe.replay.pcapio import CaptureError, ReadResult, iter_frames, iter_packets
 from kzprobe.replay.state import FileReplay, FileState, Finding, Limits, span
+
+if TYPE_CHECKING:
+    from kzprobe.analysis.fingerprints import Fingerprints
 
 #: Rotated files join into one run when the next file starts no later than this after the
 #: previous one ended (capture time): the flow idle timeout, past which nothing carries over.
@@ -44,10 +47,11 @@ class Replayer:
     """Feed captures with :meth:`replay_file` (or :meth:`replay_run`); observations get running
     ids across files."""
 
-    def __init__(self, matcher: BlockpageMatcher | None = None, *, idle: float = 60.0,
+    def __init__(self, fingerprints: Fingerprints | None = None, *, idle: float = 60.0,
                  dns_idle: float = 10.0, max_flows: int = 50_000, buf_cap: int = 4096,
                  helper_budget: int = 64 << 20) -> None:
-        self.matcher = matcher or BuiltinMatcher()
+        #: Blockpage fingerprints (None: the project's file, as the live probe uses).
+        self.fingerprints = fingerprints
         self.limits = Limits(idle=idle, dns_idle=dns_idle, max_flows=max_flows, buf_cap=buf_cap,
                              helper_budget=helper_budget)
         self.next_id = 1
@@ -63,7 +67,7 @@ class Replayer:
             first_timestamp(p)  # fail early, naming the file
         res = ReadResult(path=str(paths[0]))
         out = FileReplay(res, paths=[str(p) for p in paths])
-        st = FileState(str(paths[0]), out, self.limits, self.matcher, self.next_id)
+        st = FileState(str(paths[0]), out, self.limits, self.fingerprints, self.next_id)
         base = 0
         for i, path in enumerate(paths):
             part = res if i == 0 else ReadResult()
@@ -197,8 +201,8 @@ def _reason(exc: CaptureError, path: str) -> str:
     return msg[len(path) + 2:] if msg.startswith(f"{path}: ") else msg
 
 
-def replay(paths: Iterable[str], matcher: BlockpageMatcher | None = None) -> list[FileReplay]:
-    r = Replayer(matcher)
+def replay(paths: Iterable[str], fingerprints: Fingerprints | None = None) -> list[FileReplay]:
+    r = Replayer(fingerprints)
     return [r.replay_file(p) for p in paths]
 
 

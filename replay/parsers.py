@@ -7,9 +7,10 @@ malformed message gives None instead of an exception.
 
 from __future__ import annotations
 
-import re
 import socket
 from dataclasses import dataclass, field
+
+from kzprobe.analysis.features import sni_of
 
 # --- TLS -----------------------------------------------------------------------------------------
 
@@ -29,44 +30,17 @@ def tls_handshake_bytes(buf: bytes, limit: int = 16384) -> bytes | None:
 
 
 def client_hello_sni(buf: bytes) -> tuple[bool, str | None]:
-    """(is this a TLS ClientHello?, its server_name) from the first bytes a client sent."""
+    """(is this a TLS ClientHello?, its server_name) from the first bytes a client sent.
+
+    The name comes from the feature layer's parser (:func:`kzprobe.analysis.features.sni_of`),
+    the one every source uses.
+    """
     if len(buf) < 6 or buf[0] != 0x16 or buf[1] != 0x03:
         return False, None
     hs = tls_handshake_bytes(buf)
     if not hs or hs[0] != 0x01:
         return False, None
-    n = len(hs)
-    p = 4 + 2 + 32  # handshake header, client_version, random
-    if p + 1 > n:
-        return True, None
-    p += 1 + hs[p]  # session id
-    if p + 2 > n:
-        return True, None
-    p += 2 + ((hs[p] << 8) | hs[p + 1])  # cipher suites
-    if p + 1 > n:
-        return True, None
-    p += 1 + hs[p]  # compression methods
-    if p + 2 > n:
-        return True, None
-    ext_end = min(n, p + 2 + ((hs[p] << 8) | hs[p + 1]))
-    p += 2
-    while p + 4 <= ext_end:
-        etype = (hs[p] << 8) | hs[p + 1]
-        elen = (hs[p + 2] << 8) | hs[p + 3]
-        body = p + 4
-        if etype == 0 and body + 2 <= ext_end:
-            q = body + 2
-            lend = min(ext_end, body + 2 + ((hs[body] << 8) | hs[body + 1]))
-            while q + 3 <= lend:
-                ntype = hs[q]
-                nlen = (hs[q + 1] << 8) | hs[q + 2]
-                if ntype == 0 and q + 3 + nlen <= lend:
-                    name = hs[q + 3:q + 3 + nlen].decode("ascii", "replace").lower().rstrip(".")
-                    return True, name or None
-                q += 3 + nlen
-            return True, None
-        p = body + elen
-    return True, None
+    return True, sni_of(buf)
 
 
 def tls_server_reply(buf: bytes) -> str:
@@ -121,7 +95,6 @@ def tls_client_after_hello(buf: bytes) -> str:
 
 # --- HTTP ----------------------------------------------------------------------------------------
 _METHODS = (b"GET ", b"POST ", b"HEAD ", b"PUT ", b"OPTIONS ", b"DELETE ", b"CONNECT ", b"PATCH ")
-_TITLE = re.compile(rb"<title[^>]*>(.*?)</title", re.I | re.S)
 
 
 def http_request(buf: bytes) -> tuple[str, str, str] | None:
@@ -146,13 +119,12 @@ def http_request(buf: bytes) -> tuple[str, str, str] | None:
 class HttpResponse:
     status: int | None
     headers: dict[str, str] = field(default_factory=dict)
-    title: str | None = None
-    body: str = ""
-    body_length: int = 0
+    body: bytes = b""
 
 
 def http_response(buf: bytes) -> HttpResponse:
-    """Parse what a server sent; tolerates a missing status line (injected raw HTML pages)."""
+    """Status line and headers of what a server sent; tolerates a missing status line (injected raw
+    HTML pages).  The body is as sent: the feature layer decodes it and extracts its features."""
     status = None
     headers: dict[str, str] = {}
     body = buf
@@ -167,16 +139,7 @@ def http_response(buf: bytes) -> HttpResponse:
             if k:
                 headers[k.strip().decode("latin-1", "replace")] = v.strip().decode("latin-1", "replace")
         body = rest if sep else b""
-    m = _TITLE.search(body[:65536])
-    title = _text(m.group(1)).strip() if m else None
-    return HttpResponse(status, headers, title, _text(body), len(body))
-
-
-def _text(b: bytes) -> str:
-    try:
-        return b.decode("utf-8")
-    except UnicodeDecodeError:
-        return b.decode("utf-8", "replace")
+    return HttpResponse(status, headers, body)
 
 
 # --- DNS -----------------------------------------------------------------------------------------

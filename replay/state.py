@@ -15,7 +15,7 @@ from kzprobe.model import Observation
 from kzprobe.replay.pcapio import ReadResult
 
 if TYPE_CHECKING:
-    from kzprobe.replay.blockpages import BlockpageMatcher
+    from kzprobe.analysis.fingerprints import Fingerprints
     from kzprobe.replay.dns import DnsTx, DoneLookup
     from kzprobe.replay.flows import Flow
 
@@ -75,12 +75,13 @@ class Limits:
 class FileState:
     """The per-file state of a pass; :meth:`emit` and :meth:`find` are its outputs."""
 
-    def __init__(self, path: str, out: FileReplay, limits: Limits, matcher: BlockpageMatcher,
+    def __init__(self, path: str, out: FileReplay, limits: Limits, fingerprints: Fingerprints | None,
                  next_id: int) -> None:
         self.file = path
         self.out = out
         self.limits = limits
-        self.matcher = matcher
+        #: None: the feature layer's default fingerprint file.
+        self.fingerprints = fingerprints
         self.next_id = next_id
         self.flows: dict[tuple[bytes, int, bytes, int], Flow] = {}
         self.dns: dict[tuple[bytes, int, int], DnsTx] = {}

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from kzprobe import errors as E
+from kzprobe.analysis.features import host_of, http_features
 from kzprobe.model import STEP_HTTP, STEP_TLS, Observation
 from kzprobe.replay import parsers
 from kzprobe.replay.pcapio import ACK, FIN, RST
@@ -60,9 +61,8 @@ def observe(st: FileState, fl: Flow, address: str, ref: Ref | None, cut: bool) -
         what = f"ClientHello (SNI {sni})" if sni else "ClientHello (no SNI)"
     else:
         assert req is not None
-        host = req.host
-        domain = (host.rsplit(":", 1)[0] if host and not host.endswith("]") else host) or address
-        what = f"{req.method} {req.path} (Host {host})"
+        domain = host_of(buf) or address
+        what = f"{req.method} {req.path} (Host {req.host})"
     # Remember the name even if this flow yields no observation: TCP-only flows to the same
     # address (handshake timeouts) are named after it.
     if domain != address:
@@ -77,8 +77,7 @@ def observe(st: FileState, fl: Flow, address: str, ref: Ref | None, cut: bool) -
         data = {"sni": sni}
     else:
         assert req is not None
-        data = {"host": req.host, "url": f"http://{req.host or address}{req.path}", "status": None, "title": None,
-                "body_head": "", "blockpage": None, "body_length": 0}
+        data = {"host": host_of(buf) or req.host, "url": f"http://{req.host or address}{req.path}"}
     packets = [tn]
     failure: str | None
     if sig is None:
@@ -111,7 +110,7 @@ def observe(st: FileState, fl: Flow, address: str, ref: Ref | None, cut: bool) -
                                               packets)
             else:
                 outcome, failure = "response", None
-                _http_reply(st, domain, what, body, sig, data)
+                _http_reply(st, fl, domain, what, body, bool(injected), sig, data)
         elif sig.flags & RST:
             outcome, failure = "rst", E.CONNECTION_RESET
             if not injected:
@@ -178,14 +177,38 @@ def _tls_reply(st: FileState, fl: Flow, domain: str, address: str, sni: str | No
     return "cert_rejected", None
 
 
-def _http_reply(st: FileState, domain: str, what: str, body: bytes, sig: Answer, data: dict[str, Any]) -> None:
-    resp = parsers.http_response(body)
-    bp = st.matcher.match(resp.body, resp.headers)
-    data.update(status=resp.status, title=resp.title, body_head=resp.body[:512], blockpage=bp,
-                body_length=resp.body_length)
+def _http_reply(st: FileState, fl: Flow, domain: str, what: str, body: bytes, injected: bool, sig: Answer,
+                data: dict[str, Any]) -> None:
+    """The response's features, through the feature layer the live probe uses (same bytes, same
+    features): decoded body (gzip/deflate/br), title, length, sha256, head, truncation, blockpage."""
+    status, headers, raw, complete = response_parts(body)
+    # Lengths are meaningless when the capture does not hold the whole body: cut by the flow's
+    # buffer, by the end of the capture or connection, or (injected) only its first packet read.
+    cut = not complete or (fl.srv_overflow and not injected)
+    feats = http_features(status, headers, raw, truncated_on_wire=cut, fingerprints=st.fingerprints)
+    data.update(status=status, headers=headers, **feats)
+    bp = feats["blockpage"]
     if bp:
         st.find(domain, "blockpage", [sig.number], f"packet {sig.number}: blockpage '{bp}' served for {what} "
-                                                   f"(title {resp.title!r})")
+                                                   f"(title {feats['title']!r})")
+
+
+def response_parts(buf: bytes) -> tuple[int | None, dict[str, str], bytes, bool]:
+    """(status, headers, raw body after transfer-decoding, complete?) of what a server sent.
+
+    Tolerates a missing status line (an injected raw HTML page: all of it is the body).  The body
+    is still content-encoded: the feature layer decodes it.
+    """
+    msgs = parsers.http_messages(buf, requests=False, max_messages=1)
+    if not msgs:
+        if buf.startswith(b"HTTP/"):  # headers cut short: a response, but no body to speak of
+            head = parsers.http_response(buf)
+            return head.status, {k.lower(): v for k, v in head.headers.items()}, b"", False
+        return None, {}, buf, True
+    m = msgs[0]
+    parts = m.first_line.split(" ", 2)
+    status = int(parts[1][:3]) if len(parts) > 1 and parts[1][:3].isdigit() else None
+    return status, m.headers, m.body, m.complete
 
 
 def _rejected(fl: Flow, cli: bytes, server_hello: int) -> int | None:
