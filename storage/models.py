@@ -15,10 +15,10 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 #: Bump when the schema changes; stored in the ``meta`` table and checked on open.  Every bump
 #: comes with an Alembic migration in ``storage/migrations/versions`` (``kzprobe db upgrade``).
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: The Alembic revision these models correspond to (tests check it is the migrations' head).
 #: A new database is created from the models and stamped with it, without importing Alembic.
-HEAD_REVISION = "0002"
+HEAD_REVISION = "0003"
 
 
 def new_uid() -> str:
@@ -177,3 +177,13 @@ class TokenRow(Base):
     revoked: Mapped[float | None] = mapped_column(Float, nullable=True)
 
     __table_args__ = (Index("ix_tokens_key_id", "key_id", unique=True),)
+
+
+class OoniImportRow(Base):
+    """An imported OONI measurement's key -> its run.  Committed in the same transaction as the
+    run, so re-importing (or resuming an import killed half-way) skips exactly what is stored."""
+
+    __tablename__ = "ooni_imports"
+    #: ``uid:<measurement_uid>``, ``rid:<report_id> <input>`` or ``sha256:<hash of the bytes>``.
+    key: Mapped[str] = mapped_column(Text, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"))
