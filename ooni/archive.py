@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 #: A measurement larger than this is not a measurement (OONI's are 1 KB to about 1 MB).
 MAX_LINE = 16 * 1024 * 1024
@@ -163,7 +163,7 @@ def discover(paths: Iterable[str | Path], filters: Filters) -> Iterator[Source |
 
 def _discover_url(url: str, filters: Filters) -> Iterator[Source | tuple[str, str]]:
     try:
-        import fsspec  # type: ignore[import-untyped]
+        import fsspec
     except ImportError:
         yield (url, "reading URLs needs fsspec and the filesystem's package (pip install fsspec s3fs)")
         return
@@ -192,7 +192,7 @@ def _open(source: Source) -> IO[bytes]:
     if source.is_url:
         import fsspec
 
-        return fsspec.open(source.name, "rb").open()  # type: ignore[no-any-return]
+        return fsspec.open(source.name, "rb").open()
     return open(source.name, "rb")  # closed by read_lines
 
 
@@ -209,7 +209,7 @@ def read_lines(source: Source, prefilter: LinePrefilter | None = None) -> Iterat
         yield (0, f"cannot read: {exc.strerror or exc}")
         return
     with raw:
-        fh: IO[bytes] = gzip.GzipFile(fileobj=raw) if source.name.endswith(".gz") else raw
+        fh = cast(IO[bytes], gzip.GzipFile(fileobj=raw)) if source.name.endswith(".gz") else raw
         n = 0
         try:
             first = fh.read(1)
@@ -218,7 +218,7 @@ def read_lines(source: Source, prefilter: LinePrefilter | None = None) -> Iterat
             if not first:
                 yield (0, "empty file")
                 return
-            stream = io.BufferedReader(_Prepend(first, fh), buffer_size=1 << 20)  # type: ignore[arg-type]
+            stream = io.BufferedReader(_Prepend(first, fh), buffer_size=1 << 20)
             if first in (b"{", b"[") and source.name.endswith((".json", ".json.gz")):
                 # One object, possibly pretty-printed: read it whole (bounded), it is one line.
                 whole = stream.read(MAX_LINE + 1)

@@ -254,7 +254,7 @@ def import_archive(paths: Iterable[str | Path], store: Any, filters: Filters, *,
             consume(result)
         return summary
     n = workers if workers is not None else (os.cpu_count() or 1)
-    if n > 1 and _input_size(sources) < SMALL_INPUT:
+    if workers is None and n > 1 and _input_size(sources) < SMALL_INPUT:
         n = 1
     for result in _local_results(sources, filters, batch, n):
         consume(result)
@@ -310,7 +310,7 @@ def _result(fut: Future[BatchResult] | None, problems: list[tuple[str, str]], sk
 
 def _dask_results(scheduler: str, sources: list[Source], filters: Filters, batch: int) -> Iterator[BatchResult]:
     try:
-        from distributed import Client  # type: ignore[import-untyped]
+        from distributed import Client
     except ImportError:
         raise ImportError("--scheduler needs Dask: install kzprobe[scale]") from None
     with Client(scheduler) as client:
