@@ -9,17 +9,35 @@ builds the parameters from plain dicts that worker processes prepared.
 from __future__ import annotations
 
 import json
+import uuid
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, func, insert, select
 
 from kzprobe.model import Target
+from kzprobe.storage.classifier import classifier_version
 from kzprobe.storage.columns import OBS_COLUMNS
 from kzprobe.storage.models import ObservationRow, OoniImportRow, RunRow, TargetRow, VerdictRow
 
 if TYPE_CHECKING:
     from kzprobe.ooni.pipeline import Row
     from kzprobe.storage import Store
+
+
+def _run_uid(key: str) -> str:
+    # The same OONI measurement gets the same run uid in every database that imports it, so
+    # collectors and analysts merging imports recognise it.
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, "ooni-measurement:" + key))
+
+
+def _vantage(v: dict[str, Any]) -> dict[str, str | None]:
+    """OONI's probe_* keys as the runs table's filterable vantage columns."""
+    def text(key: str, limit: int) -> str | None:
+        value = v.get(key)
+        return None if value is None or value == "" else str(value)[:limit]
+
+    return {"network_name": text("probe_network_name", 128), "asn": text("probe_asn", 16),
+            "country": text("probe_cc", 8)}
 
 
 class OoniWriter:
@@ -44,13 +62,14 @@ class OoniWriter:
             run_ids = self._insert(conn, RunRow, [
                 {"source": "ooni", "software": r.software, "software_version": r.software_version,
                  "started": r.started, "ended": r.ended, "state": "done", "vantage": r.vantage,
-                 "options": r.options} for r in fresh])
+                 "options": r.options, "uid": _run_uid(r.key), **_vantage(r.vantage)} for r in fresh])
             conn.execute(insert(TargetRow), [
                 {"run_id": rid, "url": r.input, "domain": Target(url=r.input).host, "category": "", "claim": None}
                 for rid, r in zip(run_ids, fresh, strict=True)])
             obs_ids = self._observations(conn, [(rid, o) for rid, r in zip(run_ids, fresh, strict=True)
                                                 for o in r.observations])
             verdicts: list[list[dict[str, Any]]] = []
+            version = classifier_version()
             verdict_params: list[dict[str, Any]] = []
             offset = 0
             for rid, r in zip(run_ids, fresh, strict=True):
@@ -59,7 +78,7 @@ class OoniWriter:
                 vs = [{**v, "observations": [mine[p - 1] for p in v["observations"] if 0 < p <= len(mine)]}
                       for v in r.verdicts]
                 verdicts.append(vs)
-                verdict_params.extend({**v, "run_id": rid} for v in vs)
+                verdict_params.extend({**v, "run_id": rid, "classifier_version": version} for v in vs)
             if verdict_params:
                 conn.execute(insert(VerdictRow), verdict_params)
             conn.execute(insert(OoniImportRow), [{"key": r.key, "run_id": rid}
