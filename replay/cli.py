@@ -22,23 +22,32 @@ def _classify(observations: list[Observation]) -> tuple[list[Verdict] | None, st
 @click.command("replay")
 @click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
-@click.option("--store", is_flag=True, help="Store observations and verdicts as one run (source=pcap).")
+@click.option("--store", is_flag=True, help="Store observations and verdicts as one run (source=pcap): "
+              "one verdict per target over all the files.")
 @click.option("--db", default=None, help="Database path or SQLAlchemy URL (with --store).")
 @click.option("--fingerprints", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="Extra blockpage fingerprint CSV (ooni/blocking-fingerprints format); repeatable.")
-def replay(files: tuple[str, ...], fmt: str, store: bool, db: str | None, fingerprints: tuple[str, ...]) -> None:
+@click.option("--separate", is_flag=True, help="Replay every file on its own, even when the files follow one "
+              "another in time like a rotated capture (tcpdump -C / -G).")
+def replay(files: tuple[str, ...], fmt: str, store: bool, db: str | None, fingerprints: tuple[str, ...],
+           separate: bool) -> None:
     """Classify censorship from packet captures (pcap / pcapng, plain or gzip).
 
     Reconstructs DNS transactions, TCP flows, TLS ClientHellos and HTTP requests, judges which
     packets were injected (IP TTL / IP-ID unlike the server's own), and classifies each domain
     with the same rules as live runs.  Evidence cites packet numbers as Wireshark counts them.
 
+    Files whose capture times follow one another (the next starts where the previous one ended)
+    are one capture rotated across files: they are joined into one, and packets are numbered as
+    in their concatenation (mergecap -a).  A file that cannot be read is reported on its own line
+    and the others are still replayed.
+
     Control comes from the capture itself: the probe's requests to its control helper
     (POST /v1/control, found by that request line) and the helper's answers are always decoded
     as control observations, never reported as targets.
     """
     from kzprobe.analysis.fingerprints import Fingerprints
-    from kzprobe.replay.engine import FileReplay, Replayer
+    from kzprobe.replay.engine import FileError, FileReplay, Replayer, group_rotated
     from kzprobe.replay.pcapio import CaptureError
 
     if db is not None and not store:
@@ -48,37 +57,49 @@ def replay(files: tuple[str, ...], fmt: str, store: bool, db: str | None, finger
     except Exception as exc:  # a bad fingerprint file: one line, no traceback
         raise click.ClickException(f"fingerprints: {exc}") from None
     replayer = Replayer(fps)
+    if separate:
+        groups, failed = [[f] for f in files], []
+    else:
+        groups, failed = group_rotated(list(files))
+    for err in failed:
+        click.echo(f"error: {err}", err=True)
     results: list[FileReplay] = []
-    failed: list[str] = []
-    for path in files:
+    for group in groups:
         try:
-            fr = replayer.replay_file(path)
+            fr = replayer.replay_run(group)
         except CaptureError as exc:
-            failed.append(str(exc))
-            if len(files) > 1:
-                click.echo(f"error: {exc}", err=True)
+            err = FileError(group[0], str(exc))
+            failed.append(err)
+            click.echo(f"error: {exc}", err=True)
             continue
+        except (MemoryError, RecursionError) as exc:  # bounded by design; say which file if not
+            failed.append(FileError(group[0], f"{type(exc).__name__} while replaying"))
+            click.echo(f"error: {group[0]}: {type(exc).__name__} while replaying", err=True)
+            continue
+        if len(group) > 1:
+            click.echo(f"note: joined {len(group)} files of one rotated capture: {', '.join(group)}", err=True)
         if fr.read.error:
             click.echo(f"warning: {fr.read.describe()}; the result covers the frames before it", err=True)
         for w in fr.read.warnings:
-            click.echo(f"warning: {path}: {w}", err=True)
+            click.echo(f"warning: {group[0]}: {w}", err=True)
         results.append(fr)
     if not results:
-        raise click.ClickException(failed[0] if len(failed) == 1 else f"none of the {len(failed)} files could be read")
+        raise click.ClickException(str(failed[0]) if len(failed) == 1 else
+                                   f"none of the {len(failed)} files could be read")
 
     run_id = None
     if store:
-        run_id = _store_observations(db, files, results)
+        run_id = _store(db, files, results)
     per_file: list[tuple[FileReplay, list[Verdict] | None]] = []
     note = None
     for fr in results:
         verdicts, note = _classify(fr.observations)
         per_file.append((fr, verdicts))
-    if store and run_id is not None:
-        _store_verdicts(db, run_id, [v for _fr, vs in per_file for v in vs or []])
 
     if fmt == "json":
         doc: dict[str, Any] = {"files": [_file_doc(fr, vs) for fr, vs in per_file]}
+        if failed:
+            doc["errors"] = [{"path": e.path, "reason": e.reason} for e in failed]
         if note:
             doc["classifier"] = note
         if run_id is not None:
@@ -94,6 +115,7 @@ def replay(files: tuple[str, ...], fmt: str, store: bool, db: str | None, finger
 def _file_doc(fr: Any, verdicts: list[Verdict] | None) -> dict[str, Any]:
     return {
         "path": fr.read.path,
+        "paths": fr.paths,
         "read": fr.read.to_dict(),
         "packets": fr.packets,
         "verdicts": [v.to_dict() for v in verdicts] if verdicts is not None else None,
@@ -108,7 +130,8 @@ def _table(per_file: list[tuple[Any, list[Verdict] | None]], note: str | None, r
 
     con = Console()
     for fr, verdicts in per_file:
-        con.rule(f"[bold]{fr.read.path}")
+        title = fr.read.path if len(fr.paths) < 2 else f"{fr.paths[0]} … {fr.paths[-1]} ({len(fr.paths)} files joined)"
+        con.rule(f"[bold]{title}")
         status = f"{fr.read.frames} frames, {fr.packets} IP packets, {len(fr.observations)} observations"
         if fr.read.error:
             status += f" — [red]stopped at byte {fr.read.error_offset} (frame {fr.read.error_frame}): {fr.read.error}"
@@ -132,31 +155,44 @@ def _table(per_file: list[tuple[Any, list[Verdict] | None]], note: str | None, r
         con.print(f"stored as run {run_id}")
 
 
-def _store_observations(db: str | None, files: tuple[str, ...], results: list[Any]) -> int:
+def _store(db: str | None, files: tuple[str, ...], results: list[Any]) -> int:
+    """One run for all the files: their observations, and one verdict per target over all of them
+    (a target seen in two captures is one target of the run, not two verdicts)."""
     from kzprobe.storage import StorageError, Store
 
+    observations = [o for fr in results for o in fr.observations]
     try:
         st = Store(db)
-        run_id = st.new_run(source="pcap", options={"files": list(files)})
-        targets = list(dict.fromkeys(o.target for fr in results for o in fr.observations))
-        st.add_targets(run_id, [Target(url=t, notes="pcap replay") for t in targets])
-        for fr in results:
-            # Storage assigns the ids; verdicts are computed afterwards so that their evidence
-            # points at stored rows.
-            st.add_observations(run_id, fr.observations)
-        st.close()
     except StorageError as exc:
         raise click.ClickException(str(exc)) from None
+    run_id: int | None = None
+    try:
+        run_id = st.new_run(source="pcap", options={"files": list(files)})
+        targets = list(dict.fromkeys(o.target for o in observations))
+        st.add_targets(run_id, [Target(url=t, notes="pcap replay") for t in targets])
+        # Storage assigns the ids; verdicts are computed afterwards so that their evidence points
+        # at stored rows.
+        st.add_observations(run_id, observations)
+        verdicts, note = _classify(observations)
+        if verdicts is None:
+            raise click.ClickException(note or "classifier unavailable")
+        st.set_verdicts(run_id, verdicts)
+        st.finish_run(run_id)
+    except StorageError as exc:
+        _failed(st, run_id)
+        raise click.ClickException(str(exc)) from None
+    except BaseException:
+        _failed(st, run_id)  # never leave the run "running"
+        raise
+    finally:
+        st.close()
     return run_id
 
 
-def _store_verdicts(db: str | None, run_id: int, verdicts: list[Verdict]) -> None:
-    from kzprobe.storage import StorageError, Store
-
+def _failed(st: Any, run_id: int | None) -> None:
+    if run_id is None:
+        return
     try:
-        st = Store(db)
-        st.set_verdicts(run_id, verdicts)
-        st.finish_run(run_id)
-        st.close()
-    except StorageError as exc:
-        raise click.ClickException(str(exc)) from None
+        st.finish_run(run_id, state="failed")
+    except Exception:  # the store itself is broken: the first error is the one to report
+        pass

@@ -14,6 +14,8 @@ files' concatenation would (``mergecap -a``), so that evidence stays unambiguous
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -161,8 +163,11 @@ def _span_of(path: str) -> tuple[float, float] | None:
 
 
 def group_rotated(paths: Sequence[str]) -> tuple[list[list[str]], list[FileError]]:
-    """Group files into runs: files whose capture times follow one another (the next one starts
-    at or after the previous one's last packet, within ``JOIN_GAP``) are one rotated capture.
+    """Group files into runs: files named alike (the same folder, and the same name once digits
+    are left out: ``cap.pcap``, ``cap.pcap1`` ... from ``tcpdump -C``; strftime names from ``-G``)
+    whose capture times follow one another (the next one starts at or after the previous one's
+    last packet, within ``JOIN_GAP``) are one rotated capture.  Times alone would join two
+    separate captures recorded back to back.
 
     Files are ordered by their first packet, as ``mergecap -a`` would need them.  A file that is
     not a capture comes back as a :class:`FileError` and is left out.
@@ -185,15 +190,23 @@ def group_rotated(paths: Sequence[str]) -> tuple[list[list[str]], list[FileError
             spans.append((sp[0], sp[1], i, p))
     spans.sort()
     groups: list[list[str]] = []
-    end = None
+    ends: dict[tuple[str, str], tuple[int, float]] = {}  # stem -> (its open group, last timestamp)
     for first, last, _i, p in spans:
-        if groups and end is not None and end <= first <= end + JOIN_GAP:
-            groups[-1].append(p)
+        stem = _stem(p)
+        open_ = ends.get(stem)
+        if open_ is not None and open_[1] <= first <= open_[1] + JOIN_GAP:
+            groups[open_[0]].append(p)
+            ends[stem] = (open_[0], last)
         else:
             groups.append([p])
-        end = last
+            ends[stem] = (len(groups) - 1, last)
     groups += [[p] for p in empty]
     return groups, errors
+
+
+def _stem(path: str) -> tuple[str, str]:
+    folder, name = os.path.split(os.path.abspath(path))
+    return folder, re.sub(r"\d+", "", name)
 
 
 def _reason(exc: CaptureError, path: str) -> str:

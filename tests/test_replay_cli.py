@@ -1,0 +1,127 @@
+"""`kzprobe replay` over several files: one stored verdict per target, rotated captures joined,
+bad files reported per file (issue 9, items 9 and 10)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from kzprobe.analysis import classify
+from kzprobe.cli import main
+from kzprobe.replay.engine import Replayer, group_rotated
+from kzprobe.storage import Store
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "pcaps"
+KZ2014 = FIXTURES / "kz2014.pcap"
+SNI_RESET = FIXTURES / "method-sni-reset.pcap"
+
+needs_fixtures = pytest.mark.skipif(not KZ2014.is_file() or not SNI_RESET.is_file(), reason="lab captures absent")
+
+
+def _split(src: Path, out: Path, packets: int) -> list[Path]:
+    """Rotate a capture the way a long tcpdump -C / -G run would: consecutive files."""
+    if not shutil.which("editcap"):
+        pytest.skip("editcap (tshark) absent")
+    out.mkdir()
+    subprocess.run(["editcap", "-F", "pcap", "-c", str(packets), str(src), str(out / "part.pcap")], check=True)
+    parts = sorted(out.glob("part_*.pcap"))
+    assert len(parts) >= 3
+    return parts
+
+
+def _sig(observations: list) -> list[tuple]:
+    return sorted((o.step, o.target, o.vantage, o.purpose, o.failure or "", tuple(o.packets)) for o in observations)
+
+
+@needs_fixtures
+def test_rotated_capture_is_joined_into_one_run(tmp_path: Path) -> None:
+    parts = _split(KZ2014, tmp_path / "rot", 250)
+    # Any order on the command line: the files are ordered by their capture times.
+    groups, errors = group_rotated([str(p) for p in reversed(parts)])
+    assert not errors and groups == [[str(p) for p in parts]]
+    # Separate captures are not joined, even recorded back to back (the lab records them so).
+    every = sorted(str(p) for p in FIXTURES.glob("*.pcap"))
+    groups, errors = group_rotated([*every, *map(str, parts)])
+    assert not errors and len(groups) == len(every) + 1
+    assert [str(p) for p in parts] in groups
+    assert sorted(g[0] for g in groups if len(g) == 1) == every
+    whole = Replayer().replay_file(str(KZ2014))
+    joined = Replayer().replay_run([str(p) for p in parts])
+    # The same observations, packet numbers included (numbered as the files' concatenation).
+    assert _sig(joined.observations) == _sig(whole.observations)
+    assert joined.packets == whole.packets and joined.read.frames == whole.read.frames
+    assert {v.target: v.label for v in classify(joined.observations)} == {
+        v.target: v.label for v in classify(whole.observations)}
+    # Replayed on their own, the parts lose flows cut at the file boundaries: joining matters.
+    separate = [o for p in parts for o in Replayer().replay_file(str(p)).observations]
+    assert _sig(separate) != _sig(whole.observations)
+
+
+@needs_fixtures
+def test_store_keeps_one_verdict_per_target(tmp_path: Path) -> None:
+    # Two captures that both hold the same targets (the same run captured on two interfaces,
+    # or a file given twice), plus a rotated one split in parts.
+    a, b = tmp_path / "a.pcap", tmp_path / "b.pcap"
+    shutil.copy(SNI_RESET, a)
+    shutil.copy(SNI_RESET, b)
+    parts = _split(KZ2014, tmp_path / "rot", 300)
+    db = tmp_path / "r.db"
+    res = CliRunner().invoke(main, ["replay", str(a), str(b), *map(str, parts), "--store", "--db", str(db),
+                                    "--format", "json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.output[res.output.index("{"):])
+    assert len(doc["files"]) == 3  # a, b, and the joined parts
+    store = Store(str(db))
+    try:
+        run_id = doc["run_id"]
+        verdicts = store.verdicts(run_id)
+        state = store.run(run_id)
+    finally:
+        store.close()
+    targets = [v.target for v in verdicts]
+    assert len(targets) == len(set(targets)), f"duplicate verdicts: {sorted(targets)}"
+    expected_targets = {v.target for fr in (Replayer().replay_file(str(SNI_RESET)),
+                                            Replayer().replay_file(str(KZ2014))) for v in classify(fr.observations)}
+    assert set(targets) == expected_targets
+    assert state is not None and state.state == "done"
+    by_target = {v.target: v for v in verdicts}
+    assert by_target["ratel.kz"].label == "blocked/dpi"
+
+
+@needs_fixtures
+def test_bad_files_are_reported_per_file(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.pcap"
+    junk.write_bytes(b"this is not a capture\n" * 4)
+    cut = tmp_path / "cut.pcap"
+    data = SNI_RESET.read_bytes()
+    cut.write_bytes(data[: len(data) // 2 + 7])  # stops inside a record
+    empty = tmp_path / "empty.pcap"
+    empty.write_bytes(b"")
+    missing = tmp_path / "missing.pcap"
+    res = CliRunner().invoke(main, ["replay", str(junk), str(cut), str(empty), str(missing), str(KZ2014)])
+    out = res.output
+    assert "Traceback" not in out and res.exception is None or isinstance(res.exception, SystemExit)
+    assert res.exit_code == 1
+    lines = out.splitlines()
+    for bad, why in ((junk, "not a pcap or pcapng file"), (empty, "empty"), (missing, "cannot open")):
+        mine = [ln for ln in lines if str(bad) in ln and ln.startswith("error:")]
+        assert len(mine) == 1 and why in mine[0], (bad, out)
+    warn = [ln for ln in lines if ln.startswith("warning:") and str(cut) in ln]
+    assert len(warn) == 1 and "truncated" in warn[0]
+    # The good file and the readable part of the cut one are still replayed.
+    assert "ratel.kz" in out and "bambuser.com" in out
+
+
+def test_every_file_unreadable_is_one_line_each(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.pcap", tmp_path / "b.pcap"
+    a.write_bytes(b"\xd4\xc3\xb2\xa1")  # a pcap magic and nothing else
+    b.write_bytes(b"junk")
+    res = CliRunner().invoke(main, ["replay", str(a), str(b)])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert sum(1 for ln in res.output.splitlines() if ln.startswith("error:")) == 2
+    assert "none of the 2 files could be read" in res.output
