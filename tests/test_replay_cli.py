@@ -105,7 +105,8 @@ def test_bad_files_are_reported_per_file(tmp_path: Path) -> None:
     missing = tmp_path / "missing.pcap"
     res = CliRunner().invoke(main, ["replay", str(junk), str(cut), str(empty), str(missing), str(KZ2014)])
     out = res.output
-    assert "Traceback" not in out and res.exception is None or isinstance(res.exception, SystemExit)
+    assert "Traceback" not in out
+    assert res.exception is None or isinstance(res.exception, SystemExit)
     assert res.exit_code == 1
     lines = out.splitlines()
     for bad, why in ((junk, "not a pcap or pcapng file"), (empty, "empty"), (missing, "cannot open")):
