@@ -57,6 +57,7 @@ def replay(files: tuple[str, ...], fmt: str, store: bool, db: str | None, finger
     except Exception as exc:  # a bad fingerprint file: one line, no traceback
         raise click.ClickException(f"fingerprints: {exc}") from None
     replayer = Replayer(fps)
+    failed: list[FileError]
     if separate:
         groups, failed = [[f] for f in files], []
     else:
