@@ -29,6 +29,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "replay": ("kzprobe.replay.cli", "replay", "Classify censorship from packet captures."),
     "trace": ("kzprobe.trace.cli", "trace", "Locate the censoring hop (TTL-limited sweeps)."),
     "db": ("kzprobe.storage.cli", "db", "Database maintenance: upgrade the schema in place."),
+    "collector": ("kzprobe.collector.cli", "collector", "Receive volunteers' uploads (and manage their tokens)."),
+    "upload": ("kzprobe.collector.upload_cli", "upload", "Upload stored runs to a collector (resumable)."),
 }
 
 

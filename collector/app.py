@@ -1,0 +1,236 @@
+"""The collector's ASGI app (API version 1).  Protocol:
+
+* ``POST /v1/runs`` (open_run.json) -> ``200 {"uid", "acked", "state"}``: opens the run, or
+  returns the existing one with the highest sequence number already stored (``acked``);
+* ``POST /v1/runs/{uid}/observations`` (batch.json) -> ``200 {"uid", "acked", "stored",
+  "duplicates"}``: idempotent by (uid, seq); a batch is stored whole or refused whole;
+* ``POST /v1/runs/{uid}/close`` (close_run.json) -> ``200 {"uid", "acked", "state", "verdicts"}``;
+* ``GET /v1/runs/{uid}`` -> ``{"uid", "acked", "state"}``; ``GET /v1/health``;
+  ``GET /v1/schemas/NAME.json``: the JSON Schemas of the bodies;
+* errors: ``{"error": "<one line>", "code": "<short code>"}`` with 400 (bad body), 401 (missing,
+  unknown or revoked token), 404, 405, 408, 409, 413 (body too large), 415, 500, 503
+  (``Retry-After``: the writer queue is full).
+
+Authorization: ``Bearer kzp_...`` (``kzprobe collector token add NAME``); runs are attributed to
+the token's name.  Client addresses are not logged unless ``log_addresses`` is set.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import trio
+
+from kzprobe import __version__
+from kzprobe.collector.ingest import Ingest, Refused
+from kzprobe.collector.tokens import Verifier
+from kzprobe.collector.wire import API_VERSION, BadBody, parse_batch, parse_close, parse_open
+
+log = logging.getLogger("kzprobe.collector")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+_RUN_PATH = re.compile(r"^/v1/runs/([0-9a-f-]{36})(/observations|/close)?$")
+SCHEMAS = ("open_run.json", "batch.json", "close_run.json")
+
+
+@dataclass
+class Limits:
+    #: A batch of 5000 observations with 1 KiB body heads is ~8 MiB.
+    max_body: int = 16 * 1024 * 1024
+    #: Worker threads writing at once (1 for SQLite: it has one writer).
+    writers: int = 1
+    #: Requests that may wait for a writer; beyond, 503 with Retry-After.
+    queue: int = 64
+    body_timeout: float = 30.0
+    header_timeout: float = 10.0
+    #: Wrong tokens per client (memory only) before answering 401 without checking for a while.
+    auth_failures: int = 10
+    auth_lockout: float = 60.0
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers or {}
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    return " ".join(text.split())[:limit]
+
+
+@dataclass
+class CollectorApp:
+    ingest: Ingest
+    verifier: Verifier
+    limits: Limits = field(default_factory=Limits)
+    log_addresses: bool = False
+
+    def __post_init__(self) -> None:
+        self.writers = trio.CapacityLimiter(self.limits.writers)
+        self.waiting = 0
+        self._failures: dict[str, tuple[int, float]] = {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope.get("type")
+        if kind == "lifespan":
+            while True:
+                msg = await receive()
+                if msg["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif msg["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if kind == "websocket":
+            await receive()
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        if kind != "http":
+            return
+        try:
+            status, payload, headers = await self._route(scope, receive)
+        except HttpError as exc:
+            status, payload, headers = exc.status, {"error": exc.message, "code": exc.code}, exc.headers
+        except Exception:
+            log.exception("internal error on %s %s", scope.get("method"), _one_line(scope.get("path", ""), 80))
+            status, payload, headers = 500, {"error": "internal error in the collector", "code": "internal"}, {}
+        if self.log_addresses:
+            client = scope.get("client") or ("?", 0)
+            log.info("%s %s %s -> %d", client[0], scope.get("method"), _one_line(scope.get("path", ""), 80), status)
+        body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+        raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               (b"cache-control", b"no-store")]
+        raw += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+        await send({"type": "http.response.start", "status": status, "headers": raw})
+        await send({"type": "http.response.body", "body": body})
+
+    # --- plumbing ------------------------------------------------------------------------------
+    @staticmethod
+    def _header(scope: Scope, name: bytes) -> str | None:
+        for k, v in scope.get("headers", []):
+            if k.lower() == name:
+                return bytes(v).decode("latin-1")
+        return None
+
+    async def _authorize(self, scope: Scope) -> str:
+        client = str((scope.get("client") or ("?", 0))[0])  # in memory only, for the lockout
+        count, until = self._failures.get(client, (0, 0.0))
+        now = trio.current_time()
+        unauthorized = HttpError(401, "unauthorized", "missing, unknown or revoked token",
+                                 {"WWW-Authenticate": 'Bearer realm="kzprobe-collector"'})
+        if count >= self.limits.auth_failures and now < until:
+            raise unauthorized
+        scheme, _, given = (self._header(scope, b"authorization") or "").partition(" ")
+        if scheme.lower() != "bearer" or not given.strip():
+            raise unauthorized
+        # scrypt takes tens of ms: never on the event loop.
+        name = await trio.to_thread.run_sync(self.verifier.name_of, given.strip())
+        if name is None:
+            self._failures[client] = (count + 1, now + self.limits.auth_lockout)
+            if len(self._failures) > 10_000:  # bounded memory under a spray of addresses
+                self._failures.clear()
+            raise unauthorized
+        self._failures.pop(client, None)
+        return name
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
+        ctype = (self._header(scope, b"content-type") or "").split(";")[0].strip().lower()
+        cap = self.limits.max_body
+        declared = self._header(scope, b"content-length")
+        too_large = HttpError(413, "too_large", f"request body over {cap} bytes")
+        if declared is not None and declared.strip().isdigit() and int(declared) > 2 * cap:
+            raise too_large
+        chunks: list[bytes] = []
+        size = 0
+        with trio.move_on_after(self.limits.body_timeout) as cs:
+            while True:
+                msg = await receive()
+                if msg["type"] == "http.disconnect":
+                    raise HttpError(400, "disconnected", "client went away before the body was complete")
+                chunk = bytes(msg.get("body", b""))
+                size += len(chunk)
+                if size > 2 * cap:
+                    raise too_large
+                if size <= cap:
+                    chunks.append(chunk)
+                # A little over the cap is read and dropped rather than answered at once: a client
+                # still sending when the connection closes gets a reset instead of the 413 reason.
+                if not msg.get("more_body", False):
+                    break
+        if size > cap and not cs.cancelled_caught:
+            raise too_large
+        if cs.cancelled_caught:
+            raise HttpError(408, "body_timeout", f"request body not received within {self.limits.body_timeout:g} s")
+        if ctype != "application/json":
+            raise HttpError(415, "unsupported_media_type", "Content-Type must be application/json")
+        return b"".join(chunks)
+
+    async def _work(self, write: Callable[[Any], Any], parse: Callable[[bytes], Any] | None = None,
+                    body: bytes = b"") -> Any:
+        """Parse ``body`` in a worker thread (CPU on untrusted bytes never runs on the event loop),
+        then ``write(parsed)`` in another, at most ``writers`` at once."""
+        if self.waiting >= self.limits.queue:
+            raise HttpError(503, "busy", "collector busy; retry later", {"Retry-After": "2"})
+        self.waiting += 1
+        try:
+            parsed = await trio.to_thread.run_sync(parse, body) if parse is not None else None
+            return await trio.to_thread.run_sync(write, parsed, limiter=self.writers)
+        except BadBody as exc:
+            raise HttpError(400, "bad_body", exc.reason) from None
+        except Refused as exc:
+            raise HttpError(exc.status, exc.code, exc.message) from None
+        finally:
+            self.waiting -= 1
+
+    # --- routes --------------------------------------------------------------------------------
+    async def _route(self, scope: Scope, receive: Receive) -> tuple[int, dict[str, Any], dict[str, str]]:
+        path, method = scope.get("path", ""), scope.get("method", "")
+
+        def only(allowed: str) -> None:
+            if method != allowed:
+                raise HttpError(405, "method_not_allowed", f"{method} not allowed on {_one_line(path, 80)}",
+                                {"Allow": allowed})
+
+        if path == "/v1/health":
+            only("GET")
+            return 200, {"ok": True, "version": API_VERSION, "kzprobe": __version__}, {}
+        if path.startswith("/v1/schemas/"):
+            only("GET")
+            name = path.rsplit("/", 1)[1]
+            if name not in SCHEMAS:
+                raise HttpError(404, "not_found", f"no schema {_one_line(name, 60)!r}; there are {', '.join(SCHEMAS)}")
+            return 200, json.loads(resources.files("kzprobe.collector").joinpath("schemas", name).read_text()), {}
+        if path == "/v1/runs":
+            only("POST")
+            who = await self._authorize(scope)
+            body = await self._read_body(scope, receive)
+            ack = await self._work(lambda req: self.ingest.open_run(who, req), parse_open, body)
+            log.info("run %s opened by %s", ack.uid, who)
+            return 200, {"uid": ack.uid, "acked": ack.acked, "state": ack.state}, {}
+        m = _RUN_PATH.match(path)
+        if m is None:
+            raise HttpError(404, "not_found", f"no such endpoint: {_one_line(path, 100)}")
+        uid, action = m.group(1), m.group(2)
+        if action is None:
+            only("GET")
+            who = await self._authorize(scope)
+            ack = await self._work(lambda _: self.ingest.status(who, uid))
+            return 200, {"uid": uid, "acked": ack.acked, "state": ack.state}, {}
+        only("POST")
+        who = await self._authorize(scope)
+        body = await self._read_body(scope, receive)
+        if action == "/observations":
+            ack = await self._work(lambda batch: self.ingest.append(who, uid, batch), parse_batch, body)
+            return 200, {"uid": uid, "acked": ack.acked, "stored": ack.stored, "duplicates": ack.duplicates}, {}
+        ack, n = await self._work(lambda req: self.ingest.close_run(who, uid, req), parse_close, body)
+        log.info("run %s closed by %s (%s, %d verdicts)", uid, who, ack.state, n)
+        return 200, {"uid": uid, "acked": ack.acked, "state": ack.state, "verdicts": n}, {}

@@ -1,0 +1,175 @@
+"""The collector's writes: idempotent by (run uid, observation seq), bulk inserts.
+
+Synchronous (SQLAlchemy's async layer is asyncio-only); the app calls these from worker threads,
+one at a time on SQLite (one writer), a few at once on PostgreSQL.  Every call is one
+transaction: a batch is stored whole or not at all, so a collector killed mid-batch leaves no
+half batch, and the volunteer's retry stores exactly what is missing.
+
+Bulk path: a list of parameter dicts through ``INSERT ... ON CONFLICT (run_id, seq) DO
+NOTHING``.  SQLAlchemy 2 sends such an executemany as multi-row VALUES pages ("insertmanyvalues")
+on both psycopg 3 and sqlite3, which is the drivers' fast path short of COPY, and unlike COPY it
+lets the database skip the rows a retry sends again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, insert, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from kzprobe.collector.wire import CloseRun, OpenRun
+from kzprobe.model import Observation
+from kzprobe.storage import Store
+from kzprobe.storage.classifier import classifier_version
+from kzprobe.storage.models import ObservationRow, RunRow, TargetRow, VerdictRow
+
+_OBS_COLUMNS = tuple(f.name for f in dataclasses.fields(Observation) if f.name != "id")
+
+
+class Refused(Exception):
+    """A request that is well-formed but not allowed (404 / 409); the message is one line."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    uid: str
+    acked: int  # the highest seq stored for the run (0: none)
+    stored: int = 0
+    duplicates: int = 0
+    state: str = "running"
+
+
+@dataclass
+class _RunRef:
+    id: int
+    submitter: str
+    state: str
+
+
+class Ingest:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        dialect = store.engine.dialect.name
+        self._insert: Any = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}.get(dialect)
+        self._runs: dict[str, _RunRef] = {}
+
+    # --- helpers -------------------------------------------------------------------------------
+    def _run(self, s: Session, uid: str, submitter: str) -> _RunRef:
+        ref = self._runs.get(uid)
+        if ref is None:
+            row = s.scalars(select(RunRow).where(RunRow.uid == uid)).first()
+            if row is None:
+                raise Refused(404, "no_such_run", f"no run {uid} (open it first)")
+            ref = _RunRef(row.id, row.submitter or "", row.state)
+            self._runs[uid] = ref
+        if ref.submitter != submitter:
+            # Same answer as an unknown run: a uid says nothing about other volunteers' runs.
+            raise Refused(404, "no_such_run", f"no run {uid} (open it first)")
+        return ref
+
+    @staticmethod
+    def _acked(s: Session, run_id: int) -> int:
+        return int(s.scalar(select(func.coalesce(func.max(ObservationRow.seq), 0))
+                            .where(ObservationRow.run_id == run_id)) or 0)
+
+    # --- the three writes ----------------------------------------------------------------------
+    def open_run(self, submitter: str, req: OpenRun) -> Ack:
+        """Create the run, or return the existing one (a retried open is not a second run)."""
+        for _ in range(2):
+            try:
+                with self.store.session() as s, s.begin():
+                    row = s.scalars(select(RunRow).where(RunRow.uid == req.uid)).first()
+                    if row is not None:
+                        if row.submitter != submitter:
+                            raise Refused(409, "uid_taken", f"run uid {req.uid} is already used")
+                        return Ack(req.uid, self._acked(s, row.id), state=row.state)
+                    run = RunRow(uid=req.uid, source=req.source, software=req.software,
+                                 software_version=req.software_version, started=req.started, state="running",
+                                 vantage=dict(req.vantage), options={"classifier_version": req.classifier_version},
+                                 network_name=req.vantage.get("network_name"), asn=req.vantage.get("asn"),
+                                 country=req.vantage.get("country"), submitter=submitter)
+                    s.add(run)
+                    s.flush()
+                    if req.targets:
+                        s.execute(insert(TargetRow), [
+                            {"run_id": run.id, "url": url, "domain": _host(url), "category": cat, "claim": None,
+                             "position": i} for i, (url, cat) in enumerate(req.targets)])
+                    return Ack(req.uid, 0)
+            except IntegrityError:
+                continue  # the same uid opened concurrently: the other request won; read its row
+        raise Refused(409, "uid_taken", f"run uid {req.uid} is already used")
+
+    def append(self, submitter: str, uid: str, batch: list[tuple[int, Observation]]) -> Ack:
+        with self.store.session() as s, s.begin():
+            ref = self._run(s, uid, submitter)
+            seqs = [q for q, _ in batch]
+            present = set(s.scalars(select(ObservationRow.seq).where(
+                ObservationRow.run_id == ref.id, ObservationRow.seq.in_(seqs))))
+            rows = [{"run_id": ref.id, "seq": q, **{f: getattr(o, f) for f in _OBS_COLUMNS}}
+                    for q, o in batch if q not in present]
+            if rows and ref.state != "running":
+                raise Refused(409, "run_closed", f"run {uid} is closed; it takes no new observations")
+            if rows:
+                if self._insert is not None:
+                    stmt = self._insert(ObservationRow).on_conflict_do_nothing(index_elements=["run_id", "seq"])
+                else:  # another dialect: a plain insert (the unique index still refuses duplicates)
+                    stmt = insert(ObservationRow)
+                s.execute(stmt, rows)
+            return Ack(uid, self._acked(s, ref.id), stored=len(rows), duplicates=len(batch) - len(rows))
+
+    def close_run(self, submitter: str, uid: str, req: CloseRun) -> tuple[Ack, int]:
+        """Mark the run finished and classify it with this collector's classifier (idempotent)."""
+        from kzprobe.analysis import Context, classify
+
+        with self.store.session() as s, s.begin():
+            ref = self._run(s, uid, submitter)
+            run = s.get(RunRow, ref.id)
+            assert run is not None
+            obs_rows = s.scalars(select(ObservationRow).where(ObservationRow.run_id == ref.id)
+                                 .order_by(ObservationRow.seq)).all()
+            observations = []
+            for r in obs_rows:
+                o = Observation(**{f: getattr(r, f) for f in _OBS_COLUMNS})
+                o.id = r.id
+                observations.append(o)
+            targets = [t for t, in s.execute(select(TargetRow.url).where(TargetRow.run_id == ref.id)
+                                              .order_by(TargetRow.position, TargetRow.id))]
+            verdicts = classify(observations, Context(no_network=bool(run.vantage.get("no_network"))),
+                                targets=targets)
+            version = classifier_version()
+            s.query(VerdictRow).filter(VerdictRow.run_id == ref.id).delete()
+            rows = [
+                {"run_id": ref.id, "classifier_version": version, "target": v.target, "domain": v.domain,
+                 "status": v.status, "mechanism": v.mechanism, "detail": v.detail, "rule": v.rule,
+                 "confidence": v.confidence, "sentence": v.sentence, "observations": list(v.observations),
+                 "packets": list(v.packets)} for v in verdicts]
+            if rows:
+                s.execute(insert(VerdictRow), rows)
+            if run.state == "running":
+                run.state, run.ended = req.state, req.ended
+            run.classifier_version = version
+            ref.state = run.state
+            return Ack(uid, self._acked(s, ref.id), state=run.state), len(verdicts)
+
+    def status(self, submitter: str, uid: str) -> Ack:
+        with self.store.session() as s:
+            ref = self._run(s, uid, submitter)
+            return Ack(uid, self._acked(s, ref.id), state=ref.state)
+
+
+def _host(url: str) -> str:
+    from kzprobe.model import Target
+
+    return Target(url).host[:255]
+
+
+__all__ = ["Ack", "Ingest", "Refused"]
