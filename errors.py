@@ -36,6 +36,10 @@ SSL_INVALID_CERTIFICATE = "ssl_invalid_certificate"
 SSL_FAILED_HANDSHAKE = "ssl_failed_handshake"
 INTERRUPTED = "interrupted"
 UNKNOWN = "unknown_failure"
+#: netxlite's failure for a redirect whose Location cannot be followed (ooni/probe#2628).
+HTTP_INVALID_REDIRECT = "http_invalid_redirect_location_host"
+#: A response head that does not parse: the server sent something, so it is not an EOF.
+HTTP_MALFORMED = "unknown_failure: malformed HTTP response"
 
 #: Failures that mean "the network path itself is unusable" rather than "this site".
 NETWORK_DOWN = frozenset({NETWORK_UNREACHABLE})
@@ -97,6 +101,18 @@ def _from_ssl(e: BaseException) -> str | None:
     return None
 
 
+def _from_malformed(e: BaseException) -> str | None:
+    """h11 rejected the response head.  httpx raises the same RemoteProtocolError for that as for a
+    clean close, and calling it eof_error would read as interference."""
+    if type(e).__name__ == "RemoteProtocolError" and type(e).__module__.startswith("h11"):
+        return HTTP_INVALID_REDIRECT if "location" in str(e).lower() else HTTP_MALFORMED
+    if type(e).__name__ == "InvalidURL" and type(e).__module__.startswith("httpx"):
+        # httpx builds the next request from every 3xx, and reports a Location that does not
+        # parse as RemoteProtocolError with the InvalidURL as context.
+        return HTTP_INVALID_REDIRECT
+    return None
+
+
 def _from_type(e: BaseException) -> str | None:
     """Library-specific types, imported lazily so this module stays cheap to import."""
     name = type(e).__name__
@@ -133,7 +149,7 @@ def failure_string(exc: BaseException) -> str:
     EOF error, then library exception types, then a generic TLS failure.
     """
     chain = list(walk(exc))
-    for finder in (_from_errno, _from_ssl, _from_type):
+    for finder in (_from_errno, _from_ssl, _from_malformed, _from_type):
         for e in chain:
             found = finder(e)
             if found:

@@ -18,6 +18,9 @@ Clients (:mod:`kzprobe.hardening.limits`)
         A connection cap strictly below RLIMIT_NOFILE minus ``reserve`` fds for everything else
         (outgoing measurement sockets, DNS, logs).  ``ConnectionGate(cap)``: ``try_enter()`` /
         ``leave()`` around each accepted connection; over the cap, close it at once.
+        ``ConnectionTable(cap, per_client)``: ``open(conn_id, key, close) -> bool`` / ``close(conn_id)``
+        / ``busy(conn_id, +1|-1)``; at the cap (or the client's share) the oldest *idle* connection is
+        evicted (its ``close`` callback runs), so held-open idle connections cannot lock others out.
 
 Tokens (:mod:`kzprobe.hardening.tokens`)
     ``new_token() -> str`` (32 random bytes, URL-safe), ``token_problem(token) -> str | None``
@@ -45,6 +48,7 @@ from kzprobe.hardening.budget import Budget, BudgetExceeded, budget_scope, curre
 from kzprobe.hardening.limits import (
     ConcurrencyLimiter,
     ConnectionGate,
+    ConnectionTable,
     Limited,
     RateLimiter,
     client_key,
@@ -61,6 +65,7 @@ __all__ = [
     "BudgetExceeded",
     "ConcurrencyLimiter",
     "ConnectionGate",
+    "ConnectionTable",
     "Limited",
     "RateLimiter",
     "TokenGuard",

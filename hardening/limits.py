@@ -154,7 +154,10 @@ def connection_cap(requested: int, reserve: int = 256, limit: int | None = None)
 
 
 class ConnectionGate:
-    """Counts open client connections; ``try_enter`` is False at the cap (close the connection)."""
+    """Counts open client connections; ``try_enter`` is False at the cap (close the connection).
+
+    The simple form; :class:`ConnectionTable` also evicts idle connections to make room.
+    """
 
     def __init__(self, cap: int) -> None:
         self.cap = cap
@@ -170,3 +173,71 @@ class ConnectionGate:
 
     def leave(self) -> None:
         self.open = max(0, self.open - 1)
+
+
+@dataclass
+class _Conn:
+    key: str
+    close: Callable[[], None]
+    busy: int = 0
+
+
+class ConnectionTable:
+    """Open connections under a cap, with eviction of idle ones and a per-client share.
+
+    A flood of idle connections (held open, never sending a request) from many addresses would
+    fill any fixed cap and lock honest clients out.  So at the cap a new connection evicts the
+    oldest connection that has no request in flight (``close`` is called for it); only when every
+    connection is busy is the new one refused.  Servers call ``busy(conn_id, +1/-1)`` around each
+    request.
+    """
+
+    def __init__(self, cap: int, per_client: int) -> None:
+        self.cap = cap
+        self.per_client = per_client
+        self._conns: OrderedDict[object, _Conn] = OrderedDict()
+        self._by_key: dict[str, int] = {}
+        self.refused = 0
+        self.evicted = 0
+
+    def __len__(self) -> int:
+        return len(self._conns)
+
+    def open(self, conn_id: object, key: str, close: Callable[[], None]) -> bool:
+        if self._by_key.get(key, 0) >= self.per_client and not self._evict(key):
+            self.refused += 1
+            return False
+        if len(self._conns) >= self.cap and not self._evict(None):
+            self.refused += 1
+            return False
+        self._conns[conn_id] = _Conn(key, close)
+        self._by_key[key] = self._by_key.get(key, 0) + 1
+        return True
+
+    def _evict(self, key: str | None) -> bool:
+        for cid, c in self._conns.items():
+            if c.busy == 0 and (key is None or c.key == key):
+                self.evicted += 1
+                self._forget(cid)
+                c.close()
+                return True
+        return False
+
+    def _forget(self, conn_id: object) -> None:
+        c = self._conns.pop(conn_id, None)
+        if c is not None:
+            n = self._by_key.get(c.key, 0) - 1
+            if n <= 0:
+                self._by_key.pop(c.key, None)
+            else:
+                self._by_key[c.key] = n
+
+    def close(self, conn_id: object) -> None:
+        self._forget(conn_id)
+
+    def busy(self, conn_id: object, delta: int) -> None:
+        c = self._conns.get(conn_id)
+        if c is not None:
+            c.busy = max(0, c.busy + delta)
+            # Recently used connections go to the back of the eviction order.
+            self._conns.move_to_end(conn_id)

@@ -1,62 +1,83 @@
-"""Accepting connections with a cap: hypercorn's trio worker loop, plus a gate per connection.
+"""Accepting connections with a cap: hypercorn's trio worker loop, plus a table of connections.
 
 hypercorn's own ``serve`` accepts every connection the kernel hands it, so 1,100 idle
 connections were enough to run the helper out of file descriptors (EMFILE), after which it could
 not even open the sockets its measurements need.  This is the same loop (hypercorn's
 ``TCPServer`` serves each connection: HTTP/1.1, HTTP/2, TLS, its timeouts) with a
-:class:`~kzprobe.hardening.ConnectionGate` in front: over the global cap, or over the per-client
-share of it, a new connection is closed at once -- the fd is given back immediately, and the
-connections already being served are untouched.
+:class:`~kzprobe.hardening.ConnectionTable` in front: at the global cap, or at a client's share of
+it, the oldest idle connection is closed to make room, and when none is idle the new connection
+is closed at once (its fd given back immediately).
 """
 
 from __future__ import annotations
 
 import logging
+import select
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
 
-from kzprobe.hardening import ConnectionGate, client_key
+from kzprobe.hardening import ConnectionTable, client_key
 
 log = logging.getLogger("kzprobe.helper")
 
 
-def _peer(stream: Any) -> str | None:
+def _socket(stream: Any) -> Any:
     inner = getattr(stream, "transport_stream", stream)
+    return getattr(inner, "socket", None)
+
+
+def _peer(sock: Any) -> tuple[str, int] | None:
     try:
-        return str(inner.socket.getpeername()[0])
-    except (OSError, AttributeError, IndexError):
+        name = sock.getpeername()
+        return str(name[0]), int(name[1])
+    except (OSError, AttributeError, IndexError, TypeError, ValueError):
         return None
 
 
-class ClientGate:
-    """The global connection gate, plus at most ``per_client`` connections per client key."""
+class Connections:
+    """The helper's open client connections, keyed by peer (host, port) as ASGI's scope["client"].
+
+    Two jobs: the cap (a :class:`~kzprobe.hardening.ConnectionTable`, which evicts idle
+    connections first), and telling the app that a client has gone away.  hypercorn stops reading
+    an HTTP/1.1 connection while its request is being answered, so it never notices the client
+    closing it; the app asks :meth:`gone` instead, which polls the socket for a hang-up
+    (POLLRDHUP: the peer shut down its side, whether or not unread data is pending).
+    """
 
     def __init__(self, cap: int, per_client: int) -> None:
-        self.gate = ConnectionGate(cap)
-        self.per_client = per_client
-        self.by_client: dict[str, int] = {}
+        self.table = ConnectionTable(cap, per_client)
+        self.sockets: dict[tuple[str, int], Any] = {}
 
-    def try_enter(self, key: str) -> bool:
-        if self.by_client.get(key, 0) >= self.per_client:
-            self.gate.refused += 1
+    def _peer_of(self, scope: Any) -> tuple[str, int] | None:
+        client = scope.get("client") if hasattr(scope, "get") else None
+        if not client:
+            return None
+        try:
+            return str(client[0]), int(client[1])
+        except (TypeError, ValueError, IndexError):
+            return None
+
+    def busy(self, scope: Any, delta: int) -> None:
+        peer = self._peer_of(scope)
+        if peer is not None:
+            self.table.busy(peer, delta)
+
+    def gone(self, scope: Any) -> bool:
+        peer = self._peer_of(scope)
+        sock = self.sockets.get(peer) if peer is not None else None
+        if sock is None:
             return False
-        if not self.gate.try_enter():
-            return False
-        self.by_client[key] = self.by_client.get(key, 0) + 1
-        return True
-
-    def leave(self, key: str) -> None:
-        self.gate.leave()
-        n = self.by_client.get(key, 0) - 1
-        if n <= 0:
-            self.by_client.pop(key, None)
-        else:
-            self.by_client[key] = n
+        try:
+            poller = select.poll()
+            poller.register(sock.fileno(), select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+            return any(ev & (select.POLLRDHUP | select.POLLHUP | select.POLLERR) for _, ev in poller.poll(0))
+        except (OSError, ValueError):
+            return True
 
 
-async def serve_capped(app: Any, config: Any, gate: ClientGate, *,
+async def serve_capped(app: Any, config: Any, conns: Connections, *,
                        shutdown_trigger: Callable[[], Awaitable[None]],
                        task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
     from hypercorn.trio.tcp_server import TCPServer
@@ -80,14 +101,24 @@ async def serve_capped(app: Any, config: Any, gate: ClientGate, *,
         binds.append(f"http://{repr_socket_addr(sock.family, sock.getsockname())}")
 
     async def handle(stream: Any) -> None:
-        key = client_key(_peer(stream))
-        if not gate.try_enter(key):
+        sock = _socket(stream)
+        peer = _peer(sock)
+        if peer is None:
             await trio.aclose_forcefully(stream)
             return
+        scope = trio.CancelScope()
+        if not conns.table.open(peer, client_key(peer[0]), scope.cancel):
+            await trio.aclose_forcefully(stream)
+            return
+        conns.sockets[peer] = sock
         try:
-            await TCPServer(wrapped, config, context, {}, stream)
+            with scope:
+                await TCPServer(wrapped, config, context, {}, stream)
         finally:
-            gate.leave(key)
+            conns.table.close(peer)
+            conns.sockets.pop(peer, None)
+            if scope.cancelled_caught:
+                await trio.aclose_forcefully(stream)
 
     async with trio.open_nursery() as connections:
         async with trio.open_nursery() as accept:

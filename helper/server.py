@@ -54,6 +54,10 @@ from kzprobe.helper.service import ControlResult, ControlService, HelperEngine
 from kzprobe.probes.engine import ProbeConfig
 
 PROTOCOL_VERSION = 1
+#: Request headers, in total; the control protocol needs a few hundred bytes.
+MAX_HEAD = 8 * 1024
+#: How often a running measurement checks that its client is still connected (s).
+GONE_POLL = 0.2
 log = logging.getLogger("kzprobe.helper")
 
 Scope = MutableMapping[str, Any]
@@ -160,6 +164,9 @@ class HelperApp:
     measure: Measure
     token: str | None = None
     limits: Limits = field(default_factory=Limits)
+    #: :class:`kzprobe.helper.listen.Connections` when served by serve_capped: marks connections
+    #: busy (not evictable) and tells whether a client hung up.
+    connections: Any = None
 
     def __post_init__(self) -> None:
         self.limiter = trio.CapacityLimiter(self.limits.concurrency)
@@ -179,7 +186,21 @@ class HelperApp:
             return
         if kind != "http":
             return
+        if self.connections is not None:
+            self.connections.busy(scope, +1)
         try:
+            await self._serve_http(scope, receive, send)
+        finally:
+            if self.connections is not None:
+                self.connections.busy(scope, -1)
+
+    async def _serve_http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            head = sum(len(k) + len(v) for k, v in scope.get("headers", []))
+            if head > MAX_HEAD:
+                # h11's incomplete-size limit only applies while a head is still arriving: one that
+                # comes in a single write is parsed whatever its size.
+                raise HttpError(431, "header_too_large", f"request headers over {MAX_HEAD} bytes")
             status, payload, headers = await self._route(scope, receive)
         except HttpError as exc:
             status, payload, headers = exc.status, {"error": exc.message, "code": exc.code}, exc.headers
@@ -332,10 +353,23 @@ class HelperApp:
                     nonlocal gone
                     while (await receive())["type"] != "http.disconnect":
                         pass
+                    log.info("client went away (disconnect): measurement cancelled")
+                    gone = True
+                    nursery.cancel_scope.cancel()
+
+                async def poll_gone() -> None:
+                    # hypercorn does not read an HTTP/1.1 connection while its request is being
+                    # answered, so a hang-up never becomes http.disconnect: ask the socket.
+                    nonlocal gone
+                    while not self.connections.gone(scope):
+                        await trio.sleep(GONE_POLL)
+                    log.info("client hung up: measurement cancelled")
                     gone = True
                     nursery.cancel_scope.cancel()
 
                 nursery.start_soon(watch)
+                if self.connections is not None:
+                    nursery.start_soon(poll_gone)
                 try:
                     await self._admit()
                     try:
@@ -419,7 +453,7 @@ def _read_local() -> frozenset[Network]:
 
 async def serve(opts: HelperOptions, *, ready: Callable[[str], None]) -> None:
     """Run until SIGINT or SIGTERM; calls ``ready(url)`` once the socket is listening."""
-    from kzprobe.helper.listen import ClientGate, serve_capped
+    from kzprobe.helper.listen import Connections, serve_capped
 
     local = LocalNetworks(await trio.to_thread.run_sync(_read_local))
     policy = Policy(allow_private=opts.allow_private, deny=tuple(opts.deny), local=local,
@@ -432,7 +466,7 @@ async def serve(opts: HelperOptions, *, ready: Callable[[str], None]) -> None:
     cap = connection_cap(lim.max_connections)
     if cap < lim.max_connections:
         log.warning("connection cap lowered to %d to stay below the file-descriptor limit", cap)
-    gate = ClientGate(cap, min(cap, lim.client_connections))
+    conns = Connections(cap, min(cap, lim.client_connections))
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
 
         async def shutdown_trigger() -> None:
@@ -441,12 +475,12 @@ async def serve(opts: HelperOptions, *, ready: Callable[[str], None]) -> None:
 
         async with HelperEngine(config, policy) as engine:
             service = ControlService(engine, policy, budget)
-            app = HelperApp(service.control, token=opts.token, limits=lim)
+            app = HelperApp(service.control, token=opts.token, limits=lim, connections=conns)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_refresh_local, local)
 
                 async def run_server(task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
-                    await serve_capped(cast(Any, app), hypercorn_config(opts), gate,
+                    await serve_capped(cast(Any, app), hypercorn_config(opts), conns,
                                        shutdown_trigger=shutdown_trigger, task_status=task_status)
                     # Returned after a signal and a graceful close: stop the refresher too.
                     nursery.cancel_scope.cancel()
