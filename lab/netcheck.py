@@ -2,7 +2,8 @@
 
 ``python -m kzprobe.lab.netcheck URL --resolver IP ... --ca PEM [--address IP]`` prints JSON: every
 DNS response per resolver (all of them, within a window, to see injection), then TCP, TLS (with
-the URL's SNI and with ``example.com`` on the same address) and an HTTP GET.  The lab's tests use
+the URL's SNI and with ``example.com`` on the same address) and an HTTP GET (with the URL's name,
+and with ``example.com`` on the same address).  The lab's tests use
 it to check each censorship method at the packet level, separately from kzprobe's classifier.
 """
 
@@ -126,6 +127,8 @@ def check(url: str, resolvers: list[str], ca: str, address: str | None, timeout:
         result["tls"] = tls(address, port, host, ca, timeout)
         result["tls_control"] = tls(address, port, "example.com", ca, timeout)
     result["http"] = http_get(url, address, ca, timeout)
+    # The same address with a benign name (SNI and Host): what a DPI box keyed on the name spares.
+    result["http_control"] = http_get(f"{parts.scheme}://example.com/", address, ca, timeout)
     return result
 
 

@@ -39,7 +39,13 @@ METHODS: dict[str, tuple[tuple[str, ...], str]] = {
     "http-blockpage-injection": (ROUTERS, "bb2"),
     "tls-mitm": (ROUTERS, "bb2"),
     "throttle": (ROUTERS, "bb2"),
+    "sni-throttle": (ROUTERS, "bb2"),
 }
+
+#: Redirects a site's web server may make (``redirects = [...]``): http->https, apex->www.
+REDIRECTS = ("https", "www")
+#: Leaf certificate profiles (``cert = "..."``); see lab/pki.py.
+CERT_PROFILES = ("intermediate", "no-aki", "no-ski-aki", "cross-signed")
 
 EXPECTATIONS = ("ok", "down", "inconclusive", "blocked/dns", "blocked/ip", "blocked/dpi")
 
@@ -50,6 +56,7 @@ RESERVED_SITE_ADDRESSES = frozenset({"203.0.113.0", "203.0.113.255"})
 _SITE_KEYS = {
     "domain", "url", "address", "title", "content", "size", "method", "methods", "hop", "expect",
     "reason", "quote", "category", "bogon", "forged", "rate", "server_delay", "aliases",
+    "redirects", "cert", "cdn", "geo_address", "gzip",
 }
 
 
@@ -82,10 +89,30 @@ class Site:
     #: Seconds the real server waits before answering: the kernel here has no netem, so the
     #: on-path injectors' race is made winnable at the server (a far-away server, in effect).
     server_delay: float = 0.0
+    #: Redirects the site's server makes, a subset of REDIRECTS.
+    redirects: tuple[str, ...] = ()
+    #: Leaf certificate profile (CERT_PROFILES).
+    cert: str = "intermediate"
+    #: More addresses serving the same site (a CDN); the public resolver answers ``address`` and
+    #: these, the ISP resolver ``geo_address`` (geo-DNS) when set.
+    cdn: tuple[str, ...] = ()
+    geo_address: str = ""
+    #: nginx ``gzip on`` for the site's HTML.
+    gzip: bool = True
 
     @property
     def names(self) -> tuple[str, ...]:
         return (self.domain, *self.aliases)
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        """Every address the site is served on (its own, then the CDN's)."""
+        return (self.address, *self.cdn)
+
+    @property
+    def public_addresses(self) -> tuple[str, ...]:
+        """What the authoritative (and so the public resolver) answers for the site's names."""
+        return self.addresses if not self.geo_address else tuple(a for a in self.addresses if a != self.geo_address)
 
     @property
     def is_down(self) -> bool:
@@ -172,9 +199,10 @@ def parse(raw: dict[str, Any], path: Path) -> Scenario:
             if n in seen_domains:
                 raise ScenarioError(f"{where}: domain {n!r} appears twice")
             seen_domains.add(n)
-        if site.address in seen_addresses:
-            raise ScenarioError(f"{where}: address {site.address} appears twice")
-        seen_addresses.add(site.address)
+        for addr in site.addresses:
+            if addr in seen_addresses:
+                raise ScenarioError(f"{where}: address {addr} appears twice")
+            seen_addresses.add(addr)
         sites.append(site)
     return Scenario(
         name=str(head.get("name", path.stem)),
@@ -194,13 +222,25 @@ def _parse_site(e: dict[str, Any], where: str) -> Site:
     unknown = set(e) - _SITE_KEYS
     if unknown:
         raise ScenarioError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
-    address = str(e.get("address", ""))
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        raise ScenarioError(f"{where}: 'address' must be an IPv4 address, got {address!r}") from None
-    if ip not in SITE_NET or address in RESERVED_SITE_ADDRESSES:
-        raise ScenarioError(f"{where}: 'address' {address} must be inside {SITE_NET}")
+    address = _site_address(e.get("address", ""), "address", where)
+    cdn_raw = e.get("cdn", [])
+    if not isinstance(cdn_raw, list):
+        raise ScenarioError(f"{where}: 'cdn' must be a list of addresses")
+    cdn = tuple(_site_address(a, "cdn", where) for a in cdn_raw)
+    geo = str(e.get("geo_address", ""))
+    if geo and geo not in (address, *cdn):
+        raise ScenarioError(f"{where}: 'geo_address' {geo} must be one of the site's addresses (address, cdn)")
+    if geo and len(cdn) < 1:
+        raise ScenarioError(f"{where}: 'geo_address' needs a 'cdn' (geo-DNS picks among several addresses)")
+    redirects = e.get("redirects", [])
+    if not isinstance(redirects, list) or any(r not in REDIRECTS for r in redirects):
+        raise ScenarioError(f"{where}: 'redirects' must be a list of {', '.join(REDIRECTS)}, got {redirects!r}")
+    cert = e.get("cert", "intermediate")
+    if cert not in CERT_PROFILES:
+        raise ScenarioError(f"{where}: 'cert' must be one of {', '.join(CERT_PROFILES)}, got {cert!r}")
+    gzip = e.get("gzip", True)
+    if not isinstance(gzip, bool):
+        raise ScenarioError(f"{where}: 'gzip' must be true or false")
     raw_methods = e.get("methods", e.get("method", "none"))
     methods = (raw_methods,) if isinstance(raw_methods, str) else tuple(raw_methods)
     for m in methods:
@@ -252,4 +292,20 @@ def _parse_site(e: dict[str, Any], where: str) -> Site:
         forged=str(e.get("forged", "198.51.100.80")),
         rate=str(e.get("rate", "256kbit")),
         server_delay=delay,
+        redirects=tuple(redirects),
+        cert=str(cert),
+        cdn=cdn,
+        geo_address=geo,
+        gzip=gzip,
     )
+
+
+def _site_address(value: object, key: str, where: str) -> str:
+    address = str(value)
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        raise ScenarioError(f"{where}: '{key}' must be an IPv4 address, got {address!r}") from None
+    if ip not in SITE_NET or address in RESERVED_SITE_ADDRESSES:
+        raise ScenarioError(f"{where}: '{key}' {address} must be inside {SITE_NET}")
+    return address

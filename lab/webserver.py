@@ -1,8 +1,10 @@
-"""The lab's web servers: every site over HTTP and HTTPS, from one asyncio process.
+"""The lab's slow web server: the sites whose server must answer late (``server_delay``), over
+HTTP and HTTPS, from one asyncio process.  Every other site is nginx's (lab/nginx.py); nginx
+cannot wait before answering, and the HTTP injector's race needs a real server that loses.
 
-Run as ``python -m kzprobe.lab.webserver CONFIG.json`` inside a lab namespace.  One process
-serves all sites because starting one per site would make ``lab up`` slow; it binds each site's
-address separately (never 0.0.0.0) so that a site marked ``down`` really has no listener.
+Run as ``python -m kzprobe.lab.webserver CONFIG.json`` inside a lab namespace.  It binds each
+site's address separately (never 0.0.0.0).  Bodies are the same generated pages as nginx serves,
+gzip-compressed when the client accepts it.
 
 HTTPS picks the certificate by SNI.  An unknown SNI (the probe's follow-up handshake with
 ``example.com``) still completes with a default certificate: that follow-up exists to show the
@@ -12,7 +14,7 @@ address itself is reachable, so the server must not be the one refusing it.
 from __future__ import annotations
 
 import asyncio
-import html
+import gzip
 import json
 import signal
 import ssl
@@ -20,20 +22,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from kzprobe.lab.pages import page
+
 MAX_HEAD = 16384
-
-
-def page(title: str, content: str, size: int = 0) -> bytes:
-    body = (
-        "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
-        f"<title>{html.escape(title)}</title></head>\n<body>{content}</body></html>\n"
-    )
-    data = body.encode()
-    if size > len(data):
-        # Padding inside a comment keeps the page valid HTML while making it big enough to throttle.
-        pad = size - len(data) - 9
-        data = data[:-8] + b"<!--" + b"." * max(pad, 0) + b"-->" + data[-8:]
-    return data
 
 
 class Server:
@@ -80,16 +71,21 @@ class Server:
                     headers[k.strip().lower()] = v.strip()
             site = self.site_for(headers.get("host", ""))
             if site is None:
-                status, body = "404 Not Found", page("Not found", "<p>No such site here.</p>")
+                status, body = "404 Not Found", page("Not found", "not-found", 1, content="<p>No such site.</p>")
                 delay = 0.0
             else:
                 status = "200 OK"
-                body = page(site["title"], site["content"], int(site.get("size", 0)))
+                body = page(site["title"], site.get("domain", ""), int(site.get("size", 0)),
+                            content=site.get("content", ""))
                 delay = float(site.get("delay", 0.0))
             if delay:
                 await asyncio.sleep(delay)
+            extra = ""
+            if "gzip" in headers.get("accept-encoding", ""):
+                # As nginx's gzip on does it, so a slow site is not the one uncompressed page.
+                body, extra = gzip.compress(body, 5), "Content-Encoding: gzip\r\nVary: Accept-Encoding\r\n"
             resp = (
-                f"HTTP/1.1 {status}\r\nContent-Type: text/html; charset=utf-8\r\n"
+                f"HTTP/1.1 {status}\r\nContent-Type: text/html; charset=utf-8\r\n{extra}"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\nServer: kzprobe-lab\r\n\r\n"
             ).encode() + (body if method != "HEAD" else b"")
             writer.write(resp)

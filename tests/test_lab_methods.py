@@ -26,8 +26,13 @@ from kzprobe.lab.core import BLOCKPAGE, compare, run_probe  # noqa: E402
 
 METHODS = [
     "dns-nxdomain", "dns-redirect", "dns-bogon", "dns-injection", "ip-drop", "ip-reject", "sni-reset",
-    "sni-drop", "host-reset", "http-blockpage-injection", "tls-mitm", "throttle", "down",
+    "sni-drop", "host-reset", "http-blockpage-injection", "tls-mitm", "throttle", "sni-throttle", "down",
 ]
+#: Verdicts kzprobe cannot reach yet, and why (strict: the test fails as soon as it passes).
+PENDING = {
+    "sni-throttle": "dpi.throttled needs the probe's speed samples and benign-SNI follow-up download "
+                    "(fid-probes) and the throttling rule (fid-contract); until both land kzprobe says ok",
+}
 BLOCKPAGE_TEXT = "Страница заблокирована"
 
 
@@ -103,13 +108,31 @@ def test_network_level(lab: Lab) -> None:
         assert r["http"]["ok"] and r["http"]["length"] >= site.size - 200, r
         # 64 KB at 256 kbit/s is ~2 s; unshaped it is a few ms.
         assert r["http"]["seconds"] > 1.0 > c["http"]["seconds"], (r, c)
+    elif method == "sni-throttle":
+        assert r["http"]["ok"] and r["http"]["length"] >= site.size - 200, r
+        # 64 KB at 256 kbit/s is ~2 s with the site's SNI; the same address with another SNI, and
+        # the control site, are not shaped.
+        assert r["http"]["seconds"] > 1.0, r
+        assert r["http_control"]["ok"] and r["http_control"]["length"] >= site.size, r
+        assert r["http_control"]["seconds"] < 0.5 and c["http"]["seconds"] < 0.5, (r, c)
+        # The DPI box's own counters: the SNI match marked connections, the slow class sent bytes.
+        mangle = lab.exec("bb2", ["iptables", "-w", "-t", "mangle", "-L", "FORWARD", "-v", "-x", "-n"],
+                          capture_output=True, text=True).stdout
+        marks = [ln for ln in mangle.splitlines() if "CONNMARK set" in ln]
+        assert marks and all(int(ln.split()[0]) > 0 for ln in marks[:1]), mangle
+        classes = lab.exec("bb2", ["tc", "-s", "class", "show", "dev", lab.veth("bb2", "down")],
+                           capture_output=True, text=True).stdout
+        assert "rate 256Kbit" in classes, classes
     elif method == "down":
         assert public[0]["addresses"] == real and r["tcp"] == {"ok": False, "error": "refused"}, r
     else:  # pragma: no cover - METHODS and this test must move together
         pytest.fail(f"no network-level check for {method}")
 
 
-def test_kzprobe_verdict(lab: Lab) -> None:
+def test_kzprobe_verdict(lab: Lab, request: pytest.FixtureRequest) -> None:
+    method = lab.scenario.name.removeprefix("method-")
+    if method in PENDING:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=PENDING[method]))
     verdicts = run_probe(lab, timeout=2.0)
     rows = compare(lab.scenario, verdicts)
     wrong = [(r["target"], r["expect"], r["got"], (r["verdict"] or {}).get("rule")) for r in rows if not r["match"]]

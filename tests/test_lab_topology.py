@@ -55,7 +55,7 @@ def fetch(lab: Lab, url: str) -> str:
     code = (
         "import socket,sys;from urllib.parse import urlsplit;u=urlsplit(sys.argv[1]);"
         "s=socket.create_connection((socket.gethostbyname(u.hostname),80),timeout=3);"
-        "s.sendall(b'GET / HTTP/1.1\\r\\nHost: '+u.hostname.encode()+b'\\r\\n\\r\\n');"
+        "s.sendall(b'GET / HTTP/1.1\\r\\nHost: '+u.hostname.encode()+b'\\r\\nConnection: close\\r\\n\\r\\n');"
         "d=b''\nwhile (c:=s.recv(9999)): d+=c\nprint(d.decode())"
     )
     p = lab.exec("volunteer", [sys.executable, "-c", code, url], capture_output=True, text=True, timeout=20)
@@ -92,7 +92,7 @@ def test_up_builds_an_isolated_chain_and_down_removes_it(make_lab: Callable[...,
         int(x) for r in ROLES
         for x in subprocess.run(["ip", "netns", "pids", lab.ns_name(r)], capture_output=True, text=True).stdout.split()
     ]
-    assert len(pids) >= 5  # three dnsmasq, two web servers
+    assert len(pids) >= 7  # three dnsmasq, two nginx (master and worker each)
 
     lab.down()
     assert leftovers(lab.instance) == []
