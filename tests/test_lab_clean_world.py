@@ -26,11 +26,8 @@ from kzprobe.lab.core import compare, run_probe  # noqa: E402
 #: Sites kzprobe still gets wrong, each with the bug's location; the test fails when one of them
 #: comes out right (then delete its line), so the list cannot rot.
 KNOWN_WRONG: dict[str, str] = {
-    # probes/certs.py _policy(): cryptography's webpki_defaults_ee() requires an AKI in the leaf, so
-    # the TLS step calls the ISP's geo-DNS answer (a valid server with a no-AKI leaf, which OpenSSL
-    # accepts) ssl_unknown_authority and the verdict becomes dns.poisoned.  fid-probes is replacing
-    # the validator with OpenSSL's.
-    "http://youtube.com/": "blocked/dns",
+    # (empty since fid-probes' single OpenSSL validator: before it, http://youtube.com/, a geo-DNS
+    # CDN answer served with a no-AKI leaf, came out a false blocked/dns dns.poisoned)
 }
 
 
