@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final, Literal
 from urllib.parse import urlsplit
 
 # --- steps -------------------------------------------------------------------------------------
@@ -36,11 +36,20 @@ STEP_TLS = "tls"
 STEP_HTTP = "http"
 
 STEPS = (STEP_DNS, STEP_TCP, STEP_TLS, STEP_HTTP)
+Step = Literal["dns", "tcp", "tls", "http"]
 
 # --- vantages and sources ----------------------------------------------------------------------
-PROBE = "probe"
-CONTROL = "control"
-SOURCES = ("live", "pcap", "ooni")
+PROBE: Final = "probe"
+CONTROL: Final = "control"
+VANTAGES = (PROBE, CONTROL)
+Vantage = Literal["probe", "control"]
+#: Where an observation came from: a live probe (or the helper it asked), a packet capture, an
+#: imported OONI measurement.
+SOURCE_LIVE: Final = "live"
+SOURCE_PCAP: Final = "pcap"
+SOURCE_OONI: Final = "ooni"
+SOURCES = (SOURCE_LIVE, SOURCE_PCAP, SOURCE_OONI)
+Source = Literal["live", "pcap", "ooni"]
 
 # --- purposes: why a step was made ---------------------------------------------------------------
 #: The step as asked for by the target.
@@ -50,8 +59,16 @@ FOLLOWUP = "followup"
 #: The same GET without certificate validation, made only after validation failed: what is
 #: served behind the bad certificate (a blockpage?).  Never counts as the site being reachable.
 PEEK = "peek"
-#: A step of a redirect chain beyond the first URL (OONI import); the rules ignore it.
+#: A step of a redirect chain beyond the first URL: hop k >= 1 is in ``data["hop"]`` (OONI
+#: imports also keep ``data["depth"]``).  The rules read hops only to attribute a chain that broke.
 REDIRECT = "redirect"
+#: A TLS handshake made only to check whether a resolved address is genuine for the domain (e.g.
+#: on 443 for an http:// target).  Its successes count; its failures prove nothing.
+DNSCHECK = "dnscheck"
+#: A control answer that failed the wire contract (contract.from_wire): data["wire_error"] says
+#: why.  Nothing else of that answer is kept, and the target is inconclusive.
+REJECTED = "rejected"
+PURPOSES = (MEASURE, FOLLOWUP, PEEK, REDIRECT, DNSCHECK, REJECTED)
 
 # --- verdict statuses and mechanisms -----------------------------------------------------------
 OK = "ok"
@@ -130,7 +147,7 @@ class Observation:
     target: str
     domain: str
     vantage: str = PROBE
-    source: str = "live"
+    source: str = SOURCE_LIVE
     address: str | None = None
     port: int | None = None
     t_start: float = 0.0

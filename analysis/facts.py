@@ -13,12 +13,16 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from kzprobe import errors as E
+from kzprobe.analysis.fingerprints import Fingerprints
 from kzprobe.model import (
     CONTROL,
+    DNSCHECK,
     FOLLOWUP,
     MEASURE,
     PEEK,
     PROBE,
+    REDIRECT,
+    REJECTED,
     STEP_DNS,
     STEP_HTTP,
     STEP_TCP,
@@ -26,9 +30,8 @@ from kzprobe.model import (
     Observation,
 )
 
-#: Purpose of a TLS handshake made only to check whether a resolved address is genuine for the
-#: domain (e.g. on 443 for an http:// target).  Its successes count; its failures prove nothing.
-DNSCHECK = "dnscheck"
+__all__ = ["DNSCHECK", "DNS_FAILURES", "INTERFERENCE", "Context", "Facts", "dominant_failure", "failure_counts",
+           "hop_of", "wire_rate"]
 
 #: Failures that a censor produces by interfering with a flow (as opposed to DNS or TLS
 #: validation failures).
@@ -50,6 +53,35 @@ class Context:
         "Information Security Certification Authority",
         "ISCA",
     )
+    #: Blockpage fingerprints for DNS answers (location_found=dns); None: the built-in set.
+    fingerprints: Fingerprints | None = None
+
+
+def hop_of(o: Observation) -> int:
+    """The redirect hop an observation belongs to: 0 for the target URL, k >= 1 along the chain."""
+    for key in ("hop", "depth"):
+        v = o.data.get(key)
+        if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+            return v
+    return 1 if o.purpose == REDIRECT else 0
+
+
+#: Speed samples must cover at least this long (seconds) for a rate to mean anything.
+MIN_SAMPLE_SPAN = 0.5
+
+
+def wire_rate(o: Observation) -> float | None:
+    """Wire bytes per second of an HTTP body download, from its speed samples ([[t, n], ...])."""
+    samples = o.data.get("speed_samples")
+    if not isinstance(samples, list) or not samples:
+        return None
+    last = samples[-1]
+    if not isinstance(last, list | tuple) or len(last) != 2:
+        return None
+    t, n = last
+    if not isinstance(t, int | float) or not isinstance(n, int | float) or t < MIN_SAMPLE_SPAN:
+        return None
+    return max(0.0, float(n)) / float(t)
 
 
 @dataclass
@@ -242,12 +274,15 @@ class Facts:
 
     @cached_property
     def probe_http_ok(self) -> list[Observation]:
-        return [o for o in self.probe_http if o.ok and not o.data.get("blockpage")]
+        """Pages fetched.  A redirect whose chain then broke is not the page (the break decides)."""
+        broke = self.redirect_break is not None
+        return [o for o in self.probe_http if o.ok and not o.data.get("blockpage")
+                and not (broke and o.data.get("redirect_to"))]
 
     @cached_property
     def blockpages(self) -> list[Observation]:
         """Responses matching a blockpage fingerprint, including what a peek behind a bad certificate saw."""
-        return [o for o in self._sel(STEP_HTTP, PROBE, (MEASURE, PEEK)) if o.data.get("blockpage")]
+        return [o for o in self._sel(STEP_HTTP, PROBE, (MEASURE, PEEK, REDIRECT)) if o.data.get("blockpage")]
 
     @cached_property
     def network_unreachable_everywhere(self) -> bool:
@@ -258,6 +293,86 @@ class Facts:
         return all(o.failure in E.NETWORK_DOWN for o in probe if o.step != STEP_DNS) and any(
             o.failure in E.NETWORK_DOWN for o in probe
         )
+
+
+    # --- the control answer ------------------------------------------------------------------
+    @cached_property
+    def rejected(self) -> list[Observation]:
+        """Stand-ins for control answers that failed the wire contract (contract.rejected)."""
+        return [o for o in self.observations if o.purpose == REJECTED]
+
+    # --- DNS fingerprints -------------------------------------------------------------------------
+    @cached_property
+    def dns_fingerprinted(self) -> list[tuple[Observation, str]]:
+        """Probe DNS answers that match a location_found=dns fingerprint, with its name.
+
+        A name set by the source (``data["blockpage"]``, matched there with the run's extra
+        fingerprints) counts; otherwise the answers are matched against the context's set.
+        """
+        from kzprobe.analysis.features import dns_blockpage
+
+        out = []
+        for o in self.probe_dns:
+            name = o.data.get("blockpage")
+            if not isinstance(name, str) or not name:
+                name = dns_blockpage(o.data.get("addresses") or [], self.context.fingerprints)
+            if name:
+                out.append((o, name))
+        return out
+
+    # --- redirect chains ----------------------------------------------------------------------
+    def hops(self, vantage: str) -> dict[int, list[Observation]]:
+        """Redirect-chain observations (purpose REDIRECT) by hop, for one vantage."""
+        out: dict[int, list[Observation]] = defaultdict(list)
+        for o in self.observations:
+            if o.vantage == vantage and o.purpose == REDIRECT:
+                out[hop_of(o)].append(o)
+        return dict(sorted(out.items()))
+
+    @cached_property
+    def redirect_break(self) -> tuple[int, list[Observation]] | None:
+        """(k, failed steps) for the first hop k >= 1 of the probe's chain where a step failed, when
+        no later hop fetched a page (a failed attempt followed by a working one is no break)."""
+        hops = self.hops(PROBE)
+        for k, obs in hops.items():
+            if k < 1:
+                continue
+            failed = [o for o in obs if not o.ok and not (o.step == STEP_TLS and o.purpose == DNSCHECK)]
+            if not failed:
+                continue
+            later_ok = any(o.ok and o.step == STEP_HTTP and not o.data.get("redirect_to")
+                           for j, more in hops.items() if j >= k for o in more)
+            if later_ok:
+                return None
+            return k, failed
+        return None
+
+    def final_pages(self, vantage: str) -> list[Observation]:
+        """The pages a vantage ended on: its fetched responses, or, where one redirected and the
+        chain was followed, the chain's last responses (what a browser shows)."""
+        base = self.probe_http_ok if vantage == PROBE else [o for o in self.control_http if o.ok]
+        if not any(o.data.get("redirect_to") for o in base):
+            return base
+        ends = [o for obs in self.hops(vantage).values() for o in obs
+                if o.step == STEP_HTTP and o.ok and not o.data.get("redirect_to") and not o.data.get("blockpage")]
+        return ends or base
+
+    def control_completes_chain(self, k: int) -> bool:
+        """Control fetched the final page, and (where it recorded hops) got past hop ``k``."""
+        if not self.control_http_ok:
+            return False
+        hops = self.hops(CONTROL)
+        if not hops:
+            return True  # control reports only the chain's outcome (OONI's helper does)
+        if any(not o.ok for j, obs in hops.items() for o in obs if j >= 1):
+            return False
+        return max(hops) >= k
+
+    # --- throttling ---------------------------------------------------------------------------
+    def rate(self, obs: Iterable[Observation]) -> tuple[float, Observation] | None:
+        """The best wire rate among ``obs`` that have speed samples, with its observation."""
+        rated = [(r, o) for o in obs if (r := wire_rate(o)) is not None]
+        return max(rated, key=lambda x: x[0], default=None)
 
 
 def failure_counts(obs: Iterable[Observation]) -> dict[str, int]:

@@ -220,7 +220,7 @@ def title_of(body: bytes, charset: str = "utf-8") -> str:
 
 
 @lru_cache(maxsize=1)
-def _default_fingerprints() -> Fingerprints:
+def default_fingerprints() -> Fingerprints:
     return Fingerprints.default()
 
 
@@ -232,7 +232,7 @@ def http_features(status: int | None, headers: Mapping[str, str], raw_body: byte
     ``status`` is accepted so that every caller passes the same things; fingerprints do not
     depend on it today.  ``decode_error`` is present only when decoding failed.
     """
-    fps = fingerprints if fingerprints is not None else _default_fingerprints()
+    fps = fingerprints if fingerprints is not None else default_fingerprints()
     dec = decode_body(raw_body, headers)
     charset = charset_of(headers, dec.body)
     text = text_of(dec.body, charset)
@@ -254,7 +254,7 @@ def http_features(status: int | None, headers: Mapping[str, str], raw_body: byte
 
 def dns_blockpage(addresses: Iterable[str], fingerprints: Fingerprints | None = None) -> str | None:
     """The name of the first non-false-positive ``location_found=dns`` fingerprint an answer matches."""
-    fps = fingerprints if fingerprints is not None else _default_fingerprints()
+    fps = fingerprints if fingerprints is not None else default_fingerprints()
     best = None
     for a in addresses:
         if not isinstance(a, str):

@@ -21,7 +21,21 @@ from dataclasses import dataclass
 from kzprobe import errors as E
 from kzprobe.analysis.bogons import is_bogon
 from kzprobe.analysis.facts import DNS_FAILURES, INTERFERENCE, Facts, dominant_failure
-from kzprobe.model import BLOCKED, DOWN, INCONCLUSIVE, OK, STEP_HTTP, STEP_TLS, Observation
+from kzprobe.model import (
+    BLOCKED,
+    CONTROL,
+    DOWN,
+    INCONCLUSIVE,
+    OK,
+    PROBE,
+    REDIRECT,
+    SOURCE_LIVE,
+    STEP_DNS,
+    STEP_HTTP,
+    STEP_TCP,
+    STEP_TLS,
+    Observation,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +94,7 @@ def _enough(obs: list[Observation]) -> bool:
         return False
     if any(o.failure == E.CONNECTION_RESET for o in failures):
         return True
-    if all(o.source != "live" for o in failures):
+    if all(o.source != SOURCE_LIVE for o in failures):
         return True
     return len(failures) >= 2
 
@@ -95,6 +109,14 @@ def _no_network(f: Facts) -> Hit | None:
         ids = [o for o in f.observations if o.failure in E.NETWORK_DOWN]
         return Hit(ids, "Every step failed with network_unreachable: the vantage point has no route.")
     return None
+
+
+def _control_rejected(f: Facts) -> Hit | None:
+    if not f.rejected:
+        return None
+    o = f.rejected[0]
+    return Hit([o], f"Control's answer was rejected ({o.data.get('wire_error') or 'malformed'}): "
+                    "without a trustworthy contrast nothing about this site can be said.")
 
 
 # --- packet-level injection (pcap) -----------------------------------------------------------------
@@ -142,6 +164,8 @@ def _dns_injected(f: Facts) -> Hit | None:
 def _dns_blockpage(f: Facts) -> Hit | None:
     """A blockpage served from an address that DNS handed out and the reference does not."""
     for o in f.blockpages:
+        if o.purpose == REDIRECT:
+            continue  # another name's address: its DNS is not the target's
         addr = o.address or ""
         dns_led = addr in f.suspect_addresses or (
             len(f.probe_resolvers) > 1 and len(f.resolved_by.get(addr, ())) < len(f.probe_resolvers)
@@ -154,6 +178,17 @@ def _dns_blockpage(f: Facts) -> Hit | None:
                 f"Resolver {who} answered {addr} for {f.domain}, which serves the blockpage "
                 f"'{o.data['blockpage']}'.",
             )
+    return None
+
+
+def _dns_fingerprint(f: Facts) -> Hit | None:
+    """A probe resolver answered an address known to serve blockpages (location_found=dns)."""
+    for o, name in f.dns_fingerprinted:
+        addrs = [a for a in o.data.get("addresses") or [] if a not in f.control_addresses]
+        if not addrs:
+            continue  # control gets the same address: the fingerprint, not the resolver, is wrong
+        return Hit([o], f"Resolver {o.data.get('resolver')} answered {', '.join(addrs)} for {f.domain}, "
+                        f"an address known to serve a blockpage (fingerprint '{name}').")
     return None
 
 
@@ -215,7 +250,7 @@ def _dns_poisoned(f: Facts) -> Hit | None:
         o for o in f.probe_dns if o.ok and o.data.get("addresses") and set(o.data["addresses"]) <= suspect
     ]
     if not bad_resolvers:
-        return None
+        return _dns_led_diff(f)
     flows = [o for o in f.probe_tls + f.probe_tls_check + f.probe_http + f.probe_tcp if o.address in suspect]
     why = []
     for o in flows:
@@ -229,6 +264,29 @@ def _dns_poisoned(f: Facts) -> Hit | None:
     return Hit([*bad_resolvers, *flows[:4]],
                f"Resolver {who} answered {', '.join(sorted(suspect))} for {f.domain}, unlike {ref}"
                f"{reason}.", confidence=0.85 if f.control_resolves else 0.7)
+
+
+def _dns_led_diff(f: Facts) -> Hit | None:
+    """A page unlike control's, fetched from an address that only DNS vouches for.
+
+    The address is unlike control's and no handshake validated it, so the different page is
+    DNS's doing, not DPI's (dpi.http_diff needs an address control agrees with)."""
+    ctl = next((o for o in f.control_http if o.ok), None)
+    if ctl is None:
+        return None
+    for o in f.probe_http_ok:
+        if o.address in f.suspect_addresses and not server_side_challenge(o) and not same_page(o, ctl):
+            dns = f.dns_obs_for({o.address or ""})
+            who = ", ".join(sorted(f.resolved_by.get(o.address or "", {"?"})))
+            return Hit([*dns, o, ctl], f"Resolver {who} answered {o.address} for {f.domain}, unlike control and "
+                                       f"never validated by TLS; the page there ({_page(o)}) differs from "
+                                       f"control's ({_page(ctl)}).", confidence=0.8)
+    return None
+
+
+def _page(o: Observation) -> str:
+    return (f"status {o.data.get('status')}, title '{o.data.get('title') or ''}', "
+            f"{o.data.get('body_length')} bytes{' (capped)' if o.data.get('truncated') else ''}")
 
 
 # --- TLS interception ----------------------------------------------------------------------------
@@ -246,6 +304,44 @@ def _mitm(f: Facts) -> Hit | None:
                             f"'{issuer}'{flag} that does not validate ({o.data.get('cert_failure')}){ctl}.",
                        confidence=0.95 if national else 0.85)
     return None
+
+
+# --- redirect chains ------------------------------------------------------------------------------
+#: The step whose failure broke a chain -> the mechanism that failure points to.
+_CHAIN_MECHANISM = {STEP_DNS: "dns", STEP_TCP: "ip", STEP_TLS: "dpi", STEP_HTTP: "dpi"}
+
+
+def _redirect(mechanism: str) -> Callable[[Facts], Hit | None]:
+    def check(f: Facts) -> Hit | None:
+        got = f.redirect_break
+        if got is None:
+            return None
+        k, failed = got
+        first = min(failed, key=lambda o: (_STEP_ORDER.get(o.step, 9), o.t_start))
+        if _CHAIN_MECHANISM.get(first.step) != mechanism:
+            return None
+        same = [o for o in failed if o.step == first.step]
+        if not f.control_completes_chain(k):
+            return None
+        if first.step == STEP_DNS:
+            # An NXDOMAIN is an answer; a timeout must be seen again (as for dns.failure).
+            if first.failure not in DNS_FAILURES or (first.failure == E.TIMEOUT and not _enough(same)):
+                return None
+        elif not (first.failure in INTERFERENCE or first.step == STEP_TCP) or not _enough(same):
+            return None
+        prefix = {STEP_DNS: "dns.", STEP_TCP: "ip.tcp_", STEP_TLS: "dpi.tls_", STEP_HTTP: "dpi.http_"}[first.step]
+        detail = f"{prefix}{_suffix(first.failure)}"
+        start = next((o for o in f.probe_http if o.data.get("redirect_to") or o.data.get("redirects")), None)
+        where = f" {first.address}" if first.address else ""
+        ctl = f.final_pages(CONTROL)[:1]
+        return Hit([*([start] if start else []), *same, *ctl],
+                   f"{f.domain} redirects to {first.domain}; at hop {k} the {first.step.upper()} step to "
+                   f"{first.domain}{where} failed ({first.failure}) {_times(same)}, while control followed "
+                   "the same chain to the page.", detail=detail)
+    return check
+
+
+_STEP_ORDER = {STEP_DNS: 0, STEP_TCP: 1, STEP_TLS: 2, STEP_HTTP: 3}
 
 
 # --- TCP -----------------------------------------------------------------------------------------
@@ -353,8 +449,76 @@ def _http_interfered(f: Facts) -> tuple[list[Observation], list[Observation]] | 
     return list(f.probe_http), follow
 
 
-def _ok_throttled(f: Facts) -> Hit | None:
-    """Response headers arrived, then the body timed out: the site answers, slowly (throttling)."""
+#: The target's wire rate must be this many times below the benign follow-up's to be throttling.
+THROTTLE_RATIO = 4.0
+#: Below this a completed download counts as slow (for ok.slow's sentence to be true).
+SLOW_RATE = 100 * 1024
+
+
+def _throttle_pair(f: Facts) -> tuple[Observation, float, Observation, float] | None:
+    """(target response, its rate, follow-up on the same address, its rate), when both were sampled."""
+    # A body that completed or stalled (a reset mid-body is interference of another kind).
+    target = f.rate(o for o in f.probe_http if o.data.get("status") and not o.data.get("blockpage")
+                    and o.failure in (None, E.TIMEOUT))
+    if target is None:
+        return None
+    t_rate, t_obs = target
+    follow = f.rate(o for o in f.probe_http_followup if o.address == t_obs.address)
+    if follow is None:
+        return None
+    return t_obs, t_rate, follow[1], follow[0]
+
+
+def _control_full_rate(f: Facts, t_rate: float) -> bool:
+    """Control downloaded the body: completed, and (when it sampled) not itself slowed to our rate."""
+    ok = [o for o in f.control_http if o.ok]
+    if not ok:
+        return False
+    rated = f.rate(ok)
+    return rated is None or rated[0] >= THROTTLE_RATIO * t_rate
+
+
+def _rate(r: float) -> str:
+    return f"{r / 1024:.1f} KiB/s" if r < 1024 * 1024 else f"{r / 1024 / 1024:.1f} MiB/s"
+
+
+def _throttled(f: Facts) -> Hit | None:
+    got = _throttle_pair(f)
+    if got is None:
+        return None
+    t_obs, t_rate, fu, fu_rate = got
+    if fu_rate < THROTTLE_RATIO * max(t_rate, 1.0) or not _control_full_rate(f, t_rate):
+        return None
+    ratio = fu_rate / max(t_rate, 1.0)
+    ctl = next(o for o in f.control_http if o.ok)
+    return Hit([t_obs, fu, ctl], f"The body from {t_obs.address} with {_name_kind(t_obs)} {f.domain} came at "
+                                 f"{_rate(t_rate)}, {ratio:.0f}× slower than from the same address with "
+                                 f"{_name_kind(t_obs)} {fu.data.get('host') or fu.data.get('sni') or 'a benign name'} "
+                                 f"({_rate(fu_rate)}); control downloaded it at full rate.",
+               confidence=0.85)
+
+
+def _name_kind(o: Observation) -> str:
+    return "SNI" if str(o.data.get("url") or "").startswith("https") else "Host"
+
+
+def _slow_everywhere(f: Facts) -> Hit | None:
+    """The target and the benign follow-up on the same address are both slow: the path, not the name."""
+    got = _throttle_pair(f)
+    if got is None:
+        return None
+    t_obs, t_rate, fu, fu_rate = got
+    if fu_rate >= THROTTLE_RATIO * max(t_rate, 1.0):
+        return None
+    if t_obs.ok and t_rate >= SLOW_RATE:
+        return None  # not slow at all
+    return Hit([t_obs, fu], f"{t_obs.address} sent {f.domain}'s body at {_rate(t_rate)} and the same address "
+                            f"with a benign name at {_rate(fu_rate)}: slow, but not for this name.",
+               confidence=0.7)
+
+
+def _throttle_unconfirmed(f: Facts) -> Hit | None:
+    """Headers arrived, then the body timed out, and no follow-up can tell throttling from a slow path."""
     if f.probe_http_ok or not f.probe_http:
         return None
     slow = [o for o in f.probe_http if o.failure == E.TIMEOUT and o.data.get("status")]
@@ -362,8 +526,9 @@ def _ok_throttled(f: Facts) -> Hit | None:
         return None
     o = slow[0]
     ctl = " while control downloaded it" if f.control_http_ok else ""
-    return Hit(slow, f"{f.domain} answered (status {o.data.get('status')}) but the body timed out{ctl}: "
-                     "accessible, possibly throttled.", confidence=0.6)
+    return Hit(slow, f"{f.domain} answered (status {o.data.get('status')}) but the body timed out{ctl}; "
+                     "with no follow-up on the same address, throttling cannot be told from a slow path.",
+               confidence=0.4)
 
 
 def _http_dpi(f: Facts) -> Hit | None:
@@ -418,6 +583,31 @@ def server_side_challenge(o: Observation) -> bool:
         bool(headers & set(CHALLENGE_HEADERS)) or any(t in title for t in CHALLENGE_TITLES))
 
 
+def same_page(o: Observation, ctl: Observation) -> bool:
+    """The probe's page may be control's: same status and (same title, or lengths that agree).
+
+    A capped body's length is only a lower bound of the page's: it shows a difference only when
+    the other, complete, body is much shorter than it.  Two capped bodies agree on length."""
+    if o.data.get("status") != ctl.data.get("status"):
+        return False
+    pt, ct = str(o.data.get("title") or "").strip(), str(ctl.data.get("title") or "").strip()
+    if pt == ct:
+        return True
+    return _lengths_agree(o, ctl)
+
+
+def _lengths_agree(a: Observation, b: Observation) -> bool:
+    alen, blen = a.data.get("body_length") or 0, b.data.get("body_length") or 0
+    acap, bcap = bool(a.data.get("truncated")), bool(b.data.get("truncated"))
+    if acap and bcap:
+        return True
+    if acap or bcap:
+        capped, whole = (alen, blen) if acap else (blen, alen)
+        return whole >= 0.7 * capped
+    ratio = min(alen, blen) / max(alen, blen) if max(alen, blen) else 1.0
+    return ratio > 0.7
+
+
 def _http_diff(f: Facts) -> Hit | None:
     """The page differs materially from control's, at an address control agrees with."""
     if not f.probe_http_ok or not f.control_http_ok:
@@ -426,26 +616,21 @@ def _http_diff(f: Facts) -> Hit | None:
         return None
     if not (f.probe_addresses & f.control_addresses) and not f.valid_addresses:
         return None
-    ctl = next(o for o in f.control_http if o.ok)
-    for o in f.probe_http_ok:
-        same_status = o.data.get("status") == ctl.data.get("status")
-        pt, ct = (o.data.get("title") or "").strip(), (ctl.data.get("title") or "").strip()
-        plen, clen = o.data.get("body_length") or 0, ctl.data.get("body_length") or 0
-        ratio = min(plen, clen) / max(plen, clen) if max(plen, clen) else 1.0
-        if same_status and (pt == ct or ratio > 0.7):
-            return None
-    o = f.probe_http_ok[0]
-    return Hit([o, ctl], f"The page at {o.address} (status {o.data.get('status')}, title "
-                         f"'{o.data.get('title')}', {o.data.get('body_length')} bytes) differs from control's "
-                         f"(status {ctl.data.get('status')}, title '{ctl.data.get('title')}', "
-                         f"{ctl.data.get('body_length')} bytes).", confidence=0.5)
+    ctl = f.final_pages(CONTROL)[0]
+    # Pages from suspect addresses are DNS's doing (dns.poisoned comes first); judge the others.
+    pages = [o for o in f.final_pages(PROBE) if o.address not in f.suspect_addresses]
+    if not pages or any(same_page(o, ctl) for o in pages):
+        return None
+    o = pages[0]
+    return Hit([o, ctl], f"The page at {o.address} ({_page(o)}) differs from control's ({_page(ctl)}).",
+               confidence=0.5)
 
 
 # --- success, down, inconclusive -------------------------------------------------------------------
 def _ok(f: Facts) -> Hit | None:
     if not f.probe_http_ok:
         return None
-    o = f.probe_http_ok[0]
+    o = f.final_pages(PROBE)[0] if f.final_pages(PROBE) else f.probe_http_ok[0]
     via = f" via {o.address}" if o.address else ""
     checked = " (address validated by TLS)" if o.address in f.valid_addresses else ""
     conf = 0.95 if f.control_http_ok or o.address in f.valid_addresses else 0.8
@@ -468,8 +653,8 @@ def _down(f: Facts) -> Hit | None:
         return None
     if f.probe_http_ok:
         return None
-    probe_fail = [o for o in f.observations if o.vantage == "probe" and not o.ok]
-    control = [o for o in f.observations if o.vantage == "control" and not o.ok]
+    probe_fail = [o for o in f.observations if o.vantage == PROBE and not o.ok]
+    control = [o for o in f.observations if o.vantage == CONTROL and not o.ok]
     what = dominant_failure(control) or "failure"
     return Hit([*probe_fail[:4], *control[:4]], f"{f.domain} fails from the probe and from control too "
                                                f"(control: {what}): the site is down, not blocked.")
@@ -487,7 +672,7 @@ def _dns_down(f: Facts) -> Hit | None:
 
 
 def _inconclusive(f: Facts) -> Hit | None:
-    bad = [o for o in f.observations if o.vantage == "probe" and not o.ok]
+    bad = [o for o in f.observations if o.vantage == PROBE and not o.ok]
     if not f.observations:
         return Hit([], "No observation was made for this target.")
     if not bad:
@@ -495,25 +680,29 @@ def _inconclusive(f: Facts) -> Hit | None:
     first = bad[0]
     ctl = ("control could not say" if f.has_control else "there is no control to compare with")
     return Hit(bad[:6], f"{first.step} to {first.address or first.domain} failed ({first.failure}) "
-                        f"{_times([o for o in f.observations if o.step == first.step and o.vantage == 'probe'])}, "
+                        f"{_times([o for o in f.observations if o.step == first.step and o.vantage == PROBE])}, "
                         f"but {ctl}.", detail=_inconclusive_detail(bad))
 
 
 def _inconclusive_detail(bad: list[Observation]) -> str:
     o = bad[0]
-    prefix = {"dns": "dns", "tcp": "ip.tcp", "tls": "tls", "http": "http"}.get(o.step, o.step)
+    prefix = {STEP_DNS: "dns", STEP_TCP: "ip.tcp", STEP_TLS: "tls", STEP_HTTP: "http"}.get(o.step, o.step)
     return f"{prefix}_{_suffix(o.failure)}" if "." in prefix else f"{prefix}.{_suffix(o.failure)}"
 
 
 RULES: tuple[Rule, ...] = (
     Rule("vantage.no_network", INCONCLUSIVE, None, "vantage.no_network", 1.0, _no_network,
          "The vantage point has no network: never blame the site."),
+    Rule("control.rejected", INCONCLUSIVE, None, "control.rejected", 0.3, _control_rejected,
+         "Control's answer failed the wire contract: no trustworthy contrast."),
     Rule("pcap.injected", BLOCKED, "dpi", "dpi.injected", 0.9, _injected_flow,
          "A packet on the flow was injected (TTL / IP-ID unlike the server's)."),
     Rule("dns.injected", BLOCKED, "dns", "dns.injected", 0.9, _dns_injected,
          "One query got several answers with different addresses."),
     Rule("dns.blockpage", BLOCKED, "dns", "dns.blockpage", 0.95, _dns_blockpage,
          "DNS led to an address serving a blockpage."),
+    Rule("dns.fingerprint", BLOCKED, "dns", "dns.blockpage", 0.9, _dns_fingerprint,
+         "A probe resolver answers an address that a DNS fingerprint names as a blockpage server."),
     Rule("dns.failure", BLOCKED, "dns", "dns.nxdomain", 0.9, _dns_failure,
          "A probe resolver fails (NXDOMAIN, SERVFAIL, no answer, timeout) while control resolves."),
     Rule("dns.ghost", BLOCKED, "dns", "dns.ghost", 0.85, _dns_ghost,
@@ -526,6 +715,12 @@ RULES: tuple[Rule, ...] = (
          "The name resolves neither at the probe nor at control."),
     Rule("tls.mitm", BLOCKED, "dpi", "dpi.tls_mitm", 0.9, _mitm,
          "The certificate does not validate while control's does, or a national interception CA issued it."),
+    Rule("redirect.dns", BLOCKED, "dns", "dns.nxdomain", 0.8, _redirect("dns"),
+         "The page redirects; the lookup of a later hop's name fails while control follows the chain."),
+    Rule("redirect.ip", BLOCKED, "ip", "ip.tcp_timeout", 0.8, _redirect("ip"),
+         "The page redirects; TCP to a later hop fails while control follows the chain."),
+    Rule("redirect.dpi", BLOCKED, "dpi", "dpi.tls_reset", 0.8, _redirect("dpi"),
+         "The page redirects; TLS or HTTP at a later hop is interfered with while control follows the chain."),
     Rule("ip.tcp", BLOCKED, "ip", "ip.tcp_timeout", 0.85, _tcp_blocked,
          "TCP to every address fails (twice for timeouts) while control connects."),
     Rule("dpi.tls_followup", BLOCKED, "dpi", "dpi.tls_reset", 0.9, _tls_dpi,
@@ -536,8 +731,12 @@ RULES: tuple[Rule, ...] = (
          "TLS fails with the target SNI and a benign SNI alike, while control completes."),
     Rule("dpi.blockpage", BLOCKED, "dpi", "dpi.blockpage", 0.9, _dpi_blockpage,
          "The HTTP response matches a blockpage fingerprint."),
-    Rule("ok.throttled", OK, None, "ok.throttled", 0.6, _ok_throttled,
-         "Headers arrived, then the body timed out: accessible but slow (throttling is not blocking)."),
+    Rule("dpi.throttled", BLOCKED, "dpi", "dpi.throttled", 0.85, _throttled,
+         "The body comes far slower than from the same address with a benign SNI/Host; control is at full rate."),
+    Rule("ok.slow", OK, None, "ok.slow", 0.7, _slow_everywhere,
+         "The target and the benign follow-up on the same address are equally slow: the path, not the name."),
+    Rule("throttle.unconfirmed", INCONCLUSIVE, None, "inconclusive.throttled", 0.4, _throttle_unconfirmed,
+         "Headers arrived, then the body timed out, with no follow-up to tell throttling from a slow path."),
     Rule("dpi.http_followup", BLOCKED, "dpi", "dpi.http_reset", 0.9, _http_dpi,
          "HTTP with Host = target fails; the same address with a benign Host answers."),
     Rule("dpi.http_control", BLOCKED, "dpi", "dpi.http_reset", 0.75, _http_dpi_control_only,

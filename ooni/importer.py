@@ -27,7 +27,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import gzip
-import hashlib
 import json
 import re
 from collections.abc import Iterable, Iterator
@@ -35,13 +34,17 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 from kzprobe import errors as E
+from kzprobe.analysis.features import default_fingerprints, header, http_features
+from kzprobe.contract import STEP_DATA, WireError, check
 from kzprobe.model import (
     CONTROL,
     FOLLOWUP,
     MEASURE,
+    REDIRECT,
+    SOURCE_OONI,
     STEP_DNS,
     STEP_HTTP,
     STEP_TCP,
@@ -49,16 +52,12 @@ from kzprobe.model import (
     Observation,
 )
 
-#: Purpose of steps that follow a redirect to another name (OONI ``depth`` > 0).
-REDIRECT = "redirect"
 #: Tags written by ``kzprobe export`` (and read back here) for what OONI has no field for.
 TAG_FOLLOWUP = "kzprobe_followup"
 TAG_PURPOSE = "kzprobe_purpose="
 TAG_ATTEMPT = "kzprobe_attempt="
 TAG_DOMAIN = "kzprobe_domain="
 
-#: Bytes of body kept in ``data["body_head"]`` (the live probe keeps the same amount).
-HEAD_CHARS = 1024
 
 SSL_CERT_FAILURES = frozenset({E.SSL_INVALID_HOSTNAME, E.SSL_UNKNOWN_AUTHORITY, E.SSL_INVALID_CERTIFICATE})
 
@@ -195,14 +194,6 @@ def _body_bytes(body: Any) -> bytes:
     return _body_text(body).encode("utf-8")
 
 
-_TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
-
-
-def extract_title(body: str) -> str:
-    m = _TITLE.search(body)
-    return " ".join(m.group(1).split()) if m else ""
-
-
 def flatten_headers(headers: Any, headers_list: Any = None) -> dict[str, str]:
     """OONI headers (name -> str | [str]) or headers_list ([[name, value]]) -> {name: value}."""
     out: dict[str, str] = {}
@@ -318,6 +309,12 @@ def measurement_to_observations(m: Any) -> Imported:
         control_failure = tk.get("control_failure")
         if isinstance(control, dict) and not control_failure:
             b.control(control, url)
+        for o in b.out:
+            # The one contract every source meets: a type-wrong value that slipped through the
+            # mapping (an x_kzprobe title that is a number, a TTL that is a string) stops here.
+            check(o.data, STEP_DATA[o.step], f"{o.step} data")
+    except WireError as exc:
+        raise OoniFormatError(f"malformed test_keys: {exc.reason}") from None
     except (AttributeError, TypeError, KeyError, ValueError) as exc:
         # A field of the wrong type somewhere deep in test_keys: one line, not a traceback.
         raise OoniFormatError(f"malformed test_keys: {type(exc).__name__}: {exc}") from None
@@ -384,10 +381,11 @@ class _Builder:
     def _obs(self, step: str, entry: dict[str, Any] | None, domain: str, **kw: Any) -> Observation:
         t0, t1 = _times(entry or {}, self.start)
         purpose = _purpose(entry) if entry is not None else MEASURE
-        o = Observation(step=step, target=self.target, domain=domain, source="ooni", t_start=t0, t_end=t1,
+        o = Observation(step=step, target=self.target, domain=domain, source=SOURCE_OONI, t_start=t0, t_end=t1,
                         purpose=purpose, attempt=_attempt(entry or {}), **kw)
         if entry is not None and _depth(entry):
-            o.data["depth"] = _depth(entry)
+            # "hop" is the contract's name (model.REDIRECT); "depth" is OONI's, kept for export.
+            o.data["depth"] = o.data["hop"] = _depth(entry)
         self.out.append(o)
         return o
 
@@ -447,6 +445,7 @@ class _Builder:
         if o.purpose == MEASURE and hostname != self.host and o.data.get("depth") is None:
             # A lookup of another name at depth 0 (e.g. a CNAME chase): keep it out of the comparison.
             o.purpose = REDIRECT
+            o.data["hop"] = 0
 
     def _responses(self, per_query: list[dict[str, Any]], group: list[dict[str, Any]],
                    duplicates: list[dict[str, Any]], failure: str | None, addresses: list[str]
@@ -519,32 +518,34 @@ class _Builder:
         req_headers = flatten_headers(req.get("headers"), req.get("headers_list"))
         host = next((v for k, v in req_headers.items() if k.lower() == "host"), "") or (urlsplit(url).hostname or "")
         headers = flatten_headers(resp.get("headers"), resp.get("headers_list"))
-        body = _body_text(resp.get("body"))
-        raw = _body_bytes(resp.get("body"))
+        body = resp.get("body")
+        raw = _body_bytes(body)
         xk = resp.get("x_kzprobe")
         x: dict[str, Any] = xk if isinstance(xk, dict) else {}
         code = resp.get("code")
         failure = map_failure(e.get("failure"))
-        data: dict[str, Any] = {
-            "url": url,
-            "host": host,
-            "status": int(code) if isinstance(code, int) and code > 0 else None,
-            "headers": headers,
-            "title": x.get("title", extract_title(body)),
-            "body_length": x.get("body_length", len(raw)),
-            "body_sha256": x.get("body_sha256", hashlib.sha256(raw).hexdigest()),
-            "body_head": body[:HEAD_CHARS],
-            "truncated": bool(resp.get("body_is_truncated")),
-            "blockpage": None,
-        }
-        if body or headers:
-            from kzprobe.analysis.fingerprints import Fingerprints
-
-            match = _fingerprints(Fingerprints).blockpage(body, headers)
-            data["blockpage"] = match.name if match else None
+        # OONI stores the body decoded (Content-Encoding undone; text as UTF-8, anything else as
+        # base64): decode nothing again, and read a text body as the UTF-8 it now is.
+        as_stored = {k: v for k, v in headers.items() if k.lower() not in ("content-encoding", "content-type")}
+        if not isinstance(body, dict):
+            as_stored["Content-Type"] = "text/html; charset=utf-8"
+        elif header(headers, "content-type"):
+            as_stored["Content-Type"] = str(header(headers, "content-type"))
+        status = int(code) if isinstance(code, int) and not isinstance(code, bool) and code > 0 else None
+        feats = http_features(status, as_stored, raw, truncated_on_wire=bool(resp.get("body_is_truncated")),
+                              fingerprints=default_fingerprints())
+        feats["content_encoding"] = header(headers, "content-encoding")
+        feats["wire_bytes"] = None  # OONI does not say how many bytes came on the wire
+        data: dict[str, Any] = {"url": url, "host": host, "status": status, "headers": headers, **feats}
+        for key in ("title", "body_length", "body_sha256"):
+            if key in x:
+                data[key] = x[key]  # kzprobe's export: computed on the full body, only the head was kept
         if data["blockpage"] is None and x.get("blockpage"):
             # Matched by kzprobe on the full body, of which only the head was exported.
             data["blockpage"] = x["blockpage"]
+        location = header(headers, "location")
+        if status is not None and 300 <= status < 400 and location:
+            data["redirect_to"] = urljoin(url, location)
         return data, failure
 
     def requests(self, entries: list[dict[str, Any]]) -> None:
@@ -573,6 +574,8 @@ class _Builder:
                 for key in ("status", "headers", "title", "body_length", "body_sha256", "body_head",
                             "truncated", "blockpage"):
                     data[key] = final[key]
+                # The folded request stands for the chain's outcome, not for its first 3xx.
+                data.pop("redirect_to", None)
                 failure = end_failure
             self._obs(STEP_HTTP, e, domain, address=address, port=port, failure=failure, data=data)
 
@@ -632,16 +635,6 @@ class _Builder:
                 "title": http.get("title") or "",
                 "body_length": length if isinstance(length, int) and length >= 0 else None,
             })
-
-
-_FP_CACHE: dict[str, Any] = {}
-
-
-def _fingerprints(cls: Any) -> Any:
-    # Parsing the CSV once per process, not once per response.
-    if "default" not in _FP_CACHE:
-        _FP_CACHE["default"] = cls.default()
-    return _FP_CACHE["default"]
 
 
 # --- reading files ------------------------------------------------------------------------------------

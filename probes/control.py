@@ -22,7 +22,8 @@ import httpx
 import trio
 
 from kzprobe import errors as E
-from kzprobe.model import CONTROL, STEP_DNS, Observation, Target, now
+from kzprobe.contract import WireError, observations_from_wire, rejected
+from kzprobe.model import CONTROL, SOURCE_LIVE, STEP_DNS, Observation, Target, now
 from kzprobe.probes.certs import TrustStore
 from kzprobe.probes.engine import ProbeConfig, Sink
 
@@ -102,16 +103,22 @@ class ControlClient:
                     # Busy or over our share: the helper sheds load; wait as asked (bounded), retry.
                     await trio.sleep(_retry_after(r.headers.get("retry-after")))
                     r = await self.client.post(f"{base}/v1/control", json=body, headers=headers)
-            payload: dict[str, Any] = r.json()
+            payload: Any = r.json()
             self._failures[base] = 0
             if r.status_code != 200:
-                self._note(f"helper {base} refused {target.url}: {payload.get('error', r.status_code)}")
+                why = payload.get("error") if isinstance(payload, dict) else None
+                self._note(f"helper {base} refused {target.url}: {str(why or r.status_code)[:200]}")
                 return None
-            out = []
-            for d in payload.get("observations", []):
-                o = Observation.from_dict(d)
-                o.id, o.vantage, o.target = None, CONTROL, target.url
-                out.append(o)
+            try:
+                out = observations_from_wire(payload, source=SOURCE_LIVE, vantage=CONTROL)
+            except WireError as exc:
+                # All or nothing: one type-wrong field makes the whole answer untrustworthy.  The
+                # target becomes inconclusive with this reason (rule control.rejected).
+                self._note(f"helper {base} answer for {target.url} rejected: {exc.reason}")
+                return [rejected(f"helper {base}: {exc.reason}", target=target.url, domain=target.host,
+                                 source=SOURCE_LIVE)]
+            for o in out:
+                o.target = target.url
             return out
         except (httpx.HTTPError, ValueError, TypeError, OSError) as exc:
             failure = E.failure_string(exc)

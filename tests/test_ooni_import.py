@@ -48,8 +48,9 @@ QA = Path(__file__).resolve().parents[1].parent / "shared" / "ooni-qa"
 # - tcpBlockingConnectionRefusedWithInconsistentDNS: the ISP resolver gives 83.224.65.41 (refuses
 #   connections) instead of the real 93.184.216.34: the root cause is DNS.
 # - throttlingWithHTTPS: the status line arrived (200), then the body read timed out while control
-#   downloaded the whole 16 MiB.  The site answers; a slow path looks exactly the same, so kzprobe
-#   says ok with detail ok.throttled rather than risk a false "blocked" (OONI: http-failure).
+#   downloaded the whole 16 MiB.  A slow path looks exactly the same, and one imported measurement
+#   has no follow-up on the same address with a benign SNI to tell them apart: inconclusive
+#   (rule throttle.unconfirmed), neither "ok" nor a risked "blocked" (OONI: http-failure).
 EXPECTED: dict[str, tuple[str, str | None]] = {
     "badSSLWithUnknownAuthorityWithConsistentDNS": ("down", None),
     "cloudflareCAPTCHAWithHTTP": ("ok", None),
@@ -67,7 +68,7 @@ EXPECTED: dict[str, tuple[str, str | None]] = {
     "successWithHTTPS": ("ok", None),
     "tcpBlockingConnectTimeout": ("blocked", "ip"),
     "tcpBlockingConnectionRefusedWithInconsistentDNS": ("blocked", "dns"),
-    "throttlingWithHTTPS": ("ok", None),
+    "throttlingWithHTTPS": ("inconclusive", None),
     "tlsBlockingConnectionResetWithConsistentDNS": ("blocked", "dpi"),
     "websiteDownNXDOMAIN": ("down", None),
     "websiteDownTCPConnect": ("down", None),
@@ -305,6 +306,35 @@ def test_redirect_chain_is_folded_into_the_measured_request() -> None:
     http = next(o for o in obs if o.step == "http" and o.purpose == "measure")
     assert http.ok and http.data["status"] == 200 and http.data["redirects"] == ["https://yandex.com/",
                                                                                   "https://ya.ru/"]
+
+
+def test_redirect_chain_failure_is_attributed_to_the_failing_hop() -> None:
+    """bit.ly answers 308 to www.example.com, whose TLS handshake (hop 1) is reset; control
+    fetched the page at the chain's end: SNI-based DPI on the redirect target, not an HTTP reset."""
+    verdict, obs = _classify(_load("redirectWithConsistentDNSAndThenConnectionResetForHTTPS"))
+    assert (verdict.rule, verdict.detail) == ("redirect.dpi", "dpi.tls_reset"), verdict.sentence
+    cited = [o for o in obs if o.id in verdict.observations]
+    reset = [o for o in cited if o.step == "tls" and o.vantage == PROBE]
+    assert reset and all(o.purpose == REDIRECT and o.data["hop"] == 1 and o.domain == "www.example.com"
+                         for o in reset)
+    assert any(o.vantage == CONTROL for o in cited)
+    assert "hop 1" in verdict.sentence and "www.example.com" in verdict.sentence
+
+
+def test_redirect_hops_carry_their_hop_number() -> None:
+    _, obs = _classify(_load("idnaWithoutCensorshipLowercase"))
+    hops = sorted({(o.domain, o.data["hop"]) for o in obs if o.purpose == REDIRECT})
+    assert hops == [("ya.ru", 2), ("yandex.com", 1)]
+    first = next(o for o in obs if o.step == "http" and o.purpose == REDIRECT and o.data["hop"] == 1)
+    assert first.data["status"] == 308 and first.data["redirect_to"] == "https://ya.ru/"
+
+
+def test_type_wrong_fields_are_one_line_problems(tmp_path: Path) -> None:
+    m = _load("successWithHTTP")
+    m["test_keys"]["requests"][0]["response"]["x_kzprobe"] = {"title": 5}
+    with pytest.raises(Exception) as exc:
+        measurement_to_observations(m)
+    assert str(exc.value) == "malformed test_keys: http data.title must be a string or null, not a number"
 
 
 def test_reader_accepts_jsonl_in_dot_json_and_lists(tmp_path: Path) -> None:

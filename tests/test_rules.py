@@ -15,7 +15,9 @@ import pytest
 
 from kzprobe import errors as E
 from kzprobe.analysis import RULES, RULES_BY_ID, Context, classify, classify_target
-from kzprobe.model import CONTROL, FOLLOWUP, MEASURE, PROBE, Observation
+from kzprobe.analysis.fingerprints import Fingerprints, parse
+from kzprobe.contract import rejected
+from kzprobe.model import CONTROL, FOLLOWUP, MEASURE, PROBE, REDIRECT, Observation
 
 URL = "https://site.example/"
 DOMAIN = "site.example"
@@ -73,6 +75,55 @@ def throttled(address: str = A, attempt: int = 0) -> Observation:
     return o
 
 
+WWW = "www.site.example"  # where the site redirects to
+
+
+def hop(o: Observation, k: int = 1, domain: str = WWW) -> Observation:
+    """``o`` as a step of hop ``k`` of the redirect chain (to ``domain``)."""
+    o.purpose, o.domain = REDIRECT, domain
+    o.data["hop"] = k
+    if o.step == "http":
+        o.data["url"] = o.data["host"] = f"https://{domain}/"
+    if o.step == "tls":
+        o.data["sni"] = domain
+    return o
+
+
+def redirecting(address: str = A, to: str = WWW) -> list[Observation]:
+    """Hop 0: the target answers 301 to https://WWW/."""
+    o = http(address, status=301, title="", length=0)
+    o.data["redirect_to"] = f"https://{to}/"
+    return [dns([address]), tcp(address), tls(address), o]
+
+
+def sampled(o: Observation, rate: float, seconds: float = 4.0) -> Observation:
+    """Speed samples every 250 ms at ``rate`` wire bytes per second."""
+    o.data["speed_samples"] = [[round(0.25 * i, 2), int(rate * 0.25 * i)] for i in range(1, int(seconds * 4) + 1)]
+    return o
+
+
+def _capped(o: Observation) -> Observation:
+    o.data["truncated"] = True
+    return o
+
+
+def _reset(o: Observation) -> Observation:
+    o.failure = RESET
+    return o
+
+
+def benign(address: str = A, rate: float = 2e6) -> Observation:
+    o = sampled(http(address, host="example.com", purpose=FOLLOWUP, length=8_000_000), rate)
+    o.data["url"] = "https://example.com/"
+    return o
+
+
+DNS_FP = Fingerprints(parse(
+    "name,scope,location_found,pattern_type,pattern,confidence_no_fp\n"
+    f"kz_dns_block,isp,dns,full,{PARKED},9\n"
+    "fp_dns,fp,dns,prefix,203.0.113.,9\n", "test"))
+
+
 def ctl_site(address: str = A) -> list[Observation]:
     """Control resolves the name, connects, handshakes and fetches the page."""
     return [dns([address], vantage=CONTROL, resolver="helper"), tcp(address, vantage=CONTROL),
@@ -108,6 +159,11 @@ POSITIVE: list[Case] = [
     Case("no network (every step unreachable)", [dns(failure=E.NETWORK_UNREACHABLE), tcp(A, E.NETWORK_UNREACHABLE),
                                                  tcp(A, E.NETWORK_UNREACHABLE, attempt=1)],
          "vantage.no_network", "inconclusive"),
+    Case("control: the helper's answer failed the wire contract",
+         [dns([A]), tcp(A), tls(A), http(A, RESET),
+          rejected("observations[0].data.addresses must be a list, not a number", target=URL, domain=DOMAIN,
+                   source="live")],
+         "control.rejected", "inconclusive"),
     Case("pcap: injected RST after the ClientHello",
          [tls(A, RESET, source="pcap", injected={"kind": "rst", "packet": 7, "reason": "IP TTL 61 vs 52"})],
          "pcap.injected", "blocked", "dpi", "dpi.tls_reset"),
@@ -120,6 +176,8 @@ POSITIVE: list[Case] = [
          [dns([PARKED]), tcp(PARKED), tls(PARKED, valid=False, issuer="ISP notice"),
           http(PARKED, E.SSL_INVALID_HOSTNAME), http(PARKED, purpose="peek", blockpage="kz_block"), *ctl_site()],
          "dns.blockpage", "blocked", "dns", "dns.blockpage"),
+    Case("dns: an answer that a DNS fingerprint names (no control needed)", [dns([PARKED]), tcp(PARKED, TIMEOUT)],
+         "dns.fingerprint", "blocked", "dns", "dns.blockpage", context=Context(fingerprints=DNS_FP)),
     Case("dns: NXDOMAIN while control resolves", [dns(failure=E.DNS_NXDOMAIN), *ctl_site()],
          "dns.failure", "blocked", "dns", "dns.nxdomain"),
     Case("dns: NXDOMAIN while another resolver's answer validates",
@@ -135,6 +193,9 @@ POSITIVE: list[Case] = [
     Case("dns: wrong address whose certificate is for another name",
          [dns([PARKED]), tcp(PARKED), tls(PARKED, valid=False), *ctl_site()],
          "dns.poisoned", "blocked", "dns", "dns.poisoned"),
+    Case("dns: an answer unlike control's, never validated, serves another page (not dpi.http_diff)",
+         [dns([A, PARKED]), tcp(PARKED), http(PARKED, title="Parked domain", length=300), *ctl_site()],
+         "dns.poisoned", "blocked", "dns", "dns.poisoned"),
     Case("dns: NXDOMAIN at the probe and at control", [dns(failure=E.DNS_NXDOMAIN),
                                                        dns(failure=E.DNS_NXDOMAIN, vantage=CONTROL)],
          "dns.down", "down"),
@@ -144,6 +205,21 @@ POSITIVE: list[Case] = [
     Case("tls: invalid chain while control's validates", [dns([A]), tcp(A), tls(A, valid=False, issuer="Evil CA"),
                                                           http(A, E.SSL_UNKNOWN_AUTHORITY), *ctl_site()],
          "tls.mitm", "blocked", "dpi", "dpi.tls_mitm"),
+    Case("redirect: TLS to the next hop reset while control follows the chain",
+         [*redirecting(), hop(dns([CDN])), hop(tcp(CDN)), hop(tls(CDN, RESET)), *ctl_site()],
+         "redirect.dpi", "blocked", "dpi", "dpi.tls_reset"),
+    Case("redirect: HTTP at hop 2 reset while control follows the chain",
+         [*redirecting(), hop(dns([CDN])), hop(tcp(CDN)), hop(tls(CDN)),
+          hop(http(CDN, status=302, title="", length=0), 1), hop(dns([CDN]), 2, "m.site.example"),
+          hop(tcp(CDN), 2, "m.site.example"), hop(tls(CDN), 2, "m.site.example"),
+          hop(http(CDN, RESET), 2, "m.site.example"), *ctl_site()],
+         "redirect.dpi", "blocked", "dpi", "dpi.http_reset"),
+    Case("redirect: the next hop's name does not resolve while control follows the chain",
+         [*redirecting(), hop(dns(failure=E.DNS_NXDOMAIN)), *ctl_site()],
+         "redirect.dns", "blocked", "dns", "dns.nxdomain"),
+    Case("redirect: TCP to the next hop times out twice while control follows the chain",
+         [*redirecting(), hop(dns([CDN])), hop(tcp(CDN, TIMEOUT)), hop(tcp(CDN, TIMEOUT, attempt=1)), *ctl_site()],
+         "redirect.ip", "blocked", "ip", "ip.tcp_timeout"),
     Case("tcp: timeout twice while control connects", [dns([A]), tcp(A, TIMEOUT), tcp(A, TIMEOUT, attempt=1),
                                                        *ctl_site()],
          "ip.tcp", "blocked", "ip", "ip.tcp_timeout"),
@@ -164,6 +240,11 @@ POSITIVE: list[Case] = [
     Case("http: injected blockpage at a consistent address", [dns([A]), tcp(A), http(A, blockpage="kz_block"),
                                                               *ctl_site()],
          "dpi.blockpage", "blocked", "dpi", "dpi.blockpage"),
+    Case("http: the site redirects to a blockpage host", [*redirecting(to="block.isp.example"),
+                                                          hop(dns([PARKED]), domain="block.isp.example"),
+                                                          hop(http(PARKED, blockpage="kz_block"),
+                                                              domain="block.isp.example"), *ctl_site()],
+         "dpi.blockpage", "blocked", "dpi", "dpi.blockpage"),
     Case("http: reset on Host, benign Host answers",
          [dns([A]), tcp(A), http(A, RESET), http(A, host="example.com", purpose=FOLLOWUP), http(A, RESET, attempt=1)],
          "dpi.http_followup", "blocked", "dpi", "dpi.http_reset"),
@@ -172,8 +253,13 @@ POSITIVE: list[Case] = [
     Case("http: a different page than control's", [dns([A]), *fetched(A)[:2], http(A, title="Не то", length=300),
                                                    *ctl_site()],
          "dpi.http_diff", "blocked", "dpi", "dpi.http_diff"),
-    Case("ok: headers arrived, the body timed out twice (throttled, not blocked)",
-         [dns([A]), tcp(A), tls(A), throttled(), throttled(attempt=1), *ctl_site()], "ok.throttled", "ok"),
+    Case("throttled: 8 KiB/s with the target SNI, 2 MB/s with a benign SNI at the same address",
+         [dns([A]), tcp(A), tls(A), sampled(throttled(), 8192), benign(), *ctl_site()],
+         "dpi.throttled", "blocked", "dpi", "dpi.throttled"),
+    Case("slow: the target and the benign follow-up are both slow",
+         [dns([A]), tcp(A), tls(A), sampled(http(A), 8192), benign(rate=12000), *ctl_site()], "ok.slow", "ok"),
+    Case("throttled-looking, but no follow-up (an imported measurement): inconclusive, not ok",
+         [dns([A]), tcp(A), tls(A), throttled(), *ctl_site()], "throttle.unconfirmed", "inconclusive"),
     Case("ok: fetched", [dns([A]), *fetched(A)], "ok.http", "ok"),
     Case("ok: TLS-only measurement", [dns([A]), tcp(A), tls(A)], "ok.tls", "ok"),
     Case("down: probe and control both refused", [dns([A]), tcp(A, E.CONNECTION_REFUSED),
@@ -187,12 +273,19 @@ NEAR_MISS: list[Case] = [
     Case("one step unreachable, DNS worked, no control",
          [dns([A]), tcp(A, E.NETWORK_UNREACHABLE), tcp(A, TIMEOUT, attempt=1)],
          "inconclusive", "inconclusive", near="vantage.no_network"),
+    Case("a well-formed control answer", [dns([A]), *fetched(A), *ctl_site()], "ok.http", "ok",
+         near="control.rejected"),
     Case("pcap flow with nothing injected", [dns([A]), *fetched(A)], "ok.http", "ok", near="pcap.injected"),
     Case("two identical UDP answers (a retransmission)", [dns([A], responses=[[A], [A]]), *fetched(A)],
          "ok.http", "ok", near="dns.injected"),
     Case("blockpage at the address control gives too (no DNS lead)",
          [dns([A]), tcp(A), http(A, blockpage="kz_block"), *ctl_site()],
          "dpi.blockpage", "blocked", "dpi", "dpi.blockpage", near="dns.blockpage"),
+    Case("a DNS fingerprint's address that control gives too",
+         [dns([PARKED]), *fetched(PARKED), *ctl_site(PARKED)], "ok.http", "ok", near="dns.fingerprint",
+         context=Context(fingerprints=DNS_FP)),
+    Case("an answer matching only a known-false-positive DNS fingerprint", [dns([CDN]), *fetched(CDN)],
+         "ok.http", "ok", near="dns.fingerprint", context=Context(fingerprints=DNS_FP)),
     Case("NXDOMAIN at the only resolver, no control", [dns(failure=E.DNS_NXDOMAIN)],
          "inconclusive", "inconclusive", near="dns.failure"),
     Case("one DNS timeout while control resolves (not seen again)", [dns(failure=TIMEOUT), *ctl_site()],
@@ -206,11 +299,27 @@ NEAR_MISS: list[Case] = [
          "inconclusive", "inconclusive", near="dns.bogon"),
     Case("CDN answer unlike control's, validated by TLS", [dns([CDN]), *fetched(CDN), *ctl_site(A)],
          "ok.http", "ok", near="dns.poisoned"),
+    Case("an answer unlike control's serving the same page as control (geo-DNS mirror, mixed answer)",
+         [dns([A, PARKED]), tcp(PARKED), http(PARKED), *ctl_site()], "ok.http", "ok", near="dns.poisoned"),
     Case("NXDOMAIN at the probe, no control", [dns(failure=E.DNS_NXDOMAIN), dns(failure=E.DNS_NXDOMAIN, resolver=PUB)],
          "inconclusive", "inconclusive", near="dns.down"),
     Case("invalid chain from an ordinary issuer, no control",
          [dns([A]), tcp(A), tls(A, valid=False, issuer="Evil CA"), http(A, E.SSL_UNKNOWN_AUTHORITY)],
          "inconclusive", "inconclusive", near="tls.mitm"),
+    Case("redirect: TLS to the next hop reset, control fails at that hop too",
+         [*redirecting(), hop(dns([CDN])), hop(tcp(CDN)), hop(tls(CDN, RESET)), *ctl_site(),
+          hop(tls(CDN, RESET, vantage=CONTROL))],
+         "inconclusive", "inconclusive", near="redirect.dpi"),
+    Case("redirect: one reset at hop 1, then the chain completes on retry",
+         [*redirecting(), hop(dns([CDN])), hop(tcp(CDN)), hop(tls(CDN, RESET)), hop(tls(CDN, attempt=1)),
+          hop(http(CDN, attempt=1)), *ctl_site()],
+         "ok.http", "ok", near="redirect.dpi"),
+    Case("redirect: the next hop's name timed out once (live: not seen again)",
+         [*redirecting(), hop(dns(failure=TIMEOUT)), *ctl_site()],
+         "inconclusive", "inconclusive", near="redirect.dns"),
+    Case("redirect: TCP to the next hop times out twice, no control",
+         [*redirecting(), hop(dns([CDN])), hop(tcp(CDN, TIMEOUT)), hop(tcp(CDN, TIMEOUT, attempt=1))],
+         "inconclusive", "inconclusive", near="redirect.ip"),
     Case("one TCP timeout while control connects (not seen again)", [dns([A]), tcp(A, TIMEOUT), *ctl_site()],
          "inconclusive", "inconclusive", near="ip.tcp"),
     Case("TCP timeout twice, no control", [dns([A]), tcp(A, TIMEOUT), tcp(A, TIMEOUT, attempt=1)],
@@ -232,7 +341,19 @@ NEAR_MISS: list[Case] = [
     Case("HTTP reset, control fails too", [dns([A]), tcp(A), http(A, RESET), *ctl_down()],
          "down.everyone", "down", near="dpi.http_control"),
     Case("HTTP timeout before any header, no control", [dns([A]), tcp(A), tls(A), http(A, TIMEOUT)],
-         "inconclusive", "inconclusive", near="ok.throttled"),
+         "inconclusive", "inconclusive", near="throttle.unconfirmed"),
+    Case("throttled-looking, benign follow-up fast, but control failed to download too",
+         [dns([A]), tcp(A), tls(A), sampled(throttled(), 8192), benign(), *ctl_site()[:3],
+          http(A, TIMEOUT, vantage=CONTROL)],
+         "throttle.unconfirmed", "inconclusive", near="dpi.throttled"),
+    Case("both slow, but the target's body was reset (not a slow path)",
+         [dns([A]), tcp(A), tls(A), _reset(sampled(throttled(), 8192)), benign(rate=9000), *ctl_site()],
+         "dpi.http_followup", "blocked", "dpi", "dpi.http_reset", near="ok.slow"),
+    Case("fast target and fast follow-up", [dns([A]), tcp(A), tls(A), sampled(http(A), 2e6), benign(), *ctl_site()],
+         "ok.http", "ok", near="ok.slow"),
+    Case("titles differ, the probe's body capped short (lengths say nothing)",
+         [dns([A]), *fetched(A)[:2], _capped(http(A, title="Site home, 12:01", length=4096)), *ctl_site()],
+         "ok.http", "ok", near="dpi.http_diff"),
     Case("same page as control's, slightly different length",
          [dns([A]), *fetched(A)[:2], http(A, length=4500), *ctl_site()], "ok.http", "ok", near="dpi.http_diff"),
     Case("fetched, but it is the blockpage", [dns([A]), tcp(A), http(A, blockpage="kz_block")],
