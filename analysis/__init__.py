@@ -12,7 +12,7 @@ from collections.abc import Iterable
 
 from kzprobe.analysis.facts import Context, Facts
 from kzprobe.analysis.rules import RULES, RULES_BY_ID, Hit, Rule
-from kzprobe.model import BLOCKED, Observation, Verdict
+from kzprobe.model import BLOCKED, MEASURE, Observation, Verdict
 
 __all__ = ["RULES", "RULES_BY_ID", "Context", "Facts", "Hit", "Rule", "classify", "classify_target"]
 
@@ -23,7 +23,7 @@ def classify_target(
     context: Context | None = None,
     domain: str | None = None,
 ) -> Verdict:
-    dom = domain or next((o.domain for o in observations if o.purpose == "measure"), "") or target
+    dom = domain or next((o.domain for o in observations if o.purpose == MEASURE), "") or target
     facts = Facts(target=target, domain=dom, observations=observations, context=context or Context())
     for rule in RULES:
         hit = rule.check(facts)

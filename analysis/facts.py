@@ -92,7 +92,7 @@ class Facts:
     context: Context = field(default_factory=Context)
 
     # --- selections --------------------------------------------------------------------------
-    def _sel(self, step: str, vantage: str, purposes: Iterable[str] = ("measure",)) -> list[Observation]:
+    def _sel(self, step: str, vantage: str, purposes: Iterable[str] = (MEASURE,)) -> list[Observation]:
         ps = set(purposes)
         return [o for o in self.observations if o.step == step and o.vantage == vantage and o.purpose in ps]
 

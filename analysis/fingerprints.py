@@ -18,6 +18,8 @@ from importlib import resources
 from pathlib import Path
 
 REQUIRED = ("name", "scope", "location_found", "pattern_type", "pattern")
+#: location_found of rows matched against DNS answers (addresses), not against HTTP responses.
+LOCATION_DNS = "dns"
 
 
 class FingerprintError(Exception):
@@ -64,7 +66,7 @@ class Match:
 class Fingerprints:
     def __init__(self, rows: Iterable[Fingerprint]) -> None:
         self.rows = list(rows)
-        self._dns = [r for r in self.rows if r.location == "dns"]
+        self._dns = [r for r in self.rows if r.location == LOCATION_DNS]
         self._body = [r for r in self.rows if r.location == "body"]
         self._headers = [r for r in self.rows if r.location.startswith("header.")]
 
@@ -93,7 +95,7 @@ class Fingerprints:
         return out
 
     def match_dns(self, address: str) -> list[Match]:
-        return [Match(r, "dns") for r in self._dns if r.matches(address)]
+        return [Match(r, LOCATION_DNS) for r in self._dns if r.matches(address)]
 
     def blockpage(self, body: str, headers: Mapping[str, str] | None = None) -> Match | None:
         """The strongest non-false-positive match, if any."""

@@ -151,7 +151,7 @@ def _dns_injected(f: Facts) -> Hit | None:
         responses = o.data.get("responses") or []
         sets = {tuple(sorted(r.get("addresses") or [])) for r in responses if r.get("addresses")}
         inj = o.data.get("injected") or {}
-        if len(sets) > 1 or inj.get("kind") == "dns":
+        if len(sets) > 1 or inj.get("kind") == STEP_DNS:
             shown = " vs ".join(",".join(s) or "-" for s in sorted(sets))
             return Hit(
                 [o],

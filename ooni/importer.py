@@ -32,6 +32,7 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin, urlsplit
@@ -343,6 +344,29 @@ def measurement_to_observations(m: Any) -> Imported:
     )
 
 
+def _location(e: dict[str, Any]) -> str | None:
+    resp = e.get("response")
+    if not isinstance(resp, dict):
+        return None
+    loc = header(flatten_headers(resp.get("headers"), resp.get("headers_list")), "location")
+    url = (e.get("request") or {}).get("url")
+    return urljoin(str(url or ""), loc) if loc else None
+
+
+def _chain_order(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Requests without ``depth`` tags (Web Connectivity 0.4) -> tagged copies, when they form a chain.
+
+    OONI lists a redirect chain's requests newest first; each older one's Location must be the
+    next one's URL, else the list is not taken for a chain (and is left as it was)."""
+    if len(entries) < 2 or any(t.startswith("depth=") for e in entries for t in _tags(e)):
+        return entries
+    chain = list(reversed(entries))
+    for here, nxt in pairwise(chain):
+        if _location(here) != (nxt.get("request") or {}).get("url"):
+            return entries
+    return [{**e, "tags": [*_tags(e), f"depth={i}"]} for i, e in enumerate(chain)]
+
+
 def _list(tk: dict[str, Any], key: str) -> list[dict[str, Any]]:
     value = tk.get(key)
     if value is None:
@@ -549,7 +573,7 @@ class _Builder:
         return data, failure
 
     def requests(self, entries: list[dict[str, Any]]) -> None:
-        by_depth = sorted(entries, key=_depth)
+        by_depth = sorted(_chain_order(entries), key=_depth)
         chain_end = self._chain_end(by_depth)
         for e in by_depth:
             data, failure = self._http_data(e)

@@ -329,6 +329,42 @@ def test_redirect_hops_carry_their_hop_number() -> None:
     assert first.data["status"] == 308 and first.data["redirect_to"] == "https://ya.ru/"
 
 
+def _as_v04(m: dict[str, Any]) -> dict[str, Any]:
+    """The measurement as Web Connectivity 0.4 wrote it: no depth tags, and only the input's own
+    DNS/TCP/TLS steps (0.4's HTTP client follows redirects without recording them apart)."""
+    m = copy.deepcopy(m)
+    tk = m["test_keys"]
+    for key in ("queries", "tcp_connect", "tls_handshakes"):
+        tk[key] = [e for e in tk.get(key) or [] if "depth=0" in (e.get("tags") or []) or not e.get("tags")]
+    for e in tk["requests"]:
+        e["tags"] = [t for t in e.get("tags") or [] if not t.startswith("depth=")]
+    return m
+
+
+def test_v04_redirect_chain_is_rebuilt_from_locations() -> None:
+    verdict, obs = _classify(_as_v04(_load("idnaWithoutCensorshipLowercase")))
+    assert verdict.status == "ok", verdict.sentence
+    hops = sorted((o.data["hop"], o.domain) for o in obs if o.step == "http" and o.purpose == REDIRECT)
+    assert hops == [(1, "yandex.com"), (2, "ya.ru")]
+
+
+def test_v04_redirect_chain_broken_at_hop_2_is_attributed() -> None:
+    """0.4 lists the failed last request first, with its failure and no response."""
+    m = _as_v04(_load("idnaWithoutCensorshipLowercase"))
+    last = m["test_keys"]["requests"][0]
+    assert last["request"]["url"] == "https://ya.ru/"
+    last["failure"], last["response"] = "connection_reset", None
+    verdict, obs = _classify(m)
+    assert (verdict.status, verdict.rule, verdict.detail) == ("blocked", "redirect.dpi", "dpi.http_reset"), \
+        verdict.sentence
+    assert "hop 2" in verdict.sentence and "ya.ru" in verdict.sentence
+    # A list whose Locations do not link up is not taken for a chain.
+    m["test_keys"]["requests"][1]["response"]["headers_list"] = []
+    m["test_keys"]["requests"][1]["response"]["headers"] = {}
+    _, obs = _classify(m)
+    assert not [o for o in obs if o.step == "http" and o.purpose == REDIRECT]
+
+
 def test_type_wrong_fields_are_one_line_problems(tmp_path: Path) -> None:
     m = _load("successWithHTTP")
     m["test_keys"]["requests"][0]["response"]["x_kzprobe"] = {"title": 5}
