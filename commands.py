@@ -110,12 +110,16 @@ def emit_verdicts(verdicts: list[Verdict], fmt: str, extra: dict[str, dict[str, 
 @click.option("--network-name", default=None, help="Vantage metadata: the network's name (stored).")
 @click.option("--asn", default=None, help="Vantage metadata: the network's ASN (stored).")
 @click.option("--country", default=None, help="Vantage metadata: country code (stored).")
+@click.option("--upload", "upload_url", default=None, metavar="URL",
+              help="After the run, upload it to this collector in the background (never waits on it).")
+@click.option("--upload-token-file", type=click.Path(dir_okay=False), default=None,
+              help="Upload token file (else $KZPROBE_UPLOAD_TOKEN).")
 def run(list_name: str | None, targets_file: str | None, strict: bool, resolvers: tuple[str, ...],
         system_resolver: bool, ca_bundles: tuple[str, ...], db: str | None, helpers: tuple[str, ...],
         doh: tuple[str, ...], control_sni: str, fingerprints: tuple[str, ...], timeout: float,
         deadline: float | None, concurrency: int, fmt: str, progress: bool, source_address: str | None,
         network_name: str | None,
-        asn: str | None, country: str | None) -> None:
+        asn: str | None, country: str | None, upload_url: str | None, upload_token_file: str | None) -> None:
     """Probe a target list and print a verdict per target.
 
     Every step (DNS, TCP, TLS, HTTP) is stored as it completes, so an interrupted run keeps what
@@ -128,6 +132,10 @@ def run(list_name: str | None, targets_file: str | None, strict: bool, resolvers
             dnsprobe.parse_resolver(r)
         except ValueError as exc:
             raise click.BadParameter(f"{r!r}: {exc}", param_hint="--resolver") from None
+    if upload_url:
+        from kzprobe.collector.upload_cli import check_upload_options
+
+        check_upload_options(upload_url, upload_token_file)
     targets = _load_targets(list_name, targets_file, strict)
     store = _open_store(db)
 
@@ -172,6 +180,10 @@ def run(list_name: str | None, targets_file: str | None, strict: bool, resolvers
     counts = Counter(v.label for v in result.verdicts)
     err.print(f"run {result.run_id} stored in {store.url}: "
               + ", ".join(f"{k} {n}" for k, n in sorted(counts.items())), highlight=False)
+    if upload_url:
+        from kzprobe.collector.upload_cli import start_background_upload
+
+        err.print(start_background_upload(store.url, upload_url, upload_token_file), highlight=False)
     if result.interrupted:
         sys.exit(130)
 

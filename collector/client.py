@@ -176,6 +176,9 @@ class Uploader:
                                    for k in ("network_name", "asn", "country")}
         if "no_network" in v:
             vantage["no_network"] = bool(v["no_network"])
+        opts = run.options or {}
+        # Whether a control was configured (the classifier's context), never the helpers' URLs.
+        vantage["control_configured"] = bool(opts.get("helpers") or opts.get("doh"))
         # Only what the collector's schema allows: never the resolvers (addresses) or options.
         return {"uid": run.uid, "software": run.software, "software_version": run.software_version,
                 "classifier_version": classifier_version(), "source": run.source, "started": run.started,

@@ -143,8 +143,9 @@ class Ingest:
                 observations.append(o)
             targets = [t for t, in s.execute(select(TargetRow.url).where(TargetRow.run_id == ref.id)
                                               .order_by(TargetRow.position, TargetRow.id))]
-            verdicts = classify(observations, Context(no_network=bool(run.vantage.get("no_network"))),
-                                targets=targets)
+            ctx = Context(no_network=bool(run.vantage.get("no_network")),
+                          control_configured=bool(run.vantage.get("control_configured")))
+            verdicts = classify(observations, ctx, targets=targets)
             version = classifier_version()
             s.query(VerdictRow).filter(VerdictRow.run_id == ref.id).delete()
             rows = [

@@ -101,3 +101,43 @@ def upload(url: str | None, db: str | None, token_file: str | None, show_status:
                f"{report.duplicates} already there, {report.closed} run(s) closed", err=True)
     if report.problems:
         sys.exit(1)
+
+
+def check_upload_options(url: str, token_file: str | None) -> None:
+    """For `kzprobe run --upload`: fail before measuring, not after, on a bad URL or no token."""
+    check_url(url)
+    read_token(token_file)
+
+
+def start_background_upload(db_url: str, url: str, token_file: str | None) -> str:
+    """Start ``kzprobe upload`` detached from this process and return a line for the user.
+
+    Detached (its own session, no terminal) so that the run returns at once, whether the
+    collector is up, slow or down: measuring never waits on it.  The token travels through the
+    environment or the file, never the child's command line (visible in ``ps``).
+    """
+    import subprocess
+
+    from kzprobe.storage import default_db_path
+
+    cmd = [sys.executable, "-m", "kzprobe.cli", "upload", "--db", db_url]
+    if token_file:
+        cmd += ["--token-file", str(Path(token_file).resolve())]
+    cmd.append(url)
+    log = default_db_path().parent / "upload.log"
+    try:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        out = log.open("ab")
+    except OSError:
+        out = None
+    try:
+        subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=out if out is not None else subprocess.DEVNULL, start_new_session=True,
+                         close_fds=True)
+    except OSError as exc:
+        return f"upload not started ({exc.strerror or exc}); run `kzprobe upload {url}` later"
+    finally:
+        if out is not None:
+            out.close()
+    return (f"uploading to {url} in the background (log: {log}); `kzprobe upload --status` shows what is "
+            f"pending, and `kzprobe upload {url}` finishes the job if it is interrupted")

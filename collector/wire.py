@@ -118,16 +118,18 @@ def parse_open(body: bytes) -> OpenRun:
     source = d.get("source", "live")
     if source not in SOURCES:
         raise BadBody(f"source must be one of {', '.join(SOURCES)}")
-    v = _obj(d.get("vantage", {}), "vantage", {"network_name", "asn", "country", "no_network"}, set())
+    v = _obj(d.get("vantage", {}), "vantage", {"network_name", "asn", "country", "no_network", "control_configured"},
+             set())
     vantage: dict[str, Any] = {
         "network_name": _str(v.get("network_name"), "vantage.network_name", 128, null=True),
         "asn": _str(v.get("asn"), "vantage.asn", 16, null=True),
         "country": _str(v.get("country"), "vantage.country", 8, null=True),
     }
-    if "no_network" in v:
-        if not isinstance(v["no_network"], bool):
-            raise BadBody(f"vantage.no_network must be a boolean, not {_kind(v['no_network'])}")
-        vantage["no_network"] = v["no_network"]
+    for flag in ("no_network", "control_configured"):  # the classifier's run context
+        if flag in v:
+            if not isinstance(v[flag], bool):
+                raise BadBody(f"vantage.{flag} must be a boolean, not {_kind(v[flag])}")
+            vantage[flag] = v[flag]
     raw_targets = d.get("targets", [])
     if not isinstance(raw_targets, list):
         raise BadBody(f"targets must be a list, not {_kind(raw_targets)}")
