@@ -10,14 +10,13 @@ Any failure raises :class:`BadBody` with a one-line reason naming the field.
 
 from __future__ import annotations
 
-import importlib
 import itertools
 import json
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from kzprobe.contract import WireError, from_wire
 from kzprobe.model import CONTROL, PROBE, SOURCES, STEPS, Observation
 
 API_VERSION = 1
@@ -153,20 +152,6 @@ def parse_close(body: bytes) -> CloseRun:
     return CloseRun(ended=_num(d["ended"], "ended"), state=d["state"])
 
 
-def _contract_decoder() -> Callable[..., Observation] | None:
-    """contract.from_wire once it exists on this tree (fid-contract's), else None."""
-    try:
-        mod = importlib.import_module("kzprobe.contract")
-    except ImportError:
-        return None
-    return getattr(mod, "from_wire", None)
-
-
-_FROM_WIRE = _contract_decoder()
-#: Exceptions of the typed decoder (WireError is a ValueError with a one-line reason).
-_WIRE_ERRORS = (ValueError, TypeError)
-
-
 def _observation(d: Any, where: str) -> tuple[int, Observation]:
     if not isinstance(d, dict):
         raise BadBody(f"{where} must be an object, not {_kind(d)}")
@@ -185,34 +170,11 @@ def _observation(d: Any, where: str) -> tuple[int, Observation]:
         _int(d["port"], f"{where}.port", 0, 65535)
     if "attempt" in d:
         _int(d["attempt"], f"{where}.attempt", 0, 1000)
-    if _FROM_WIRE is not None:
-        try:
-            o = _FROM_WIRE(d, source=source, vantage=vantage, where=where)
-        except _WIRE_ERRORS as exc:
-            raise BadBody(getattr(exc, "reason", None) or " ".join(str(exc).split())[:200]) from None
-    else:  # pragma: no cover - only before the contract module lands
-        o = _fallback(d, where, source, vantage)
+    try:
+        o = from_wire(d, source=source, vantage=vantage, where=where)
+    except WireError as exc:
+        raise BadBody(exc.reason) from None
     return seq, o
-
-
-def _fallback(d: dict[str, Any], where: str, source: str, vantage: str) -> Observation:
-    """The top-level types only; the typed contract replaces this when it is present."""
-    for key in ("target", "domain"):
-        if key not in d:
-            raise BadBody(f"{where}.{key} is missing")
-    for key in ("t_start", "t_end"):
-        if key in d:
-            _num(d[key], f"{where}.{key}")
-    if not isinstance(d.get("data", {}), dict):
-        raise BadBody(f"{where}.data must be an object, not {_kind(d['data'])}")
-    packets = d.get("packets", [])
-    if not isinstance(packets, list) or not all(isinstance(p, int) and not isinstance(p, bool) for p in packets):
-        raise BadBody(f"{where}.packets must be a list of integers")
-    return Observation(step=d["step"], target=d["target"], domain=d["domain"], vantage=vantage, source=source,
-                       address=d.get("address"), port=d.get("port"), t_start=float(d.get("t_start", 0.0)),
-                       t_end=float(d.get("t_end", 0.0)), failure=d.get("failure"),
-                       purpose=d.get("purpose", "measure"), attempt=d.get("attempt", 0),
-                       data=dict(d.get("data", {})), packets=list(packets))
 
 
 def parse_batch(body: bytes) -> list[tuple[int, Observation]]:

@@ -34,13 +34,6 @@ from kzprobe.tests.support.collector import (
     volunteer_db,
 )
 
-try:
-    import kzprobe.contract  # noqa: F401
-
-    HAVE_CONTRACT = True
-except ImportError:
-    HAVE_CONTRACT = False
-
 
 @pytest.fixture
 def collector(tmp_path: Path) -> Iterator[Collector]:
@@ -137,9 +130,8 @@ def test_bad_input_is_refused_and_nothing_is_stored(tmp_path: Path, collector: C
         assert "not valid JSON" in refused(b'{"observations": [', 400)
         # One type-wrong field in the middle of a batch: the whole batch is refused.
         batch = [_obs_json(i) for i in range(1, 11)]
-        if HAVE_CONTRACT:  # the typed data keys are the contract's (fid-contract); see the test below
-            batch[5]["data"] = {"addresses": "203.0.113.1"}
-            assert "observations[5].data.addresses" in refused(json.dumps({"observations": batch}).encode(), 400)
+        batch[5]["data"] = {"addresses": "203.0.113.1"}  # typed by contract.py
+        assert "observations[5].data.addresses" in refused(json.dumps({"observations": batch}).encode(), 400)
         batch[5] = _obs_json(6, port="443")
         assert "observations[5].port" in refused(json.dumps({"observations": batch}).encode(), 400)
         batch[5] = {**_obs_json(6), "seq": True}
@@ -166,7 +158,6 @@ def test_bad_input_is_refused_and_nothing_is_stored(tmp_path: Path, collector: C
     assert count(collector.db, "observations") == 0
 
 
-@pytest.mark.skipif(not HAVE_CONTRACT, reason="kzprobe.contract (typed observation data) is not on this tree yet")
 def test_type_wrong_data_key_refuses_the_batch_via_the_contract() -> None:
     from kzprobe.collector.wire import BadBody, parse_batch
 
