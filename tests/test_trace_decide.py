@@ -72,10 +72,17 @@ def test_blockpage_in_path() -> None:
 
 
 def test_injection_at_server_hop_is_not_endpoint() -> None:
-    # Control reaches the server at 5; the test gets a RST at 5 that lacks the server's TTL.
+    # Control reaches the server at 5; the test gets a RST at 5 that lacks the server's TTL, and
+    # whose IP TTL (61 = 64 - 3) says it was sent from TTL 4: that router, not the endpoint.
     r = run([*path_to_server(4), injected(5, ip_ttl=61)], path_to_server())
     assert (r.result, r.rule, r.placement) == ("censor_located", "injected_at_server_hop", "in-path")
     assert (r.hop_ttl, r.hop_address) == (4, ROUTERS[4])
+
+
+def test_injection_at_server_hop_without_an_earlier_sender_is_an_endpoint_firewall() -> None:
+    r = run([*path_to_server(4), injected(5, ip_ttl=200)], path_to_server())
+    assert (r.result, r.rule, r.placement, r.hop_address) == ("endpoint", "endpoint_firewall", "endpoint", SERVER)
+    assert r.evidence["centrace"] == "ENDPOINT_FIREWALL"
 
 
 def test_endpoint_when_server_signature_and_answers_differ() -> None:
@@ -110,9 +117,12 @@ def test_in_path_drop_silence_from_hop() -> None:
 
 
 def test_drop_right_before_server_names_last_router() -> None:
+    # Silent from TTL 5, where control's first answer is the server's own: the router before it
+    # is named (never the target's address), and the sentence says an endpoint drop looks the same.
     test = path_to_server(4) + [silence(t) for t in range(5, 9)]
     r = run(test, path_to_server())
     assert (r.result, r.hop_ttl, r.hop_address) == ("censor_located", 4, ROUTERS[4])
+    assert "server's own firewall would look the same" in r.evidence["sentence"]
 
 
 def test_single_trailing_silence_is_not_a_drop() -> None:

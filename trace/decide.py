@@ -1,7 +1,10 @@
 """The CenTrace-style decision: where is the censor, is it in-path or on-path, what triggers it.
 
 Pure functions over two sweeps (the test domain and a control domain, same address, same
-trigger), so the same rules run on live sweeps and on sweeps read back from captures.
+trigger), so the same rules run on live sweeps and on sweeps read back from captures.  The
+rules themselves are a table with stable ids, in :mod:`kzprobe.trace.rules`; this module holds
+the sweep model (:class:`HopResult`, :class:`TraceResult`), the per-TTL consolidation and the
+hop-naming helpers the rules share.
 
 A sweep is a list of :class:`HopResult`, one per (TTL, repetition).  The rules work on a
 per-TTL consolidation (majority over repetitions), because a single lost ICMP or a route flap
@@ -265,10 +268,6 @@ def _same_answer(a: HopResult, b: HopResult) -> bool:
     return True
 
 
-def _pk(h: HopResult | None) -> list[int]:
-    return list(h.packets) if h is not None else []
-
-
 def _describe(h: HopResult) -> str:
     what = h.detail or h.kind.replace("_", " ")
     sig = ""
@@ -285,10 +284,6 @@ def _describe(h: HopResult) -> str:
     return f"{what}{src}{sig}"
 
 
-def _handshake_timeouts(view: dict[int, HopResult]) -> list[int]:
-    return [t for t, h in view.items() if h.kind == HANDSHAKE_TIMEOUT]
-
-
 # --- the decision ------------------------------------------------------------------------------
 
 
@@ -302,272 +297,37 @@ def decide(
     test_domain: str | None = None,
     control_domain: str = "example.com",
 ) -> TraceResult:
-    """Compare a test sweep with a control sweep and say where the trigger is blocked."""
+    """Compare a test sweep with a control sweep and say where the trigger is blocked: the first
+    rule of :data:`kzprobe.trace.rules.RULES` that matches."""
+    from kzprobe.trace.rules import Facts, first_hit
+
     if trigger not in TRIGGERS:
         raise ValueError(f"unknown trigger {trigger!r}")
-    tv = consolidate(test)
-    cv = consolidate(control)
     domain = test_domain or target
-
-    def result(
-        res: str,
-        rule: str,
-        sentence: str,
-        *,
-        hop_ttl: int | None = None,
-        hop_address: str | None = None,
-        placement: str | None = None,
-        triggered_by: str | None = None,
-        ttls: Iterable[int] = (),
-        tp: Iterable[int] = (),
-        cp: Iterable[int] = (),
-    ) -> TraceResult:
-        return TraceResult(
-            target=target,
-            address=address,
-            trigger=trigger,
-            result=res,
-            hop_ttl=hop_ttl,
-            hop_address=hop_address,
-            placement=placement,
-            triggered_by=triggered_by,
-            rule=rule,
-            evidence={
-                "rule": rule,
-                "sentence": sentence,
-                "ttls": sorted(set(ttls)),
-                "packets": {"test": sorted(set(tp)), "control": sorted(set(cp))},
-                "test_domain": domain,
-                "control_domain": control_domain,
-            },
-            test_hops=list(test),
-            control_hops=list(control),
-        )
-
-    probed = [h for h in tv.values() if h.kind != HANDSHAKE_TIMEOUT]
-    hs_test = _handshake_timeouts(tv)
-    hs_ctrl = _handshake_timeouts(cv)
-    if not probed:
-        return result(
-            INCONCLUSIVE,
-            "no_handshake",
-            f"No TCP handshake of the {domain} sweep completed "
-            f"({len(hs_test)} handshake timeouts), so no trigger was ever sent.",
-            ttls=hs_test,
-        )
-    if not [h for h in cv.values() if h.kind != HANDSHAKE_TIMEOUT]:
-        return result(
-            INCONCLUSIVE,
-            "no_control",
-            f"The control sweep ({control_domain}) has no usable probe, so nothing to compare with.",
-            ttls=hs_ctrl,
-        )
-
-    t_test = _first_terminating(tv)
-    t_ctrl = _first_terminating(cv)
-    ctrl_max = max(cv)
-
-    if t_test is not None:
-        th = tv[t_test]
-        ch = cv.get(t_test)
-        control_passes = (ch is not None and ch.kind == ICMP_TIME_EXCEEDED) or (
-            (t_ctrl is None or t_ctrl > t_test) and ctrl_max > t_test
-        )
-        later_term = [t for t, h in tv.items() if t > t_test and h.terminating]
-        also = f" and at {len(later_term)} higher TTLs" if later_term else ""
-        if control_passes:
-            on_path = bool(th.router)
-            hop_ttl, hop_addr, how = _name_hop(t_test, th, tv, cv, on_path=on_path)
-            ctrl_said = (
-                f"an ICMP time-exceeded from {ch.router}"
-                if ch is not None and ch.kind == ICMP_TIME_EXCEEDED
-                else "through (it terminates further on)"
-            )
-            if on_path:
-                sentence = (
-                    f"At TTL {t_test} the {domain} trigger drew both an ICMP time-exceeded from "
-                    f"{th.router} and {_describe(th)}{also}: a copy-and-inject device (on-path) "
-                    f"at that hop, while the {control_domain} control at the same TTL got "
-                    f"{ctrl_said}. {how}"
-                )
-            else:
-                sentence = (
-                    f"The {domain} trigger was answered at TTL {t_test} by {_describe(th)}{also} "
-                    f"with no ICMP from that hop (in-path), while the {control_domain} control at "
-                    f"the same TTL got {ctrl_said}. {how}"
-                )
-            return result(
-                CENSOR_LOCATED,
-                "on_path" if on_path else "in_path_terminated",
-                sentence,
-                hop_ttl=hop_ttl,
-                hop_address=hop_addr,
-                placement=ON_PATH if on_path else IN_PATH,
-                triggered_by=DOMAIN,
-                ttls=[t_test, *([hop_ttl] if hop_ttl is not None else [])],
-                tp=_pk(th),
-                cp=_pk(ch),
-            )
-        if t_ctrl == t_test and ch is not None:
-            t_inj = th.injected
-            c_inj = ch.injected
-            if not t_inj and not c_inj:
-                if _same_answer(th, ch):
-                    return result(
-                        NONE_OBSERVED,
-                        "same_endpoint_answer",
-                        f"Both sweeps reach the server at TTL {t_test} and get the same answer "
-                        f"({_describe(th)} for {domain}; {_describe(ch)} for {control_domain}).",
-                        ttls=[t_test],
-                        tp=_pk(th),
-                        cp=_pk(ch),
-                    )
-                if trigger == "dns":
-                    sentence = (
-                        f"Both queries are first answered at TTL {t_test}, the resolver's own hop, "
-                        f"and the answers differ: {_describe(th)} for {domain} against "
-                        f"{_describe(ch)} for {control_domain}. The resolver itself blocks the "
-                        "name (DNS blocking at the resolver), nothing in the path."
-                    )
-                else:
-                    sentence = (
-                        f"Both sweeps first get an answer at TTL {t_test}, the server's own hop, "
-                        f"and the packets carry the server's signature, but they differ: "
-                        f"{_describe(th)} for {domain} against {_describe(ch)} for "
-                        f"{control_domain}. The block is at the endpoint (a server-side firewall "
-                        "or policy), not in the path."
-                    )
-                return result(
-                    ENDPOINT,
-                    "endpoint_differs",
-                    sentence,
-                    hop_ttl=t_test,
-                    hop_address=th.responder or address,
-                    placement=PLACEMENT_ENDPOINT,
-                    triggered_by=DOMAIN,
-                    ttls=[t_test],
-                    tp=_pk(th),
-                    cp=_pk(ch),
-                )
-            if t_inj and not c_inj:
-                hop_ttl, hop_addr, how = _name_hop(t_test, th, tv, cv, on_path=bool(th.router))
-                on_path = bool(th.router)
-                return result(
-                    CENSOR_LOCATED,
-                    "injected_at_server_hop",
-                    f"At TTL {t_test}, where the {control_domain} control reaches the server "
-                    f"({_describe(ch)}), the {domain} trigger got {_describe(th)}: the packet does "
-                    "not carry the server's signature, so a device in front of the server sent it "
-                    f"({'on-path' if on_path else 'in-path'}). {how}",
-                    hop_ttl=hop_ttl,
-                    hop_address=hop_addr,
-                    placement=ON_PATH if on_path else IN_PATH,
-                    triggered_by=DOMAIN,
-                    ttls=[t_test],
-                    tp=_pk(th),
-                    cp=_pk(ch),
-                )
-            if t_inj and c_inj and _same_answer(th, ch):
-                hop_ttl, hop_addr, how = _name_hop(t_test, th, tv, cv, on_path=bool(th.router))
-                on_path = bool(th.router)
-                return result(
-                    CENSOR_LOCATED,
-                    "same_injection_both",
-                    f"The {domain} and the {control_domain} triggers both got {_describe(th)} at "
-                    f"TTL {t_test}: the same injected answer whatever the domain, so the device "
-                    f"acts on the address ({'on-path' if on_path else 'in-path'}). {how}",
-                    hop_ttl=hop_ttl,
-                    hop_address=hop_addr,
-                    placement=ON_PATH if on_path else IN_PATH,
-                    triggered_by=IP,
-                    ttls=[t_test],
-                    tp=_pk(th),
-                    cp=_pk(ch),
-                )
-        if t_ctrl is not None and t_ctrl < t_test:
-            return result(
-                INCONCLUSIVE,
-                "control_blocked_earlier",
-                f"The {control_domain} control is answered earlier (TTL {t_ctrl}) than the "
-                f"{domain} trigger (TTL {t_test}); the control domain itself may be interfered "
-                "with, or the route changed between the sweeps.",
-                ttls=[t_ctrl, t_test],
-                tp=_pk(th),
-                cp=_pk(cv.get(t_ctrl)),
-            )
-        return result(
-            INCONCLUSIVE,
-            "no_comparison",
-            f"The {domain} trigger is answered at TTL {t_test} by {_describe(th)}, but the control "
-            "sweep does not cover that TTL in a way that can be compared.",
-            ttls=[t_test],
-            tp=_pk(th),
-            cp=_pk(ch),
-        )
-
-    # The test sweep never got an answer: silence (a drop) or a sweep that just stopped.
-    s_test = _silent_from(tv)
-    if s_test is not None:
-        ch = cv.get(s_test)
-        control_passes = (ch is not None and ch.kind == ICMP_TIME_EXCEEDED) or (
-            t_ctrl is not None and t_ctrl >= s_test
-        )
-        silent_ttls = [t for t, h in tv.items() if t >= s_test and h.kind == SILENCE]
-        s_ctrl = _silent_from(cv)
-        hop_ttl, hop_addr, how = _name_hop(s_test, None, tv, cv, on_path=False)
-        if control_passes:
-            ctrl_said = (
-                f"an ICMP time-exceeded from {ch.router}"
-                if ch is not None and ch.kind == ICMP_TIME_EXCEEDED
-                else f"through to the server (answered at TTL {t_ctrl})"
-            )
-            return result(
-                CENSOR_LOCATED,
-                "in_path_drop",
-                f"From TTL {s_test} on, the {domain} trigger gets no answer at all (TTLs "
-                f"{_ttl_list(silent_ttls)}: no ICMP, no response): it is dropped in-path, while "
-                f"the {control_domain} control at TTL {s_test} got {ctrl_said}. {how}",
-                hop_ttl=hop_ttl,
-                hop_address=hop_addr,
-                placement=IN_PATH,
-                triggered_by=DOMAIN,
-                ttls=silent_ttls,
-                tp=[p for t in silent_ttls for p in tv[t].packets],
-                cp=_pk(ch),
-            )
-        if s_ctrl == s_test:
-            return result(
-                CENSOR_LOCATED,
-                "same_drop_both",
-                f"Both the {domain} and the {control_domain} triggers are dropped from TTL "
-                f"{s_test} on although the handshakes complete: the device acts on the address "
-                f"(in-path drop). {how}",
-                hop_ttl=hop_ttl,
-                hop_address=hop_addr,
-                placement=IN_PATH,
-                triggered_by=IP,
-                ttls=silent_ttls,
-            )
-
-    last = max(tv)
-    if t_ctrl is None:
-        return result(
-            INCONCLUSIVE,
-            "nobody_reached_server",
-            f"Neither sweep reached the server (the {domain} sweep stops at TTL {last}, the "
-            f"control at TTL {ctrl_max}); raise --max-hops or check the address."
-            + _hs_note(hs_test, hs_ctrl),
-            ttls=[last, ctrl_max, *hs_test],
-        )
-    return result(
-        INCONCLUSIVE,
-        "test_sweep_incomplete",
-        f"The {domain} sweep ends at TTL {last} without an answer while the {control_domain} "
-        f"control reaches the server at TTL {t_ctrl}; too few silent TTLs to call it a drop."
-        + _hs_note(hs_test, hs_ctrl),
-        ttls=[last, t_ctrl, *hs_test],
-        tp=_pk(tv[last]),
-        cp=_pk(cv[t_ctrl]),
+    facts = Facts.of(test, control, target=target, address=address, trigger=trigger, domain=domain,
+                     control_domain=control_domain)
+    rule, hit = first_hit(facts)
+    return TraceResult(
+        target=target,
+        address=address,
+        trigger=trigger,
+        result=rule.result,
+        hop_ttl=hit.hop_ttl,
+        hop_address=hit.hop_address,
+        placement=hit.placement,
+        triggered_by=hit.triggered_by,
+        rule=rule.id,
+        evidence={
+            "rule": rule.id,
+            "centrace": rule.centrace,
+            "sentence": hit.sentence,
+            "ttls": sorted(set(hit.ttls)),
+            "packets": {"test": sorted(set(hit.tp)), "control": sorted(set(hit.cp))},
+            "test_domain": domain,
+            "control_domain": control_domain,
+        },
+        test_hops=list(test),
+        control_hops=list(control),
     )
 
 
