@@ -60,10 +60,13 @@ TABLE_ROWS = 50
               help="Worker processes for parsing and classifying (default: one per core).")
 @click.option("--scheduler", default=None, metavar="tcp://HOST:8786",
               help="Run the parsing and classifying on this Dask cluster instead (needs kzprobe[scale]).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write Parquet (verdicts/ and observations/) to this folder instead of a database "
+                   "(needs kzprobe[scale]).")
 @click.option("--progress/--no-progress", default=None, help="A progress bar on stderr (default: on a terminal).")
 def import_ooni(paths: tuple[str, ...], db: str | None, fmt: str, countries: tuple[str, ...],
                 asns: tuple[str, ...], since: str | None, until: str | None, test_name: str,
-                workers: int | None, scheduler: str | None, progress: bool | None) -> None:
+                workers: int | None, scheduler: str | None, out_dir: Path | None, progress: bool | None) -> None:
     """Import OONI measurements: .json, .jsonl and .jsonl.gz files, folders of them, or a copy of
     OONI's archive (raw/YYYYMMDD/HH/CC/TEST/...), and classify each with kzprobe's rules.
 
@@ -80,7 +83,17 @@ def import_ooni(paths: tuple[str, ...], db: str | None, fmt: str, countries: tup
                                  param_hint="--scheduler")
     filters = Filters(countries=_split(countries), asns=_split(asns), since=_when(since, "--since"),
                       until=_when(until, "--until"), test=test_name)
-    store = _open_store(db)
+    if out_dir is not None and db is not None:
+        raise click.UsageError("--out and --db are exclusive")
+    if out_dir is not None:
+        from kzprobe.ooni.parquet import ParquetSink
+
+        try:
+            store: Any = ParquetSink(out_dir)
+        except ImportError as exc:
+            raise click.ClickException(str(exc)) from None
+    else:
+        store = _open_store(db)
     out = sys.stdout
     listed: list[tuple[int, str, Any, Any]] = []
     first = [True]

@@ -220,11 +220,13 @@ OnProgress = Callable[[int], None]
 def import_archive(paths: Iterable[str | Path], store: Any, filters: Filters, *, workers: int | None = None,
                    scheduler: str | None = None, batch: int = BATCH, on_row: OnRow | None = None,
                    on_problem: OnProblem | None = None, on_progress: OnProgress | None = None) -> Summary:
-    """Import every measurement under ``paths`` into ``store``; see the module docstring."""
+    """Import every measurement under ``paths`` into ``store`` (a :class:`~kzprobe.storage.Store`,
+    or any object with the writer's ``write(rows)``, e.g. :class:`~kzprobe.ooni.parquet.ParquetSink`);
+    see the module docstring."""
     from kzprobe.storage.bulk import OoniWriter
 
     summary = Summary()
-    writer = OoniWriter(store)
+    writer = store if hasattr(store, "write") else OoniWriter(store)
     sources: list[Source] = []
     for item in discover(paths, filters):
         if isinstance(item, Source):

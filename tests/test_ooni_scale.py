@@ -184,3 +184,29 @@ def test_kill_9_then_rerun_equals_one_clean_import(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     assert f"already stored {done}" in res.stderr
     assert dump(db) == dump(clean)
+
+
+def test_parquet_out_holds_the_same_rows_as_the_database(archive: Path, tmp_path: Path) -> None:
+    pq = pytest.importorskip("pyarrow.parquet")
+    db = tmp_path / "k.db"
+    _import(db, [archive], workers=1)
+    out = tmp_path / "pq"
+    res = CliRunner().invoke(main, ["import-ooni", str(archive), "--out", str(out), "--workers", "2",
+                                    "--format", "jsonl"])
+    assert res.exit_code == 0, res.output
+    verdicts = pq.read_table(out / "verdicts").to_pylist()
+    observations = pq.read_table(out / "observations")
+    rows = dump(db)
+    assert len(verdicts) == len(rows["verdicts"]) == N
+    assert observations.num_rows == len(rows["observations"])
+    st = Store(db)
+    with st.engine.connect() as c:
+        stored = sorted(c.execute(text(
+            "SELECT k.key, v.status, v.rule FROM verdicts v JOIN ooni_imports k ON k.run_id = v.run_id")))
+    st.close()
+    assert sorted((v["key"], v["status"], v["rule"]) for v in verdicts) == stored
+    # Evidence positions point at observations of the same measurement.
+    seqs: dict[str, int] = {}
+    for key, seq in zip(observations.column("key").to_pylist(), observations.column("seq").to_pylist(), strict=True):
+        seqs[key] = max(seqs.get(key, 0), seq)
+    assert all(0 < p <= seqs[v["key"]] for v in verdicts for p in v["evidence"])
