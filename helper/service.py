@@ -181,6 +181,10 @@ class HelperEngine(Engine):
             return None
         return address
 
+    def endpoint_refusal(self, address: str, port: int) -> str | None:
+        # Redirect hops make their own TCP/TLS steps: the policy fences them too.
+        return self.policy.address_refusal(address) or self.policy.port_refusal(port)
+
     async def _measure_address(self, target: Target, address: str, followups: bool) -> None:
         # Backstop: whatever a step raises costs that address's remaining steps, not the whole
         # request (a 500) -- the observations made so far are kept.  Cancellation passes through.

@@ -12,9 +12,11 @@ Follow-ups cost nothing on the happy path, which is what keeps a thousand-target
 
 from __future__ import annotations
 
+import contextvars
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 import trio
 
@@ -23,6 +25,7 @@ from kzprobe.analysis.bogons import is_ip
 from kzprobe.analysis.facts import DNSCHECK, INTERFERENCE
 from kzprobe.analysis.fingerprints import Fingerprints
 from kzprobe.model import FOLLOWUP, MEASURE, PEEK, PROBE, Observation, Target
+from kzprobe.probes import chain
 from kzprobe.probes import dns as dnsprobe
 from kzprobe.probes import http as httpprobe
 from kzprobe.probes import tcp as tcpprobe
@@ -30,6 +33,9 @@ from kzprobe.probes import tls as tlsprobe
 from kzprobe.probes.certs import TrustStore
 
 Sink = Callable[[Observation], Awaitable[None]]
+
+#: The redirect Locations already followed in the current Engine.measure call (see Engine._follow).
+_followed: contextvars.ContextVar[set[str] | None] = contextvars.ContextVar("kzprobe_followed", default=None)
 
 _CERT_FAILURES = frozenset({E.SSL_INVALID_HOSTNAME, E.SSL_UNKNOWN_AUTHORITY, E.SSL_INVALID_CERTIFICATE})
 
@@ -121,11 +127,38 @@ class Engine:
 
     async def _http(self, target: Target, address: str, host: str | None, purpose: str, attempt: int
                     ) -> Observation:
+        """The target URL from ``address`` (Host and SNI = ``host``, default the target's name)."""
+        return await self._fetch(target, target.url, address, host=host, purpose=purpose, attempt=attempt)
+
+    async def _fetch(self, target: Target, url: str, address: str, *, host: str | None = None,
+                     sni: str | None = None, purpose: str = MEASURE, attempt: int = 0,
+                     hop: int | None = None) -> Observation:
+        """Any URL of the target's measurement (a redirect hop, a throttling follow-up) from ``address``."""
         assert self.clients is not None
-        obs = await httpprobe.fetch(self.clients, target.url, target.host, target.url, address, self.config.timeout,
-                                    self.fingerprints, host=host, purpose=purpose, attempt=attempt,
-                                    resolve=self.quick_resolve)
+        domain = (urlsplit(url).hostname or target.host) if hop else target.host
+        obs = await httpprobe.fetch(self.clients, target.url, domain, url, address, self.config.timeout,
+                                    self.fingerprints, host=host, sni=sni, purpose=purpose, attempt=attempt,
+                                    hop=hop)
         return await self._emit(obs)
+
+    def endpoint_refusal(self, address: str, port: int) -> str | None:
+        """Why a redirect hop may not connect to ``address:port`` (None: it may).
+
+        The probe follows wherever a page sends it, as a browser does; the helper overrides this
+        with its policy, so a redirect cannot make it connect where a request may not.
+        """
+        return None
+
+    async def _throttle_followup(self, target: Target, address: str) -> Observation:
+        """The same URL from the same address with a benign SNI (https) or Host (http).
+
+        Over https the Host stays the target's: only the SNI, which is all an on-path box sees,
+        changes, so the same page comes back and the two rates compare like with like.
+        """
+        benign = self.config.control_sni
+        if target.scheme == "https":
+            return await self._fetch(target, target.url, address, host=target.host, sni=benign, purpose=FOLLOWUP)
+        return await self._fetch(target, target.url, address, host=benign, purpose=FOLLOWUP)
 
     async def measure_address(self, target: Target, address: str, *, followups: bool = True) -> None:
         cfg = self.config
@@ -169,15 +202,33 @@ class Engine:
         http = await self._http(target, address, None, MEASURE, 0)
         if followups and http.failure in _CERT_FAILURES:
             await self._http(target, address, None, PEEK, 0)
-        if followups and http.failure in INTERFERENCE:
+        if followups and httpprobe.is_slow(http):
+            # A stalled or slow body: is it the name (throttling) or the path?
+            await self._throttle_followup(target, address)
+        elif followups and http.failure in INTERFERENCE:
             await self._http(target, address, cfg.control_sni, FOLLOWUP, 0)
+        if followups and http.failure in INTERFERENCE:
             for i in range(cfg.retries):
                 again = await self._http(target, address, None, MEASURE, i + 1)
                 if again.ok:
+                    http = again
                     break
+        if http.ok and http.data.get("redirect_to"):
+            await self._follow(target, http, followups)
         if not https and followups and cfg.dnscheck:
             # Does this address hold a certificate valid for the name?  Only successes count.
             await self._tls(target, address, target.host, DNSCHECK, 0)
+
+    async def _follow(self, target: Target, http: Observation, followups: bool) -> None:
+        """Follow a redirect of the target URL, once per distinct Location per measurement
+        (the origin and a CDN edge redirecting to the same URL make one chain, not two)."""
+        followed = _followed.get()
+        where = str(http.data.get("redirect_to"))
+        if followed is not None:
+            if where in followed:
+                return
+            followed.add(where)
+        await chain.follow(self, target, http, followups=followups)
 
     async def _measure_address(self, target: Target, address: str, followups: bool) -> None:
         await self.measure_address(target, address, followups=followups)
@@ -191,6 +242,16 @@ class Engine:
         ``allow`` is how the control helper keeps from becoming an open proxy: an address it
         resolved or was handed is filtered *before* any connection is made.
         """
+        # This task's context, inherited by the per-address tasks started below.
+        token = _followed.set(set())
+        try:
+            return await self._measure(target, extra_addresses, followups=followups, on_dns=on_dns, allow=allow)
+        finally:
+            _followed.reset(token)
+
+    async def _measure(self, target: Target, extra_addresses: list[str] | None, *, followups: bool,
+                       on_dns: Callable[[list[str]], None] | None, allow: Callable[[str], bool] | None
+                       ) -> list[str]:
         host = target.host
         refused: list[str] = []
         started: list[str] = []

@@ -24,8 +24,13 @@ holds whichever address a resolver hands out):
 127.0.10.9         an origin for the iptables "dropped SYN" case (root only)
 127.0.10.10        tarpit: accepts and never answers (for long runs to interrupt)
 127.0.10.11        a broken site: certificate from a CA nobody trusts (probe and control alike)
+127.0.10.12        a blockpage server that compresses as nginx does (gzip on, chunked)
+127.0.10.13        a CDN edge whose valid chain has an intermediate and a leaf without SKI/AKI (gzip on)
 127.0.10.250       the address an injector forges (nothing listens)
 =================  ==========================================================================
+
+The origin also redirects as real sites do (http -> https -> www: ``REDIRECT_CHAINS``), and the
+middlebox can throttle a name (forward, pacing the server's bytes at ``THROTTLE_RATE``).
 
 The middlebox only interferes with clients whose source address is ``CENSORED_SOURCE``
 (127.0.0.2, kzprobe's ``--source-address``): the control helper connects from 127.0.0.1 and sees
@@ -35,6 +40,7 @@ the genuine site, as a vantage outside the censored network would.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import random
 import shutil
@@ -45,7 +51,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,6 +78,8 @@ MIDDLEBOX = "127.0.10.8"
 DROP_ORIGIN = "127.0.10.9"
 TARPIT = "127.0.10.10"
 BADCERT = "127.0.10.11"
+GZIP_BLOCKPAGE = "127.0.10.12"
+CDN_NOAKI = "127.0.10.13"
 FORGED = "127.0.10.250"
 #: A bogon answer that is still safe to connect to: Linux routes 0.0.0.0 to the local host.
 #: (10.x would be a real private address: a connect would leave loopback.)
@@ -81,6 +89,10 @@ BLOCKPAGE_TEXT = "Страница заблокирована"
 MITM_ORG = "Qaznet Trust Network"
 SLOW_DELAY = 1.0
 INJECT_DELAY = 0.05
+#: Bytes per second the middlebox lets through for a throttled name, and the page it slows down.
+THROTTLE_RATE = 16 * 1024
+BIG_PAGE_BYTES = 48 * 1024
+BIG_PAGES = frozenset({"throttle.test"})
 TARPIT_NAMES = tuple(f"tarpit{i:02d}.test" for i in range(40))
 
 # name -> (genuine address, what the ISP resolver does).  Actions:
@@ -107,6 +119,13 @@ SITES: dict[str, tuple[str, tuple[str, ...]]] = {
     "mitm.test": (MIDDLEBOX, ("a", MIDDLEBOX)),
     "dropped.test": (DROP_ORIGIN, ("a", DROP_ORIGIN)),
     "badcert.test": (BADCERT, ("a", BADCERT)),
+    "gzblockpage.test": (ORIGIN, ("a", GZIP_BLOCKPAGE)),
+    "noaki.test": (ORIGIN, ("a", CDN_NOAKI)),
+    "redirect.test": (ORIGIN, ("a", ORIGIN)),
+    "www.redirect.test": (MIDDLEBOX, ("a", MIDDLEBOX)),
+    "okredirect.test": (ORIGIN, ("a", ORIGIN)),
+    "www.okredirect.test": (ORIGIN, ("a", ORIGIN)),
+    "throttle.test": (MIDDLEBOX, ("a", MIDDLEBOX)),
     **{n: (TARPIT, ("a", TARPIT)) for n in TARPIT_NAMES},
 }
 
@@ -117,9 +136,20 @@ MIDDLEBOX_RULES: dict[str, str] = {
     "httpreset.test": "rst",
     "injectpage.test": "blockpage",
     "mitm.test": "mitm",
+    # The last hop of redirect.test's chain (http -> https -> www) is reset by SNI.
+    "www.redirect.test": "rst",
+    "throttle.test": "throttle",
 }
 
-SERVER_ADDRESSES = (ORIGIN, CDN_EDGE, PARKED, BLOCKPAGE_SERVER, SLOW, MIDDLEBOX, DROP_ORIGIN, TARPIT, BADCERT)
+#: name -> (the http:// URL's Location, the https:// URL's Location); "{https}" is the HTTPS port.
+#: http -> https on the same name, then apex -> www, as many real sites do.
+REDIRECT_CHAINS: dict[str, tuple[str, str]] = {
+    "redirect.test": ("https://redirect.test:{https}/", "https://www.redirect.test:{https}/"),
+    "okredirect.test": ("https://okredirect.test:{https}/", "https://www.okredirect.test:{https}/"),
+}
+
+SERVER_ADDRESSES = (ORIGIN, CDN_EDGE, PARKED, BLOCKPAGE_SERVER, SLOW, MIDDLEBOX, DROP_ORIGIN, TARPIT, BADCERT,
+                    GZIP_BLOCKPAGE, CDN_NOAKI)
 
 
 # --- small socket helpers ------------------------------------------------------------------------
@@ -210,17 +240,54 @@ def _peek_first_bytes(conn: socket.socket, wait: float = 2.0) -> bytes:
     return data
 
 
+@functools.lru_cache(maxsize=8)
+def _big_text(host: str) -> str:
+    """Words drawn from a per-host seed: the same page every time, and no compressor shrinks it
+    to nothing (a throttled transfer must take a while)."""
+    rng = random.Random(host)
+    words = ["сайт", "news", "Алматы", "report", "данные", "archive", "page", "статья"]
+    text: list[str] = []
+    size = 0
+    while size < BIG_PAGE_BYTES:
+        text.append(rng.choice(words) + str(rng.randrange(10**6)))
+        size += len(text[-1]) + 1
+    return " ".join(text)
+
+
 def page(host: str, body: str = "") -> bytes:
     # The title depends on the Host only, so every genuine address (origin, CDN edge) serves the
     # "same page" and control comparisons do not see a difference that is not there.
+    if not body and host in BIG_PAGES:
+        body = _big_text(host)
     html = (f"<html><head><title>{host} home</title></head><body><h1>Welcome to {host}</h1>"
             f"<p>{body or 'Genuine content. ' * 40}</p></body></html>")
     return html.encode()
 
 
-def http_response(body: bytes, status: str = "200 OK") -> bytes:
+def http_response(body: bytes, status: str = "200 OK", headers: dict[str, str] | None = None) -> bytes:
+    extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
     return (f"HTTP/1.1 {status}\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: {len(body)}\r\n"
-            "Connection: close\r\n\r\n").encode() + body
+            f"{extra}Connection: close\r\n\r\n").encode() + body
+
+
+def gzip_response(body: bytes) -> bytes:
+    """What nginx's ``gzip on`` sends for HTML: gzip, chunked, no Content-Length."""
+    import gzip
+
+    packed = gzip.compress(body)
+    chunks = b"".join(f"{len(packed[i:i + 4096]):x}\r\n".encode() + packed[i:i + 4096] + b"\r\n"
+                      for i in range(0, len(packed), 4096))
+    return (b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Type: text/html; charset=utf-8\r\n"
+            b"Transfer-Encoding: chunked\r\nConnection: close\r\nVary: Accept-Encoding\r\n"
+            b"Content-Encoding: gzip\r\n\r\n" + chunks + b"0\r\n\r\n")
+
+
+def accepts_gzip(request: bytes) -> bool:
+    for line in request.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"accept-encoding":
+            return b"gzip" in value.lower()
+    return False
 
 
 def blockpage_body() -> bytes:
@@ -275,6 +342,10 @@ class WebBehaviour:
     ctx: ssl.SSLContext | None
     delay: float = 0.0
     body: Callable[[str], bytes] = page
+    #: nginx's ``gzip on``: compress when the client accepts it.
+    gzip: bool = False
+    #: Host -> Location: answer 301 instead of the page.
+    redirects: dict[str, str] = field(default_factory=dict)
 
 
 def serve_web(conn: socket.socket, b: WebBehaviour) -> None:
@@ -289,19 +360,28 @@ def serve_web(conn: socket.socket, b: WebBehaviour) -> None:
     if b.delay:
         time.sleep(b.delay)
     host = host_of(req) or "unknown"
-    stream.sendall(http_response(b.body(host)))
+    if host in b.redirects:
+        stream.sendall(http_response(b"<html><body>Moved</body></html>", "301 Moved Permanently",
+                                     {"Location": b.redirects[host]}))
+    elif b.gzip and accepts_gzip(req):
+        stream.sendall(gzip_response(b.body(host)))
+    else:
+        stream.sendall(http_response(b.body(host)))
     with contextlib.suppress(OSError, ssl.SSLError):
         if isinstance(stream, ssl.SSLSocket):
             stream.unwrap()
 
 
-def _pipe(src: socket.socket, dst: socket.socket) -> None:
+def _pipe(src: socket.socket, dst: socket.socket, rate: int | None = None) -> None:
     try:
         while True:
-            chunk = src.recv(65536)
+            chunk = src.recv(1024 if rate else 65536)
             if not chunk:
                 break
             dst.sendall(chunk)
+            if rate:
+                # A shaper with no burst allowance: each KiB waits its turn, idle time earns nothing.
+                time.sleep(len(chunk) / rate)
     except OSError:
         pass
     with contextlib.suppress(OSError):
@@ -340,14 +420,20 @@ class Middlebox:
             conn.sendall(http_response(blockpage_body()))
         elif action == "mitm":
             serve_web(conn, WebBehaviour(self.mitm_ctx))
+        elif action == "throttle":
+            self.forward(conn, port, rate=THROTTLE_RATE)
         else:
-            up = socket.create_connection((self.backend, port), timeout=5)
-            up.settimeout(None)
-            conn.settimeout(None)
-            t = _daemon(_pipe, up, conn)
-            _pipe(conn, up)
-            t.join(15)
-            up.close()
+            self.forward(conn, port)
+
+    def forward(self, conn: socket.socket, port: int, rate: int | None = None) -> None:
+        """Splice to the backend; with ``rate``, the server's bytes are paced (a policer)."""
+        up = socket.create_connection((self.backend, port), timeout=5)
+        up.settimeout(None)
+        conn.settimeout(None)
+        t = _daemon(_pipe, up, conn, rate)
+        _pipe(conn, up)
+        t.join(15)
+        up.close()
 
 
 class DnsServer:
@@ -554,6 +640,45 @@ def _fill_accept_queue(addr: str, port: int) -> list[socket.socket]:
     raise RuntimeError(f"accept queue of {addr}:{port} never filled")
 
 
+def _noaki_ctx(ca: trustme.CA, tmp: Path, name: str) -> ssl.SSLContext:
+    """A server chain as some CDNs serve it: leaf (no SKI, no AKI) <- intermediate <- the lab CA."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    root_key: Any = serialization.load_pem_private_key(ca.private_key_pem.bytes(), None)
+    root = x509.load_pem_x509_certificate(ca.cert_pem.bytes())
+    start, end = dt.datetime.now(dt.UTC) - dt.timedelta(days=1), dt.datetime.now(dt.UTC) + dt.timedelta(days=90)
+    ikey, lkey = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    iname = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Lab CDN Intermediate")])
+    inter = (x509.CertificateBuilder().subject_name(iname).issuer_name(root.subject).public_key(ikey.public_key())
+             .serial_number(x509.random_serial_number()).not_valid_before(start).not_valid_after(end)
+             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+             .add_extension(x509.SubjectKeyIdentifier.from_public_key(ikey.public_key()), critical=False)
+             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(root_key.public_key()),
+                            critical=False)
+             .sign(root_key, hashes.SHA256()))
+    leaf = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(iname).public_key(lkey.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(start).not_valid_after(end)
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .sign(ikey, hashes.SHA256()))
+    assert not any(isinstance(e.value, x509.AuthorityKeyIdentifier | x509.SubjectKeyIdentifier)
+                   for e in leaf.extensions)
+    chain, key = tmp / f"{name}.chain.pem", tmp / f"{name}.key"
+    chain.write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (leaf, inter)))
+    key.write_bytes(lkey.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(chain), str(key))
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
 def build_loopnet(tmp: Path) -> LoopNet:
     ca = trustme.CA()
     mitm_ca = trustme.CA(organization_name=MITM_ORG)
@@ -591,8 +716,11 @@ def build_loopnet(tmp: Path) -> LoopNet:
         while conn.recv(65536):
             pass
 
+    chains_http = {n: http_loc.format(https=https_port) for n, (http_loc, _) in REDIRECT_CHAINS.items()}
+    chains_https = {n: https_loc.format(https=https_port) for n, (_, https_loc) in REDIRECT_CHAINS.items()}
+    noaki = _noaki_ctx(ca, tmp, "noaki.test")
     handlers: dict[str, dict[int, Callable[[socket.socket, Any], None]]] = {
-        ORIGIN: web(WebBehaviour(good), WebBehaviour(None)),
+        ORIGIN: web(WebBehaviour(good, redirects=chains_https), WebBehaviour(None, redirects=chains_http)),
         CDN_EDGE: web(WebBehaviour(good), WebBehaviour(None)),
         DROP_ORIGIN: web(WebBehaviour(good), WebBehaviour(None)),
         PARKED: web(WebBehaviour(parked, body=lambda h: page("parked.example.net", "This domain is parked.")),
@@ -603,6 +731,9 @@ def build_loopnet(tmp: Path) -> LoopNet:
         MIDDLEBOX: {p: (lambda c, peer, p=p: middlebox.handle(c, peer, p)) for p in (https_port, http_port)},
         TARPIT: {https_port: tarpit, http_port: tarpit},
         BADCERT: web(WebBehaviour(broken), WebBehaviour(None)),
+        GZIP_BLOCKPAGE: web(WebBehaviour(parked, body=lambda h: blockpage_body(), gzip=True),
+                            WebBehaviour(None, body=lambda h: blockpage_body(), gzip=True)),
+        CDN_NOAKI: web(WebBehaviour(noaki, gzip=True), WebBehaviour(None, gzip=True)),
     }
     for (addr, port), s in socks.items():
         if addr == BACKLOG_FULL:
@@ -658,3 +789,40 @@ def run_kzprobe(net: LoopNet, urls: list[str], db: Path, *extra: str, resolvers:
     if p.returncode == 0:
         verdicts = {v["target"]: v for v in json.loads(p.stdout)}
     return RunOutput(p.returncode, p.stdout, p.stderr, db, verdicts)
+
+
+@contextlib.contextmanager
+def helper_process(net: LoopNet, listen: str, timeout: float) -> Iterator[str | None]:
+    """``kzprobe helper`` as a subprocess on ``listen`` (a loopback address), resolving with the
+    public resolver; yields its URL once it says it listens (None if it never does)."""
+    import re
+
+    cmd = [*kzprobe_exe(), "helper", "--listen", f"{listen}:0", "--allow-private", "--ca-bundle", str(net.ca_pem),
+           "--resolver", net.public.spec, "--timeout", str(timeout)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    found = threading.Event()
+    url: list[str] = []
+
+    def drain() -> None:
+        # Keep reading for the helper's whole life so a full pipe never blocks it.
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            m = re.search(r"listening on (https?://\S+)", line)
+            if m and not url:
+                url.append(m.group(1).rstrip("/"))
+                found.set()
+
+    threading.Thread(target=drain, daemon=True).start()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not found.is_set() and proc.poll() is None:
+        found.wait(0.1)
+    try:
+        yield url[0] if url else None
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
