@@ -19,7 +19,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from kzprobe.model import CONTROL, MEASURE, STEPS, Observation, Target
+from kzprobe.contract import WireError, observations_from_wire, rejected
+from kzprobe.model import CONTROL, SOURCE_PCAP, Observation, Target
 from kzprobe.replay import parsers
 
 #: The request line that marks a flow as the probe talking to its control helper.
@@ -123,34 +124,30 @@ class Exchange:
     frames: list[int] = field(default_factory=list)
     request_frames: list[int] = field(default_factory=list)
     problem: str | None = None
+    #: Why the answer was rejected by the wire decoder (its observations are then one ``rejected``).
+    rejected: str | None = None
 
 
-def _num(v: Any, default: float = 0.0) -> float:
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else default
+def decode_answer(answer: Any, target: str, frames: list[int], who: str) -> tuple[list[Observation], str | None]:
+    """The helper's answer as control observations of ``target``, through the one wire decoder
+    (:func:`kzprobe.contract.from_wire`) that the live helper client uses.
 
-
-def _str(v: Any) -> str | None:
-    return v if isinstance(v, str) else None
-
-
-def observation(d: Any, target: str, frames: list[int]) -> Observation | None:
-    """A helper's ``Observation.to_dict()`` as a control observation of this capture, or None.
-
-    Fields are type-checked one by one: the bytes came off the wire, and a rule that meets a
-    list where it expects a dict would crash the classifier, not the parser.
+    All or nothing, as live: one type-wrong field (``"data": []``, ``"addresses": 5``) rejects
+    the answer, and the target gets the contract's ``rejected`` observation instead, so that its
+    verdict is inconclusive and says why.  Returns (observations, the reason if rejected).
     """
-    if not isinstance(d, dict) or d.get("step") not in STEPS:
-        return None
-    data = d.get("data")
-    port = d.get("port")
-    return Observation(
-        step=str(d["step"]), target=target, domain=(_str(d.get("domain")) or target).lower(),
-        vantage=CONTROL, source="pcap", address=_str(d.get("address")),
-        port=port if isinstance(port, int) and not isinstance(port, bool) else None,
-        t_start=_num(d.get("t_start")), t_end=_num(d.get("t_end")), failure=_str(d.get("failure")),
-        purpose=_str(d.get("purpose")) or MEASURE, attempt=int(_num(d.get("attempt"))),
-        data=data if isinstance(data, dict) else {}, packets=list(frames),
-    )
+    try:
+        obs = observations_from_wire(answer, source=SOURCE_PCAP, vantage=CONTROL)
+    except WireError as exc:
+        o = rejected(exc.reason, target=target, domain=target, source=SOURCE_PCAP, who=who)
+        o.packets = list(frames)
+        return [o], exc.reason
+    for o in obs:
+        # Replay names targets by host; the helper's observations carry the URL.
+        o.target = target
+        o.domain = o.domain.lower() or target
+        o.packets = list(frames)
+    return obs, None
 
 
 def _json(body: bytes) -> Any:
@@ -169,7 +166,7 @@ def _answer_target(answer: Any) -> str:
     return ""
 
 
-def exchanges(streams: HelperStreams) -> list[Exchange]:
+def exchanges(streams: HelperStreams, who: str = "") -> list[Exchange]:
     """Pair the helper requests with their answers (HTTP/1.1 answers come in request order).
 
     A capture can lose the request (the flow is then known as a helper flow by its endpoint,
@@ -220,10 +217,7 @@ def exchanges(streams: HelperStreams) -> list[Exchange]:
         if not ex.target:
             ex.problem = "neither the request nor the answer names the target"
             continue
-        for d in answer["observations"][:1000]:
-            o = observation(d, ex.target, ex.frames)
-            if o is not None:
-                ex.observations.append(o)
+        ex.observations, ex.rejected = decode_answer(answer, ex.target, ex.frames, who)
         refused = answer.get("refused")
         if isinstance(refused, list):
             ex.refused = [f"{r.get('address')} ({r.get('reason')})" for r in refused[:50] if isinstance(r, dict)]

@@ -38,7 +38,7 @@ def finish(st: FileState, fl: Flow, hs: HelperStreams) -> None:
     if hs.cli.ooo or hs.srv.ooo:
         first = min(f for _p, f in (*hs.cli.ooo.values(), *hs.srv.ooo.values()))
         st.lost(first, f"packet {first} follows a gap that the capture never fills")
-    for ex in control.exchanges(hs):
+    for ex in control.exchanges(hs, who=f"the helper at {where} (in the capture)"):
         for o in ex.observations:
             st.emit(o)
         first = (ex.frames or ex.request_frames or [fl.first_n])[0]
@@ -47,6 +47,9 @@ def finish(st: FileState, fl: Flow, hs: HelperStreams) -> None:
         if ex.problem:
             st.find(ex.target, "control_missing", ex.frames[:1] or ex.request_frames[:1],
                     f"packet {first}: no control for {ex.url or '?'} from the helper at {where}: {ex.problem}")
+        if ex.rejected:
+            st.find(ex.target, "control_rejected", ex.frames[:1],
+                    f"packet {first}: the answer of the helper at {where} for {ex.url} is rejected: {ex.rejected}")
         if ex.refused:
             st.find(ex.target, "control_refused", ex.frames[:1],
                     f"packet {first}: the helper at {where} refused to measure {', '.join(ex.refused)} for {ex.url}")

@@ -266,14 +266,33 @@ def test_client_abandoning_the_handshake_rejected_the_certificate(tmp_path: Path
     assert any(f.kind == "cert_rejected" for f in fr.findings) is rejected
 
 
-def test_helper_observation_fields_are_type_checked() -> None:
-    from kzprobe.replay.control import observation
+@pytest.mark.parametrize(("field", "value", "said"), [
+    ("data", [], "data"), ("addresses", 5, "addresses"), ("port", "443", "port"), ("step", "nonsense", "step"),
+])
+def test_type_wrong_helper_json_in_a_capture_is_rejected_with_its_reason(tmp_path: Path, field: str, value: Any,
+                                                                          said: str) -> None:
+    """The capture's helper answer goes through contract.from_wire, as the live client's does:
+    a type-wrong field never raises; the target is inconclusive and the verdict says why."""
+    from scapy.layers.inet import IP, TCP
 
-    assert observation({"step": "nonsense"}, "a.example", [1]) is None
-    assert observation(["not", "a", "dict"], "a.example", [1]) is None
-    o = observation({"step": "tls", "data": [1], "port": "443", "t_start": "x", "failure": 3, "address": 5,
-                     "attempt": True, "domain": None}, "a.example", [7, 8])
-    assert o is not None
-    assert (o.data, o.port, o.t_start, o.failure, o.address, o.domain) == ({}, None, 0.0, None, None, "a.example")
-    assert (o.vantage, o.source, o.target, o.packets) == ("control", "pcap", "a.example", [7, 8])
-    classify([o])  # the classifier copes with what the sanitiser lets through
+    doc = json.loads(_control_answer("https://blocked.example/", "blocked.example", SITE).split(b"\r\n\r\n", 1)[1])
+    if field == "addresses":
+        doc["observations"][0]["data"]["addresses"] = value
+    else:
+        doc["observations"][1][field] = value
+    body = json.dumps(doc).encode()
+    answer = b"HTTP/1.1 200 \r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+    t = Tcp(CLI, 42000, HELPER, 8080)
+    req = json.dumps({"url": "https://blocked.example/", "addresses": [SITE]}).encode()
+    helper = [*t.handshake(), t.cli(b"POST /v1/control HTTP/1.1\r\ncontent-length: %d\r\n\r\n%s" % (len(req), req)),
+              *[t.srv(answer[i:i + 1400]) for i in range(0, len(answer), 1400)], t.cli(flags="FA")]
+    pkts: list[Any] = [_udp_dns(True, "blocked.example", "A", 1), _udp_dns(False, "blocked.example", "A", 1, SITE),
+                       IP(src=CLI, dst=SITE) / TCP(sport=41000, dport=443, flags="S", seq=7),
+                       IP(src=SITE, dst=CLI, ttl=61) / TCP(sport=443, dport=41000, flags="RA", ack=8)]
+    fr = _replay(tmp_path, [(i * 0.01, p) for i, p in enumerate(pkts + helper)])
+    (ctl,) = [o for o in fr.observations if o.vantage == "control"]
+    assert ctl.purpose == "rejected" and said in ctl.data["wire_error"]
+    assert ctl.packets and min(ctl.packets) > len(pkts)  # evidence: the answer's frames
+    assert any(f.kind == "control_rejected" and said in f.sentence for f in fr.findings)
+    (v,) = classify(fr.observations)
+    assert v.status == "inconclusive" and said in v.sentence, v.sentence
