@@ -1,6 +1,9 @@
-"""Every lab capture (fixtures/pcaps/NAME.pcap + NAME.expected.json) replays to its expected verdicts.
+"""Every lab capture (fixtures/pcaps/NAME.pcap + NAME.expected.json) replays to the live run's verdicts.
 
-The expected JSON is written by ``kzprobe lab record``.  Accepted shapes: a mapping target ->
+The expected JSON is written by ``kzprobe lab record``: per target, the scenario's expectation and
+what the live run said while the capture was recorded (``live_verdict``, and ``live_detail``
+when the recorder wrote it).  Replay must give the live verdict, detail included: the same
+packets, the same feature layer, the same rules.  Other accepted shapes: a mapping target ->
 "status[/mechanism]" (or -> {"status", "mechanism"}), optionally under a "verdicts" key, or a list
 of verdict objects with "target"/"domain", "status" and "mechanism".  Targets may be URLs; replay
 names targets by domain, so both sides are compared by host name.
@@ -35,13 +38,23 @@ def _label(v: Any) -> tuple[str, str | None]:
 
 def expected(path: Path) -> dict[str, tuple[str, str | None]]:
     doc = json.loads(path.read_text("utf-8"))
-    if isinstance(doc, dict) and "targets" in doc:  # what `kzprobe lab record` writes
-        return {_host(str(d.get("domain") or d.get("target"))): _label(d["expect"]) for d in doc["targets"]}
+    if isinstance(doc, dict) and "targets" in doc:  # what `kzprobe lab record` writes: the live run's verdict
+        return {_host(str(d.get("domain") or d.get("target"))): _label(d.get("live_verdict") or d["expect"])
+                for d in doc["targets"]}
     if isinstance(doc, dict) and "verdicts" in doc:
         doc = doc["verdicts"]
     if isinstance(doc, dict):
         return {_host(k): _label(v) for k, v in doc.items()}
     return {_host(str(d.get("domain") or d.get("target"))): _label(d) for d in doc}
+
+
+def live_details(path: Path) -> dict[str, str | None]:
+    """host -> the live run's verdict detail, for the targets whose recording kept it."""
+    doc = json.loads(path.read_text("utf-8"))
+    if not isinstance(doc, dict) or "targets" not in doc:
+        return {}
+    return {_host(str(d.get("domain") or d.get("target"))): d["live_detail"] for d in doc["targets"]
+            if "live_detail" in d}
 
 
 def _expected_file(capture: Path) -> Path:
@@ -68,6 +81,7 @@ def test_fixture_replays_to_expected_verdicts(capture: Path) -> None:
     assert fr.read.ok, fr.read.describe()
     got = {_host(v.target): v for v in classify(fr.observations)}
     addresses = _addresses(exp_file)
+    details = live_details(exp_file)
     wrong = []
     for host, (status, mech) in expected(exp_file).items():
         v = got.get(host)
@@ -81,6 +95,8 @@ def test_fixture_replays_to_expected_verdicts(capture: Path) -> None:
             wrong.append(f"{host}: expected {status}/{mech}, replay made no verdict")
         elif v.status != status or (mech is not None and v.mechanism != mech):
             wrong.append(f"{host}: expected {status}/{mech}, got {v.label} ({v.rule}: {v.sentence})")
+        elif host in details and v.detail != details[host]:
+            wrong.append(f"{host}: live detail {details[host]}, replay {v.detail} ({v.rule}: {v.sentence})")
     # The helper's own flows are control, never targets of their own.
     helper = urlsplit(json.loads(exp_file.read_text("utf-8")).get("helper") or "http://-").hostname
     if helper in got:
@@ -99,6 +115,19 @@ def _packets_to(capture: Path, address: str) -> int:
     from kzprobe.replay.pcapio import iter_packets
 
     return sum(1 for p in iter_packets(str(capture)) if address in (p.src, p.dst))
+
+
+def test_live_verdict_and_detail_are_what_is_compared(tmp_path: Path) -> None:
+    p = tmp_path / "x.expected.json"
+    p.write_text(json.dumps({"targets": [
+        {"target": "https://a.example/", "domain": "a.example", "expect": "blocked/dpi",
+         "live_verdict": "blocked/dns", "live_detail": "dns.nxdomain"},
+        {"target": "https://b.example/", "domain": "b.example", "expect": "ok", "live_verdict": "ok",
+         "live_detail": None},
+        {"target": "https://c.example/", "domain": "c.example", "expect": "ok"},
+    ]}))
+    assert expected(p) == {"a.example": ("blocked", "dns"), "b.example": ("ok", None), "c.example": ("ok", None)}
+    assert live_details(p) == {"a.example": "dns.nxdomain", "b.example": None}
 
 
 def test_expected_file_shapes(tmp_path: Path) -> None:
