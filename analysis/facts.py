@@ -79,8 +79,16 @@ def wire_rate(o: Observation) -> float | None:
     if not isinstance(last, list | tuple) or len(last) != 2:
         return None
     t, n = last
-    if not isinstance(t, int | float) or not isinstance(n, int | float) or t < MIN_SAMPLE_SPAN:
+    if not isinstance(t, int | float) or not isinstance(n, int | float) or t < 0:
         return None
+    if t < MIN_SAMPLE_SPAN:
+        # A body that completed this fast came at *at least* n / MIN_SAMPLE_SPAN bytes/s: a
+        # lower bound, so a fast benign follow-up can still show a throttled target up (a live
+        # 60 KiB follow-up takes ~50 ms), while a short transfer never looks faster than it was.
+        # One cut short by a failure says nothing.
+        if o.failure is not None:
+            return None
+        return max(0.0, float(n)) / MIN_SAMPLE_SPAN
     return max(0.0, float(n)) / float(t)
 
 

@@ -25,6 +25,7 @@ holds whichever address a resolver hands out):
 127.0.10.10        tarpit: accepts and never answers (for long runs to interrupt)
 127.0.10.11        a broken site: certificate from a CA nobody trusts (probe and control alike)
 127.0.10.12        a blockpage server that compresses as nginx does (gzip on, chunked)
+127.0.10.14        a slow path: a second middlebox that shapes every name for the censored source
 127.0.10.13        a CDN edge whose valid chain has an intermediate and a leaf without SKI/AKI (gzip on)
 127.0.10.250       the address an injector forges (nothing listens)
 =================  ==========================================================================
@@ -80,6 +81,7 @@ TARPIT = "127.0.10.10"
 BADCERT = "127.0.10.11"
 GZIP_BLOCKPAGE = "127.0.10.12"
 CDN_NOAKI = "127.0.10.13"
+SLOWPATH = "127.0.10.14"
 FORGED = "127.0.10.250"
 #: A bogon answer that is still safe to connect to: Linux routes 0.0.0.0 to the local host.
 #: (10.x would be a real private address: a connect would leave loopback.)
@@ -92,7 +94,7 @@ INJECT_DELAY = 0.05
 #: Bytes per second the middlebox lets through for a throttled name, and the page it slows down.
 THROTTLE_RATE = 16 * 1024
 BIG_PAGE_BYTES = 48 * 1024
-BIG_PAGES = frozenset({"throttle.test"})
+BIG_PAGES = frozenset({"throttle.test", "slowpath.test"})
 TARPIT_NAMES = tuple(f"tarpit{i:02d}.test" for i in range(40))
 
 # name -> (genuine address, what the ISP resolver does).  Actions:
@@ -126,6 +128,7 @@ SITES: dict[str, tuple[str, tuple[str, ...]]] = {
     "okredirect.test": (ORIGIN, ("a", ORIGIN)),
     "www.okredirect.test": (ORIGIN, ("a", ORIGIN)),
     "throttle.test": (MIDDLEBOX, ("a", MIDDLEBOX)),
+    "slowpath.test": (SLOWPATH, ("a", SLOWPATH)),
     **{n: (TARPIT, ("a", TARPIT)) for n in TARPIT_NAMES},
 }
 
@@ -149,7 +152,7 @@ REDIRECT_CHAINS: dict[str, tuple[str, str]] = {
 }
 
 SERVER_ADDRESSES = (ORIGIN, CDN_EDGE, PARKED, BLOCKPAGE_SERVER, SLOW, MIDDLEBOX, DROP_ORIGIN, TARPIT, BADCERT,
-                    GZIP_BLOCKPAGE, CDN_NOAKI)
+                    GZIP_BLOCKPAGE, CDN_NOAKI, SLOWPATH)
 
 
 # --- small socket helpers ------------------------------------------------------------------------
@@ -404,7 +407,9 @@ class Middlebox:
         if not first:
             return  # a bare TCP connect (kzprobe's TCP step): nothing to inspect
         name = sni_of(first) if first[0] == 0x16 else host_of(first)
-        action = self.rules.get(name or "", "forward") if peer[0] in self.censored else "forward"
+        # "*": what to do with every name (a path that is slow whatever is asked for).
+        default = self.rules.get("*", "forward")
+        action = self.rules.get(name or "", default) if peer[0] in self.censored else "forward"
         self.seen.append((peer[0], name, action))
         if action == "rst":
             conn.recv(65536)  # consume what was sent, as an on-path box sees it go by
@@ -705,6 +710,7 @@ def build_loopnet(tmp: Path) -> LoopNet:
 
     https_port, http_port, socks = _bind_all([*SERVER_ADDRESSES, BACKLOG_FULL], {BACKLOG_FULL: 0})
     middlebox = Middlebox(backend=ORIGIN, rules=dict(MIDDLEBOX_RULES), mitm_ctx=mitm)
+    slowpath = Middlebox(backend=ORIGIN, rules={"*": "throttle"}, mitm_ctx=mitm)
     held: list[socket.socket] = []
     listeners: list[Listener] = []
 
@@ -729,6 +735,7 @@ def build_loopnet(tmp: Path) -> LoopNet:
                               WebBehaviour(None, body=lambda h: blockpage_body())),
         SLOW: web(WebBehaviour(good, delay=SLOW_DELAY), WebBehaviour(None, delay=SLOW_DELAY)),
         MIDDLEBOX: {p: (lambda c, peer, p=p: middlebox.handle(c, peer, p)) for p in (https_port, http_port)},
+        SLOWPATH: {p: (lambda c, peer, p=p: slowpath.handle(c, peer, p)) for p in (https_port, http_port)},
         TARPIT: {https_port: tarpit, http_port: tarpit},
         BADCERT: web(WebBehaviour(broken), WebBehaviour(None)),
         GZIP_BLOCKPAGE: web(WebBehaviour(parked, body=lambda h: blockpage_body(), gzip=True),
