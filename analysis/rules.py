@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from kzprobe import errors as E
 from kzprobe.analysis.bogons import is_bogon
@@ -161,21 +162,31 @@ def _dns_injected(f: Facts) -> Hit | None:
     return None
 
 
+def _dns_led(f: Facts, addr: str) -> bool:
+    """``addr`` came from DNS alone: unlike the reference, or given by only some probe resolvers."""
+    return addr in f.suspect_addresses or (
+        len(f.probe_resolvers) > 1 and 0 < len(f.resolved_by.get(addr, ())) < len(f.probe_resolvers))
+
+
 def _dns_blockpage(f: Facts) -> Hit | None:
-    """A blockpage served from an address that DNS handed out and the reference does not."""
+    """A blockpage served from an address that DNS handed out and the reference does not, or
+    reached by a redirect that such an address answered."""
     for o in f.blockpages:
+        start = o
         if o.purpose == REDIRECT:
-            continue  # another name's address: its DNS is not the target's
-        addr = o.address or ""
-        dns_led = addr in f.suspect_addresses or (
-            len(f.probe_resolvers) > 1 and len(f.resolved_by.get(addr, ())) < len(f.probe_resolvers)
-        )
-        if dns_led:
+            # Another name's address: DNS led there only if the chain began at a DNS-led address.
+            start = next((h for h in f.probe_http if h.ok and h.data.get("redirect_to")
+                          and _dns_led(f, h.address or "")), None)
+            if start is None:
+                continue
+        addr = start.address or ""
+        if _dns_led(f, addr):
             dns = f.dns_obs_for({addr})
             who = ", ".join(sorted(f.resolved_by.get(addr, {"?"})))
+            via = f", which redirects to {o.domain}" if start is not o else ""
             return Hit(
-                [*dns, o],
-                f"Resolver {who} answered {addr} for {f.domain}, which serves the blockpage "
+                [*dns, *([start] if start is not o else []), o],
+                f"Resolver {who} answered {addr} for {f.domain}{via}, which serves the blockpage "
                 f"'{o.data['blockpage']}'.",
             )
     return None
@@ -590,10 +601,17 @@ def same_page(o: Observation, ctl: Observation) -> bool:
     the other, complete, body is much shorter than it.  Two capped bodies agree on length."""
     if o.data.get("status") != ctl.data.get("status"):
         return False
+    if o.data.get("redirect_to") or ctl.data.get("redirect_to"):
+        # A redirect is where it sends: the same site sends to the same host.
+        return _host(o.data.get("redirect_to")) == _host(ctl.data.get("redirect_to"))
     pt, ct = str(o.data.get("title") or "").strip(), str(ctl.data.get("title") or "").strip()
     if pt == ct:
         return True
     return _lengths_agree(o, ctl)
+
+
+def _host(url: object) -> str:
+    return (urlsplit(url).hostname or "") if isinstance(url, str) else ""
 
 
 def _lengths_agree(a: Observation, b: Observation) -> bool:

@@ -365,6 +365,25 @@ def test_v04_redirect_chain_broken_at_hop_2_is_attributed() -> None:
     assert not [o for o in obs if o.step == "http" and o.purpose == REDIRECT]
 
 
+def test_http_features_are_the_feature_layers() -> None:
+    """The importer's HTTP keys are http_features' for the same (decoded, as OONI stores them) bytes."""
+    from kzprobe.analysis.features import http_features
+
+    m = _load("successWithHTTP")
+    resp = m["test_keys"]["requests"][0]["response"]
+    body = "<html><head><title>\n Главная\tстраница </title></head><body>" + "слово " * 3000 + "</body></html>"
+    resp["body"] = body
+    resp["headers"] = {"Content-Type": "text/html; charset=utf-8", "Content-Encoding": "gzip"}
+    resp["headers_list"] = [["Content-Type", "text/html; charset=utf-8"], ["Content-Encoding", "gzip"]]
+    _, obs = _classify(m)
+    http = next(o for o in obs if o.step == "http" and o.vantage == PROBE)
+    want = http_features(200, {"Content-Type": "text/html; charset=utf-8"}, body.encode())
+    for key in ("title", "body_length", "body_sha256", "body_head", "truncated", "blockpage"):
+        assert http.data[key] == want[key], key
+    assert http.data["title"] == "Главная страница"
+    assert http.data["content_encoding"] == "gzip"  # as sent; OONI already undid it
+
+
 def test_type_wrong_fields_are_one_line_problems(tmp_path: Path) -> None:
     m = _load("successWithHTTP")
     m["test_keys"]["requests"][0]["response"]["x_kzprobe"] = {"title": 5}

@@ -102,6 +102,17 @@ def sampled(o: Observation, rate: float, seconds: float = 4.0) -> Observation:
     return o
 
 
+def _ctl_redirect(to: str = WWW) -> Observation:
+    o = http(A, status=301, title="", length=0, vantage=CONTROL)
+    o.data["redirect_to"] = f"https://{to}/"
+    return o
+
+
+def _titled(o: Observation, title: str, length: int) -> Observation:
+    o.data.update(title=title, body_length=length)
+    return o
+
+
 def _capped(o: Observation) -> Observation:
     o.data["truncated"] = True
     return o
@@ -178,6 +189,11 @@ POSITIVE: list[Case] = [
          "dns.blockpage", "blocked", "dns", "dns.blockpage"),
     Case("dns: an answer that a DNS fingerprint names (no control needed)", [dns([PARKED]), tcp(PARKED, TIMEOUT)],
          "dns.fingerprint", "blocked", "dns", "dns.blockpage", context=Context(fingerprints=DNS_FP)),
+    Case("dns: resolver leads to a server that redirects to a blockpage host",
+         [dns([PARKED]), tcp(PARKED), *redirecting(PARKED, to="block.isp.example")[3:],
+          hop(dns([BOGON]), domain="block.isp.example"), hop(http(BOGON, blockpage="kz_block"),
+                                                             domain="block.isp.example"), *ctl_site()],
+         "dns.blockpage", "blocked", "dns", "dns.blockpage"),
     Case("dns: NXDOMAIN while control resolves", [dns(failure=E.DNS_NXDOMAIN), *ctl_site()],
          "dns.failure", "blocked", "dns", "dns.nxdomain"),
     Case("dns: NXDOMAIN while another resolver's answer validates",
@@ -286,6 +302,14 @@ NEAR_MISS: list[Case] = [
          context=Context(fingerprints=DNS_FP)),
     Case("an answer matching only a known-false-positive DNS fingerprint", [dns([CDN]), *fetched(CDN)],
          "ok.http", "ok", near="dns.fingerprint", context=Context(fingerprints=DNS_FP)),
+    Case("the site itself redirects to a blockpage host (no DNS lead)",
+         [*redirecting(to="block.isp.example"), hop(dns([PARKED]), domain="block.isp.example"),
+          hop(http(PARKED, blockpage="kz_block"), domain="block.isp.example"), *ctl_site()],
+         "dpi.blockpage", "blocked", "dpi", "dpi.blockpage", near="dns.blockpage"),
+    Case("an unvalidated address unlike control's redirects where control's does (geo-DNS edge)",
+         [dns([A, PARKED]), tcp(PARKED), _titled(redirecting(PARKED)[3], "301 Moved Permanently", 162),
+          *ctl_site()[:3], _ctl_redirect()],
+         "ok.http", "ok", near="dns.poisoned"),
     Case("NXDOMAIN at the only resolver, no control", [dns(failure=E.DNS_NXDOMAIN)],
          "inconclusive", "inconclusive", near="dns.failure"),
     Case("one DNS timeout while control resolves (not seen again)", [dns(failure=TIMEOUT), *ctl_site()],
