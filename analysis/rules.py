@@ -172,13 +172,13 @@ def _dns_blockpage(f: Facts) -> Hit | None:
     """A blockpage served from an address that DNS handed out and the reference does not, or
     reached by a redirect that such an address answered."""
     for o in f.blockpages:
-        start = o
+        start: Observation | None = o
         if o.purpose == REDIRECT:
             # Another name's address: DNS led there only if the chain began at a DNS-led address.
             start = next((h for h in f.probe_http if h.ok and h.data.get("redirect_to")
                           and _dns_led(f, h.address or "")), None)
-            if start is None:
-                continue
+        if start is None:
+            continue
         addr = start.address or ""
         if _dns_led(f, addr):
             dns = f.dns_obs_for({addr})
