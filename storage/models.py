@@ -15,10 +15,10 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 #: Bump when the schema changes; stored in the ``meta`` table and checked on open.  Every bump
 #: comes with an Alembic migration in ``storage/migrations/versions`` (``kzprobe db upgrade``).
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 #: The Alembic revision these models correspond to (tests check it is the migrations' head).
 #: A new database is created from the models and stamped with it, without importing Alembic.
-HEAD_REVISION = "0003"
+HEAD_REVISION = "0004"
 
 
 def new_uid() -> str:
@@ -137,6 +137,15 @@ class VerdictRow(Base):
     #: Which classifier decided (``kzprobe.storage.classifier.classifier_version()``); NULL for
     #: verdicts stored before schema 2.
     classifier_version: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+    # For the analyst's report (kzprobe.report.query), which groups verdicts in the database:
+    # (target, run_id, ...) lets "GROUP BY target" stream in index order instead of sorting every
+    # verdict, and (run_id, status, ...) answers per-run counts and "blocked rows only" from the
+    # index alone.  Both are covering for those queries (the row id is part of every index).
+    __table_args__ = (
+        Index("ix_verdicts_cell", "target", "run_id", "status", "mechanism"),
+        Index("ix_verdicts_run_state", "run_id", "status", "mechanism", "detail"),
+    )
 
 
 class TraceRow(Base):
