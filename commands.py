@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kzprobe.model import Target, Verdict
+from kzprobe.report.cli import analyst_options, check_unused, write_report
 
 # soft_wrap: a warning is one line (file:line: reason), whatever the terminal width.
 err = Console(stderr=True, soft_wrap=True)
@@ -254,12 +255,20 @@ def verdicts(db: str | None, run_id: int | None, fmt: str) -> None:
 
 @click.command()
 @click.option("--db", default=None, help="SQLite path or SQLAlchemy URL.")
-@click.option("--run", "run_id", type=int, default=None, help="Run id (default: the latest).")
-@click.option("--format", "fmt", type=click.Choice(["terminal", "markdown"]), default="terminal", show_default=True)
-def report(db: str | None, run_id: int | None, fmt: str) -> None:
-    """A blocking report for a stored run: verdicts, counts, and the report's claims beside them."""
+@click.option("--run", "run_id", type=int, default=None,
+              help="Run id (default: the latest; html/json: every run that matches the filters).")
+@click.option("--format", "fmt", type=click.Choice(["terminal", "markdown", "html", "json"]), default="terminal",
+              show_default=True, help="html: one self-contained page over the whole database; json: its data.")
+@analyst_options
+def report(db: str | None, run_id: int | None, fmt: str, **analyst: Any) -> None:
+    """A blocking report: for a stored run (terminal, markdown), or across runs, networks and time
+    (html, json; see kzprobe.report)."""
     from kzprobe.reporting import render_markdown, render_terminal
 
+    check_unused(fmt, **analyst)
+    if fmt in ("html", "json"):
+        write_report(_open_store(db), run_id, fmt, **analyst)
+        return
     store = _open_store(db)
     rid = _pick_run(store, run_id)
     data = dict(run=store.run(rid), targets=store.targets(rid), verdicts=stored_verdicts(store, rid),
