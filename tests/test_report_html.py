@@ -1,0 +1,414 @@
+"""`kzprobe report --format html`: the analyst's page, checked in a real browser (Debian's chromium,
+driven headless by Playwright).
+
+The database is built here, run by run, with verdicts whose counts are known from how it was
+built (a table below), plus the 20 real OONI QA measurements imported with ``kzprobe
+import-ooni``.  The page must load from file:// without a console error or a single network
+request, show those counts, open the evidence of a blocked cell with its rule and observation
+ids, draw every plot, and set the 2014 report's Ratel.kz claim beside the measurement with the
+stored trace's backbone hop.
+
+The lab acceptance test (several ``kzprobe run``s in the kz2014 lab with different network
+names, a stored trace, the OONI files) is at the end; it needs root.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from kzprobe.cli import main
+from kzprobe.model import Observation, Target, Verdict
+from kzprobe.storage import Store
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+OONI_QA = SHARED / "ooni-qa"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+DAY = 86400
+T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
+
+# network -> (name, asn, country); the third name is Cyrillic on purpose (labels, plots).
+NETS = [("Kazakhtelecom", "AS9198", "KZ"), ("Beeline KZ", "AS21299", "KZ"), ("Алма ТВ", "AS35104", "KZ")]
+# target -> per network, per day (3 days): the verdict label stored.  "-" = not measured.
+PLAN: dict[str, list[list[str]]] = {
+    "http://ratel.kz/": [["dpi", "dpi", "dpi"], ["ok", "dpi", "dpi"], ["ok", "ok", "ok"]],
+    "https://avaaz.org/": [["dns", "dns", "dns"], ["dns", "dns", "ok"], ["ok", "ok", "ok"]],
+    "https://www.livejournal.com/": [["nx", "nx", "nx"], ["nx", "nx", "nx"], ["nx", "-", "nx"]],
+    "https://bambuser.com/": [["ip", "ip", "ip"], ["ok", "ok", "ok"], ["ip", "ip", "down"]],
+    "https://www.facebook.com/": [["ok", "ok", "ok"], ["mitm", "mitm", "mitm"], ["ok", "ok", "ok"]],
+    "https://kolesa.kz/": [["ok", "ok", "ok"], ["ok", "ok", "ok"], ["ok", "ok", "ok"]],
+    "http://uralskweek.kz/": [["ok", "ok", "ok"], ["ok", "ok", "ok"], ["ok", "ok", "ok"]],
+    # A hostile name: must be shown as text, never run as markup.
+    "http://evil.example/?q=</script><img src=x onerror=alert(1)>": [["ok"] * 3, ["ok"] * 3, ["ok"] * 3],
+}
+CATEGORY = {"http://ratel.kz/": "NEWS", "https://avaaz.org/": "GRP", "https://bambuser.com/": "MMED"}
+# label -> (status, mechanism, detail, rule)
+LABEL = {
+    "ok": ("ok", None, None, "ok.http"), "down": ("down", None, None, "down.everywhere"),
+    "dpi": ("blocked", "dpi", "dpi.tls_reset", "dpi.tls_reset"),
+    "dns": ("blocked", "dns", "dns.blockpage", "dns.blockpage"),
+    "nx": ("blocked", "dns", "dns.nxdomain", "dns.nxdomain"),
+    "ip": ("blocked", "ip", "ip.tcp_timeout", "ip.tcp_timeout"),
+    "mitm": ("blocked", "dpi", "dpi.tls_mitm", "dpi.tls_mitm"),
+}
+TRACE = {
+    "target": "ratel.kz", "address": "203.0.113.11", "trigger": "tls", "result": "censor_located", "hop_ttl": 3,
+    "hop_address": "100.64.0.3", "placement": "in-path", "triggered_by": "domain", "rule": "trace.rst_in_path",
+    "evidence": {"sentence": "TTL 3 and beyond: RST to the ClientHello for ratel.kz; example.com passes."},
+    "hops": {"test": [{"ttl": 1, "kind": "icmp_time_exceeded", "router": "100.64.0.1"},
+                      {"ttl": 2, "kind": "icmp_time_exceeded", "router": "100.64.0.2"},
+                      {"ttl": 3, "kind": "rst", "responder": "203.0.113.11", "detail": "1 RST"}],
+             "control": [{"ttl": 1, "kind": "icmp_time_exceeded", "router": "100.64.0.1"},
+                         {"ttl": 2, "kind": "icmp_time_exceeded", "router": "100.64.0.2"},
+                         {"ttl": 3, "kind": "icmp_time_exceeded", "router": "100.64.0.3"},
+                         {"ttl": 4, "kind": "server_hello", "responder": "203.0.113.11"}]},
+}
+
+
+def _observations(url: str, label: str) -> list[Observation]:
+    """What a probe and its control would have seen for this label (the evidence panel's input)."""
+    host = Target(url).host
+    probe_dns = {"resolver": "100.64.0.53:53", "transport": "udp", "qtype": "A", "rcode": "NOERROR",
+                 "addresses": ["203.0.113.10"]}
+    obs = [Observation("dns", url, host, data=probe_dns),
+           Observation("dns", url, host, vantage="control", data={**probe_dns, "resolver": "helper"})]
+    if label == "nx":
+        obs[0].failure, obs[0].data = "dns_nxdomain_error", {**probe_dns, "rcode": "NXDOMAIN", "addresses": []}
+    elif label == "dns":
+        obs[0].data = {**probe_dns, "addresses": ["100.64.0.80"]}
+        obs.append(Observation("http", url, host, address="100.64.0.80", port=80, data={
+            "status": 200, "title": "Доступ ограничен", "blockpage": "kz_isp_blockpage",
+            "body_head": "<html><title>Доступ ограничен</title><p>Ресурс заблокирован по решению суда.</p>"}))
+    elif label == "dpi":
+        obs.append(Observation("tls", url, host, address="203.0.113.11", port=443, failure="connection_reset",
+                               data={"sni": host}))
+        obs.append(Observation("tls", url, host, address="203.0.113.11", port=443, purpose="followup",
+                               data={"sni": "example.com", "cert_valid": True}))
+    elif label == "mitm":
+        obs.append(Observation("tls", url, host, address="203.0.113.15", port=443, data={
+            "sni": host, "issuer": "CN=Qaznet Trust Network", "cert_valid": False,
+            "cert_failure": "ssl_unknown_authority",
+            "certificates": [{"subject": f"CN={host}", "issuer": "CN=Qaznet Trust Network"}]}))
+    elif label in ("ip", "down"):
+        obs.append(Observation("tcp", url, host, address="203.0.113.13", port=443, failure="generic_timeout_error"))
+    else:
+        obs.append(Observation("http", url, host, address="203.0.113.10", port=443,
+                               data={"status": 200, "title": "Уральская неделя" if "uralsk" in url else host}))
+    obs.append(Observation("http", url, host, vantage="control", data={"status": 200, "title": host}))
+    return obs
+
+
+def build_db(db: Path) -> dict[str, Any]:
+    """The synthetic database; returns what the page must show, derived from PLAN alone."""
+    store = Store(db)
+    expected: dict[tuple[str, str], dict[str, Any]] = {}
+    evidence: dict[tuple[str, str], dict[str, Any]] = {}
+    for day in range(3):
+        for n, (name, asn, cc) in enumerate(NETS):
+            rid = store.new_run(vantage={"network_name": name, "asn": asn, "country": cc},
+                                started=T0 + day * DAY + n * 600)
+            urls = [u for u, plan in PLAN.items() if plan[n][day] != "-"]
+            store.add_targets(rid, [Target(u, CATEGORY.get(u, "")) for u in urls])
+            verdicts = []
+            for u in urls:
+                label = PLAN[u][n][day]
+                obs = _observations(u, label)
+                store.add_observations(rid, obs)
+                status, mech, detail, rule = LABEL[label]
+                ids = [o.id for o in obs if o.id is not None]
+                verdicts.append(Verdict(u, Target(u).host, status, rule, f"{Target(u).host}: {label} on {name}",
+                                        mech, detail, 0.9, ids))
+                cell = expected.setdefault((u, name), {"total": 0, "blocked": 0})
+                cell["total"] += 1
+                cell["blocked"] += status == "blocked"
+                cell["now"] = status
+                evidence[(u, name)] = {"rule": rule, "observations": ids, "run": rid}
+            store.set_verdicts(rid, verdicts)
+            if day == 2 and n == 0:
+                store.add_trace(rid, "ratel.kz", TRACE)
+            store.finish_run(rid)
+    store.close()
+    return {"cells": expected, "evidence": evidence}
+
+
+def import_ooni(db: Path) -> int:
+    files = sorted(OONI_QA.glob("*.json"))
+    r = CliRunner().invoke(main, ["import-ooni", *map(str, files), "--db", str(db), "--format", "json"])
+    assert r.exit_code == 0, r.output
+    return len(files)
+
+
+# ---- the browser -----------------------------------------------------------------------------------
+
+
+class Page:
+    """A report opened in headless chromium, with every console message and request recorded."""
+
+    def __init__(self, path: Path) -> None:
+        from playwright.sync_api import sync_playwright
+
+        self._pw = sync_playwright().start()
+        self.browser = self._pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        self.page = self.browser.new_page(viewport={"width": 1440, "height": 1000})
+        self.console: list[tuple[str, str]] = []
+        self.requests: list[str] = []
+        self.dialogs: list[str] = []
+        self.page.on("console", lambda m: self.console.append((m.type, m.text)))
+        self.page.on("pageerror", lambda e: self.console.append(("pageerror", str(e))))
+        self.page.on("request", lambda r: self.requests.append(r.url))
+        self.page.on("dialog", lambda d: (self.dialogs.append(d.message), d.dismiss()))
+        self.url = path.resolve().as_uri()
+        self.page.goto(self.url)
+        self.page.wait_for_selector("body[data-ready='1']", timeout=30_000)
+
+    def close(self) -> None:
+        self.browser.close()
+        self._pw.stop()
+
+    def cell(self, target: str, net_key: str) -> Any:
+        """The matrix cell of (target, network), searching for the target first (pages of 100)."""
+        self.page.fill("#m-search", target)
+        q = json.dumps  # a JSON string literal is a valid CSS string for these names
+        return self.page.locator(f"td.c[data-net={q(net_key, ensure_ascii=False)}]"
+                                 f"[data-target={q(target, ensure_ascii=False)}]")
+
+
+def check_page(p: Page, db_cells: dict[tuple[str, str], dict[str, Any]], net_keys: dict[str, str]) -> None:
+    """The checks every report page must pass."""
+    errors = [c for c in p.console if c[0] in ("error", "pageerror", "warning")]
+    assert not errors, errors
+    assert p.requests == [p.url], p.requests  # the page itself, nothing else
+    assert not p.dialogs
+    csp = p.page.locator("meta[http-equiv='Content-Security-Policy']").get_attribute("content") or ""
+    assert "default-src 'none'" in csp and "connect-src 'none'" in csp
+    # The matrix shows the counts the database holds.
+    for (target, net), want in db_cells.items():
+        td = p.cell(target, net_keys[net])
+        assert td.count() == 1, (target, net)
+        assert int(td.get_attribute("data-total") or -1) == want["total"], (target, net)
+        assert int(td.get_attribute("data-blocked") or -1) == want["blocked"], (target, net)
+        text = td.inner_text().strip()
+        if want["blocked"]:
+            assert text == f"{want['blocked']}/{want['total']}", (target, net, text)
+    p.page.fill("#m-search", "")
+    # Every plot is there and drew something.
+    plots = p.page.locator("svg.plot")
+    names = sorted(plots.evaluate_all("els => els.map(e => e.dataset.plot)"))
+    assert names == ["mechanisms", "pairs", "sources", "time"], names
+    for i in range(plots.count()):
+        box = plots.nth(i).bounding_box()
+        assert box and box["width"] > 300 and box["height"] > 80
+        assert plots.nth(i).locator("path").count() > 20
+
+
+def open_evidence(p: Page, target: str, net_key: str) -> str:
+    td = p.cell(target, net_key)
+    td.click()
+    body = p.page.locator("#evidence-body")
+    body.locator(".ev-rule").wait_for()
+    return body.inner_text()
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    if not Path(CHROMIUM).exists():
+        pytest.skip("chromium is not installed (scripts/setup installs it)")
+    tmp = tmp_path_factory.mktemp("report")
+    db = tmp / "kz.db"
+    built = build_db(db)
+    n_ooni = import_ooni(db)
+    out = tmp / "report.html"
+    r = CliRunner().invoke(main, ["report", "--db", str(db), "--format", "html", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    page = Page(out)
+    try:
+        yield {**built, "db": db, "html": out, "page": page, "n_ooni": n_ooni}
+    finally:
+        page.close()
+
+
+def test_page_loads_offline_and_shows_the_counts(synthetic: dict[str, Any]) -> None:
+    keys = {name: f"live:{name}" for name, _, _ in NETS}
+    check_page(synthetic["page"], synthetic["cells"], keys)
+
+
+def test_clicking_a_blocked_cell_shows_rule_and_observation_ids(synthetic: dict[str, Any]) -> None:
+    p = synthetic["page"]
+    for target, net in (("http://ratel.kz/", "Kazakhtelecom"), ("https://www.facebook.com/", "Beeline KZ"),
+                        ("https://avaaz.org/", "Beeline KZ")):
+        text = open_evidence(p, target, f"live:{net}")
+        ev = synthetic["evidence"][(target, net)]
+        assert ev["rule"] in text
+        obs = p.page.locator("#evidence-body .ev-obs").inner_text()
+        assert [int(x) for x in re.findall(r"\d+", obs)] == ev["observations"]
+        # Each observation id appears as its own step card, probe and control side by side.
+        cards = p.page.locator("#evidence-body .step").evaluate_all("els => els.map(e => +e.dataset.obs)")
+        assert sorted(cards) == sorted(ev["observations"])
+    # The MITM cell names the interceptor's issuer; the blockpage cell its title (Cyrillic).
+    assert "Qaznet Trust Network" in open_evidence(p, "https://www.facebook.com/", "live:Beeline KZ")
+    assert "Доступ ограничен" in open_evidence(p, "https://avaaz.org/", "live:Kazakhtelecom")
+
+
+def test_ratel_claim_is_domain_based_at_a_backbone_hop(synthetic: dict[str, Any]) -> None:
+    p = synthetic["page"]
+    claim = p.page.locator("#claims-body .claim[data-domain='ratel.kz']")
+    text = claim.inner_text()
+    assert "domain name rather than an IP address" in text and "domain-based" in text
+    assert "footnote 63" in text
+    row = claim.locator("table.claim-table tr", has_text="Kazakhtelecom")
+    assert "blocked/dpi" in row.inner_text() and "agrees" in row.inner_text()
+    # Алма ТВ measured it reachable: the claim differs there.
+    assert "differs" in claim.locator("table.claim-table tr", has_text="Алма ТВ").inner_text()
+    assert "censor at hop 3 (100.64.0.3), in-path, domain-triggered" in text
+    assert "backbone hop" in text
+
+
+def test_interception_blockpages_and_sources(synthetic: dict[str, Any]) -> None:
+    p = synthetic["page"]
+    tls = p.page.locator("#tls-body").inner_text()
+    assert "Qaznet Trust Network" in tls and "Beeline KZ" in tls and "Kazakhtelecom" not in tls
+    bp = p.page.locator("#bp-body").inner_text()
+    assert "kz_isp_blockpage" in bp and "Ресурс заблокирован" in bp
+    src = p.page.locator("#sources-table tbody tr")
+    rows = {r.split("\t")[0]: r.split("\t") for r in src.evaluate_all("els => els.map(e => e.innerText)")}
+    # live: 3 days x 3 networks, one run each; ooni: one run per imported file.
+    assert rows["live"][1] == "9" and rows["ooni"][1] == str(synthetic["n_ooni"]) and rows["pcap"][1] == "0"
+    live_verdicts = sum(c["total"] for c in synthetic["cells"].values())
+    assert rows["live"][4] == str(live_verdicts)
+
+
+def test_matrix_filters_and_sort(synthetic: dict[str, Any]) -> None:
+    p = synthetic["page"]
+    p.page.fill("#m-search", "")
+    p.page.select_option("#m-mech", "i")  # blocked by IP now, on some network
+    shown = p.page.locator("#matrix-table td.t").evaluate_all("els => els.map(e => e.title)")
+    assert shown == ["https://bambuser.com/"]
+    p.page.select_option("#m-mech", "")
+    p.page.select_option("#m-status", "ever")
+    shown = set(p.page.locator("#matrix-table td.t").evaluate_all("els => els.map(e => e.title)"))
+    ever = {t for (t, _), c in synthetic["cells"].items() if c["blocked"]}
+    assert shown & set(PLAN) == ever  # (the OONI files add their own blocked targets)
+    p.page.select_option("#m-status", "")
+    p.page.select_option("#m-cat", label="NEWS")
+    assert p.page.locator("#matrix-table td.t").evaluate_all("els => els.map(e => e.title)") == ["http://ratel.kz/"]
+    p.page.select_option("#m-cat", "")
+
+
+def test_hostile_target_is_text(synthetic: dict[str, Any]) -> None:
+    p = synthetic["page"]
+    assert not p.dialogs
+    assert p.page.locator("img[src='x']").count() == 0
+    html = synthetic["html"].read_text()
+    assert "</script><img" not in html.split('id="report-data">', 1)[1].split("</script>", 1)[0]
+
+
+def test_filters_json_and_bad_input(synthetic: dict[str, Any], tmp_path: Path) -> None:
+    db = str(synthetic["db"])
+    run = CliRunner().invoke
+    r = run(main, ["report", "--db", db, "--format", "json", "--network", "Beeline KZ", "--since", "2026-01-02"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert [n["name"] for n in rep["networks"]] == ["Beeline KZ"] and rep["period"]["runs"] == 2
+    lst = tmp_path / "one.txt"
+    lst.write_text("ratel.kz\n")
+    r = run(main, ["report", "--db", db, "--format", "json", "--list", str(lst), "--asn", "9198"])
+    rep = json.loads(r.stdout)
+    assert [t[0] for t in rep["matrix"]["targets"]] == ["http://ratel.kz/"]
+    assert rep["matrix"]["blocked"] == [[3]]
+    r = run(main, ["report", "--db", db, "--format", "html", "--since", "yesterday"])
+    assert r.exit_code == 2 and "--since" in r.output and "Traceback" not in r.output
+    r = run(main, ["report", "--db", db, "--network", "x"])
+    assert r.exit_code == 2 and "html or json" in r.output
+    r = run(main, ["report", "--db", db, "--format", "html", "-o", str(tmp_path / "no" / "such" / "r.html")])
+    assert r.exit_code == 1 and r.output.count("\n") == 1 and "cannot write" in r.output
+
+
+# ---- acceptance: the kz2014 lab, three networks, a stored trace, the OONI files (root) ----------------
+
+LAB_NETS = [("Kazakhtelecom", "AS9198"), ("Beeline KZ", "AS21299"), ("Transtelecom", "AS35168")]
+SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "report.png"
+
+
+def _lab_ok() -> bool:
+    return os.geteuid() == 0 and all(shutil.which(t) for t in ("ip", "iptables", "nft", "tc", "dnsmasq"))
+
+
+@pytest.mark.lab
+@pytest.mark.slow
+def test_lab_kz2014_three_networks_and_ooni(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    if not _lab_ok():
+        pytest.skip("the lab needs root, iproute2, iptables, nftables and dnsmasq")
+    if not Path(CHROMIUM).exists():
+        pytest.skip("chromium is not installed (scripts/setup installs it)")
+    from kzprobe.lab import Lab, destroy
+    from kzprobe.lab.core import probe_argv
+
+    inst = "kzrep" + os.urandom(2).hex()
+    request.addfinalizer(lambda: destroy(inst))
+    lab = Lab("kz2014", inst)
+    db = tmp_path / "kz.db"
+    lab.up()
+    try:
+        expect = {s.url: s for s in lab.scenario.sites}
+        for name, asn in LAB_NETS:
+            argv = [*probe_argv(lab, db=db), "--network-name", name, "--asn", asn, "--country", "KZ"]
+            p = lab.exec("volunteer", argv, capture_output=True, text=True, timeout=600)
+            assert p.returncode == 0, p.stderr[-2000:]
+        ratel = next(s for s in lab.scenario.sites if s.domain == "ratel.kz")
+        code = "import sys\nfrom kzprobe.cli import run_main\nrun_main(sys.argv[1:])\n"
+        p = lab.exec("volunteer", [sys.executable, "-c", code, "trace", "ratel.kz", "--trigger", "tls",
+                                   "--address", ratel.address, "--repeat", "2", "--timeout", "1", "--store",
+                                   "--db", str(db), "--format", "json"], capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-2000:]
+        backbone_hop = lab.router_address(ratel.hop)
+    finally:
+        lab.down()
+    import_ooni(db)
+    out = tmp_path / "report.html"
+    r = subprocess.run([sys.executable, "-m", "kzprobe.cli", "report", "--db", str(db), "--format", "html",
+                        "-o", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    # What the page must show, from the scenario: every site measured once per network, blocked
+    # exactly when the scenario blocks it.
+    cells = {(url, name): {"total": 1, "blocked": int(s.expect.startswith("blocked"))}
+             for url, s in expect.items() for name, _ in LAB_NETS}
+    page = Page(out)
+    try:
+        check_page(page, cells, {name: f"live:{name}" for name, _ in LAB_NETS})
+        store = Store(db)
+        try:
+            runs = [r_.id for r_ in store.runs() if r_.source == "live"]
+            v = next(v for v in store.verdicts(runs[0]) if v.domain == "ratel.kz")
+        finally:
+            store.close()
+        text = open_evidence(page, ratel.url, "live:Kazakhtelecom")
+        assert v.rule in text
+        shown = page.page.locator("#evidence-body .ev-obs").inner_text()
+        assert [int(x) for x in re.findall(r"\d+", shown)] == v.observations
+        claim = page.page.locator("#claims-body .claim[data-domain='ratel.kz']")
+        ctext = claim.inner_text()
+        assert "domain name rather than an IP address" in ctext
+        for name, _ in LAB_NETS:
+            row = claim.locator("table.claim-table tr", has_text=name).inner_text()
+            assert "blocked/dpi" in row and "agrees" in row, row
+        assert f"censor at hop 3 ({backbone_hop})" in ctext and "domain-triggered" in ctext
+        assert "backbone hop" in ctext
+        page.page.evaluate("window.scrollTo(0, 0)")
+        page.page.fill("#m-search", "")
+        shot = tmp_path / "report.png"
+        page.page.screenshot(path=str(shot), clip={"x": 0, "y": 0, "width": 1440, "height": 1500}, full_page=True)
+        if os.environ.get("KZPROBE_UPDATE_SCREENSHOT"):
+            SCREENSHOT.parent.mkdir(exist_ok=True)
+            shutil.copyfile(shot, SCREENSHOT)
+    finally:
+        page.close()
