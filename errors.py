@@ -160,7 +160,26 @@ def failure_string(exc: BaseException) -> str:
     for e in chain:
         if isinstance(e, KeyboardInterrupt):
             return INTERRUPTED
-    return f"{UNKNOWN}: {type(exc).__name__}: {exc}"[:200]
+    # Name the cause, not the wrapper: "ExceptionGroup: Exceptions from Trio nursery" says nothing.
+    cause = leaf(exc)
+    return f"{UNKNOWN}: {type(cause).__name__}: {cause}"[:200]
+
+
+def leaf(exc: BaseException) -> BaseException:
+    """The exception at the bottom of ``exc``: first member of each group, then explicit causes
+    (or the implicit context, unless suppressed) down to the one that started it."""
+    seen: set[int] = set()
+    e = exc
+    while id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, BaseExceptionGroup) and e.exceptions:
+            e = e.exceptions[0]
+            continue
+        nxt = e.__cause__ if e.__cause__ is not None else (None if e.__suppress_context__ else e.__context__)
+        if nxt is None:
+            break
+        e = nxt
+    return e
 
 
 def gai_failure(exc: BaseException) -> str:

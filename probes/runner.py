@@ -8,6 +8,7 @@ classified only after its observations are committed, so verdict evidence carrie
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from typing import Any
 
 import trio
 
+from kzprobe import errors as E
 from kzprobe.analysis import Context, classify_target
 from kzprobe.model import BLOCKED, INCONCLUSIVE, OK, Observation, Target, Verdict
 from kzprobe.probes.control import ControlClient
@@ -22,6 +24,7 @@ from kzprobe.probes.engine import Engine, ProbeConfig
 from kzprobe.storage import Store
 
 Progress = Callable[[int, int, dict[str, int]], None]
+log = logging.getLogger("kzprobe.runner")
 
 
 def vantage_has_route() -> bool:
@@ -164,7 +167,10 @@ class Runner:
 
                     await engine.measure(target, on_dns=on_dns if control.enabled else None)
             except Exception as exc:
-                self.internal_errors.append(f"{target.url}: {type(exc).__name__}: {exc}")
+                # trio hands a bug over wrapped in nursery groups: report its cause, keep the trace.
+                cause = E.leaf(exc)
+                log.error("internal error while measuring %s", target.url, exc_info=exc)
+                self.internal_errors.append(f"{target.url}: {type(cause).__name__}: {cause}")
             flush = _Flush()
             send.send_nowait(flush)
             await flush.event.wait()

@@ -266,6 +266,24 @@ def test_unknown_failure_is_labelled() -> None:
     assert E.failure_string(ValueError("odd")).startswith(E.UNKNOWN)
 
 
+def test_unknown_failure_names_the_leaf_not_the_group() -> None:
+    """A bug inside a trio nursery arrives as a group wrapping a chain: the string names its cause."""
+    async def boom() -> None:
+        try:
+            {}["missing"]
+        except KeyError as exc:
+            raise RuntimeError("step failed") from exc
+
+    async def main() -> None:
+        async with trio.open_nursery() as n:
+            n.start_soon(boom)
+
+    exc = _caught(lambda: trio.run(main))
+    assert isinstance(exc, BaseExceptionGroup)
+    assert isinstance(E.leaf(exc), KeyError)
+    assert E.failure_string(exc) == "unknown_failure: KeyError: 'missing'"
+
+
 # --- the probe steps themselves -------------------------------------------------------------------------
 def _run(fn: Callable[[], Any]) -> Any:
     async def main() -> Any:
