@@ -71,6 +71,22 @@ def _expected_file(capture: Path) -> Path:
 LOST_IN_CAPTURE: dict[tuple[str, str], str] = {
 }
 
+#: Live verdicts that rest on bytes the capture holds only encrypted, inside TLS: replay gives the
+#: verdict the visible packets support.  Keyed by (scenario, host); an entry applies only while
+#: the recorded live verdict and detail are the ones listed, and only if the capture really holds
+#: no plain-HTTP response for the target (else the entry is wrong and the test fails).
+#:   - dns.blockpage: the live probe found the blockpage by fetching it behind the certificate
+#:     that failed validation (an HTTPS GET); in the capture that page is ciphertext, so the
+#:     wrong DNS answer is all replay can show: dns.poisoned.
+#:   - dpi.throttled: the rule compares the HTTP body's wire rate with the benign-SNI
+#:     follow-up's; over HTTPS a capture has no HTTP response to rate (TLS records only).
+ENCRYPTED_IN_CAPTURE: dict[tuple[str, str], tuple[str, str]] = {
+    # (scenario, host): ("live label detail", "replay label detail")
+    ("kz2014", "avaaz.org"): ("blocked/dns dns.blockpage", "blocked/dns dns.poisoned"),
+    ("method-dns-redirect", "avaaz.org"): ("blocked/dns dns.blockpage", "blocked/dns dns.poisoned"),
+    ("method-sni-throttle", "kiwi.kz"): ("blocked/dpi dpi.throttled", "ok None"),
+}
+
 
 @pytest.mark.skipif(not CAPTURES, reason=f"no lab captures under {FIXTURES} yet (kzprobe lab record writes them)")
 @pytest.mark.parametrize("capture", CAPTURES, ids=[p.name for p in CAPTURES])
@@ -82,9 +98,20 @@ def test_fixture_replays_to_expected_verdicts(capture: Path) -> None:
     got = {_host(v.target): v for v in classify(fr.observations)}
     addresses = _addresses(exp_file)
     details = live_details(exp_file)
+    scenario = str(json.loads(exp_file.read_text("utf-8")).get("scenario", ""))
     wrong = []
     for host, (status, mech) in expected(exp_file).items():
         v = got.get(host)
+        known = ENCRYPTED_IN_CAPTURE.get((scenario, host))
+        live = f"{status}/{mech}" if mech else status
+        if known is not None and host in details and known[0] == f"{live} {details[host]}":
+            plain = [o.id for o in fr.observations
+                     if o.step == "http" and o.vantage == "probe" and o.target == host and o.data.get("status")]
+            said = f"{v.label} {v.detail}" if v else "nothing"
+            if plain or said != known[1]:
+                wrong.append(f"{host}: listed as encrypted in the capture (replay {known[1]}), but replay says {said} "
+                             f"and sees plain-HTTP responses {plain}")
+            continue
         if (capture.name, host) in LOST_IN_CAPTURE:
             seen = _packets_to(capture, addresses[host])
             if seen or v is None or v.status != "inconclusive":
