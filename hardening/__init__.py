@@ -11,7 +11,8 @@ Clients (:mod:`kzprobe.hardening.limits`)
         address (IPv4 /32, IPv6 /64 -- one subscriber usually holds a whole /64).
     ``RateLimiter(rate, burst, max_keys=)`` and ``.take(key) -> float``
         Token bucket per key; ``take`` returns 0 when allowed, else the seconds to wait (the
-        ``Retry-After`` value; ``retry_after_header(seconds)`` formats it).
+        ``Retry-After`` value; ``retry_after_header(seconds)`` formats it).  ``.charge(key, cost)``
+        debits after the fact what a request turned out to cost beyond its first unit.
     ``ConcurrencyLimiter(per_key, max_keys=)`` and ``.try_acquire(key) -> bool`` / ``.release(key)``
         (or ``with limiter.slot(key)``, raising :class:`Limited`): in-flight requests per key.
     ``connection_cap(requested, reserve=) -> int``
@@ -33,6 +34,7 @@ Tokens (:mod:`kzprobe.hardening.tokens`)
 Budgets (:mod:`kzprobe.hardening.budget`)
     ``Budget(fetches=, bytes=, dns_answers=)``: what one request may cost.  ``charge_fetch()``,
     ``charge_bytes(n)`` raise :class:`BudgetExceeded` (its ``failure`` is an OONI-style string);
+    ``cost()`` is what the request used, in plain-request units (feed it to ``RateLimiter.charge``);
     ``trim(seq, limit)`` cuts what goes back to the client.  ``current_budget()`` / ``budget_scope(b)``
     carry the request's budget through a context variable, so hooks deep in an HTTP client (which
     run in the request's task or its children) charge the right request.

@@ -37,7 +37,15 @@ class Budget:
     dns_answers: int = 16
     used_fetches: int = 0
     used_bytes: int = 0
+    #: Answers received (before trimming): a name with thousands of records costs work too.
+    seen_answers: int = 0
     exhausted: list[str] = field(default_factory=list)
+
+    def cost(self) -> float:
+        """What the request cost, in units of a plain one-fetch request (for ``RateLimiter.charge``):
+        each further HTTP request half a unit, each 256 KiB downloaded one, each 500 DNS answers one."""
+        return (1.0 + 0.5 * max(0, self.used_fetches - 1) + self.used_bytes / (256 * 1024)
+                + self.seen_answers / 500)
 
     def charge_fetch(self) -> None:
         if self.used_fetches >= self.fetches:

@@ -94,6 +94,13 @@ class RateLimiter:
             return 0.0
         return (cost - b.tokens) / self.rate
 
+    def charge(self, key: str, cost: float) -> None:
+        """Debit ``cost`` after the fact (the work turned out heavier than one request): the
+        bucket may go below zero, down to one burst's worth, which pushes the next request back."""
+        if cost > 0:
+            b = self._bucket(key)
+            b.tokens = max(-self.burst, b.tokens - cost)
+
     def peek(self, key: str, cost: float = 1.0) -> float:
         """Like :meth:`take` without spending: seconds until ``cost`` is available (0: now)."""
         b = self._bucket(key)

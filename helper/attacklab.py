@@ -9,7 +9,7 @@ Topology (no link to the root namespace, no default route anywhere)::
     "admin pages" on 203.0.113.1:80,                   198.51.100.66-73 hostile servers
        203.0.113.2:80 and 127.0.0.1:80                 198.51.100.99 "internal" (the helper's --deny)
     route 198.51.100.0/24 via 203.0.113.100            198.51.100.12 shop.y.corp.lan (search domain)
-                                                      198.51.100.150-199 attack client sources
+                                                      198.51.100.150-249 client sources
 
 203.0.113.1 plays the host's public address: globally routed as far as the helper can tell
 (the helper gets ``--lab-public`` for both TEST-NETs, which makes them "public" in its policy),
@@ -54,7 +54,7 @@ DNS = "198.51.100.53"
 HOSTILE = [f"198.51.100.{i}" for i in range(66, 74)]
 INTERNAL = "198.51.100.99"
 DENY = "198.51.100.96/28"
-CLIENTS = [f"198.51.100.{i}" for i in range(150, 200)]
+CLIENTS = [f"198.51.100.{i}" for i in range(150, 250)]
 HELPER_PORT = 8780
 HELPER_PORT_RESOLVER = 8781
 TOKEN = "attack-lab-token-0123456789abcdef"
@@ -207,11 +207,12 @@ class AttackLab:
         self.helper = self.start_helper(HELPER_PORT, self.helper_args)
 
     def start_helper(self, port: int, extra: list[str], name: str | None = None,
-                     prefix: list[str] | None = None) -> str:
+                     prefix: list[str] | None = None, token: bool = True) -> str:
         argv = [*(prefix or []), sys.executable, "-c", "from kzprobe.cli import main; main()", "helper",
                 "--listen", f"{HOST_PUBLIC}:{port}",
-                "--token", TOKEN, "--lab-public", "198.51.100.0/24", "--lab-public", "203.0.113.0/24",
-                "--lab-public", "100.64.0.0/10", "--deny", DENY, "--timeout", "2", "--deadline", "8", *extra]
+                *(["--token", TOKEN] if token else []), "--lab-public", "198.51.100.0/24",
+                "--lab-public", "203.0.113.0/24", "--lab-public", "100.64.0.0/10", "--deny", DENY,
+                "--timeout", "2", "--deadline", "8", *extra]
         self.popen(self.ns_h, name or f"helper-{port}", argv, wait="listening on")
         return f"http://{HOST_PUBLIC}:{port}"
 

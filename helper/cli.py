@@ -102,7 +102,8 @@ def _parse_cidrs(values: tuple[str, ...], option: str) -> list[Any]:
 @click.option("--client-concurrency", default=4, show_default=True, type=click.IntRange(1, 1024),
               help="Measurements at once per client (address, IPv6 /64, or token); beyond that, 429.")
 @click.option("--client-rate", default=4.0, show_default=True, type=click.FloatRange(0.01, 10000),
-              help="Requests per second per client, sustained (bursts of 10x allowed); beyond that, 429.")
+              help="Requests per second per client, sustained (bursts of 5x allowed; a request that makes the "
+                   "helper follow redirects or download much counts for more); beyond that, 429.")
 @click.option("--max-connections", default=1024, show_default=True, type=click.IntRange(1, 1 << 20),
               help="Open client connections (always kept 256 below the file-descriptor limit).")
 @click.pass_context
@@ -153,7 +154,7 @@ def helper(ctx: click.Context, listen: str, resolvers: tuple[str, ...], ca_bundl
                          limits=Limits(concurrency=concurrency, queue=queue, deadline=deadline,
                                        body_timeout=io_timeout, header_timeout=io_timeout,
                                        client_concurrency=client_concurrency, client_rate=client_rate,
-                                       client_burst=max(1, round(client_rate * 10)),
+                                       client_burst=max(1, round(client_rate * 5)),
                                        max_connections=max_connections))
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="kzprobe helper: %(message)s")
     for noisy in ("httpx", "httpcore", "hpack"):

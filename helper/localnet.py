@@ -99,7 +99,19 @@ class LocalNetworks:
     """A refreshable set of local prefixes; membership is a scan of a few dozen entries."""
 
     def __init__(self, nets: frozenset[Network] | None = None) -> None:
-        self.nets: frozenset[Network] = frozenset() if nets is None else nets
+        self._nets: frozenset[Network] = frozenset() if nets is None else nets
+        #: Policy decisions memoised against this set; emptied whenever the set changes.
+        self.cache: dict[object, str | None] = {}
+
+    @property
+    def nets(self) -> frozenset[Network]:
+        return self._nets
+
+    @nets.setter
+    def nets(self, value: frozenset[Network]) -> None:
+        if value != self._nets:
+            self._nets = value
+            self.cache = {}
 
     @classmethod
     def from_kernel(cls) -> LocalNetworks:

@@ -127,7 +127,20 @@ class Policy:
     lab_public: tuple[Network, ...] = ()
 
     def address_refusal(self, address: str) -> str | None:
-        """Why the helper will not connect to ``address`` (None: it will); for the log, not the client."""
+        """Why the helper will not connect to ``address`` (None: it will); for the log, not the client.
+
+        Memoised per address (bounded), and per generation of the local-address table: a request
+        checks the same addresses several times (DNS, connect, redirects, the answer).
+        """
+        cache = self.local.cache
+        key = (self.allow_private, self.deny, self.lab_public, address)
+        if key not in cache:
+            if len(cache) > 4096:
+                cache.clear()
+            cache[key] = self._refusal(address)
+        return cache[key]
+
+    def _refusal(self, address: str) -> str | None:
         try:
             ip: IPAddress = ipaddress.ip_address(address)
         except ValueError:
@@ -135,7 +148,7 @@ class Policy:
         inner = _embedded_v4(ip)
         if inner is not None:
             # ::ffff:10.0.0.1 reaches 10.0.0.1 on a dual-stack socket: judge what it reaches.
-            why = self.address_refusal(str(inner))
+            why = self._refusal(str(inner))
             return f"embeds {inner}: {why}" if why else None
         if any(ip in n for n in _NEVER):
             return "unspecified, multicast or broadcast address"

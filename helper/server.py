@@ -89,7 +89,7 @@ class Limits:
     #: taking the whole helper.
     client_concurrency: int = 4
     client_rate: float = 4.0
-    client_burst: int = 40
+    client_burst: int = 20
     #: Open client connections (kept below the fd limit, see hardening.connection_cap), and per client.
     max_connections: int = 1024
     client_connections: int = 64
@@ -330,11 +330,19 @@ class HelperApp:
         key = self._authorize(scope)
         self._limit(key)
         try:
-            return await self._limited_control(scope, receive)
+            status, payload, headers = await self._limited_control(scope, receive, key)
         finally:
             self.per_client.release(key)
+        return status, payload, headers
 
-    async def _limited_control(self, scope: Scope, receive: Receive) -> tuple[int, dict[str, Any], dict[str, str]]:
+    def _charge(self, key: str, result: ControlResult | None) -> None:
+        # A request that made the helper follow 16 redirects or download a megabyte is not one
+        # request's worth of work: the client's bucket pays the difference.
+        if result is not None:
+            self.rates.charge(key, result.cost - 1.0)
+
+    async def _limited_control(self, scope: Scope, receive: Receive, key: str
+                               ) -> tuple[int, dict[str, Any], dict[str, str]]:
         ctype = (self._header(scope, b"content-type") or "").split(";")[0].strip().lower()
         if ctype != "application/json":
             raise HttpError(415, "unsupported_media_type", "Content-Type must be application/json")
@@ -382,6 +390,9 @@ class HelperApp:
                     raise HttpError(status, exc.code, str(exc)) from None
                 finally:
                     nursery.cancel_scope.cancel()
+        self._charge(key, result)
+        if result is None and not gone:
+            self.rates.charge(key, 2.0)  # a request that ran into the deadline held a slot all along
         if gone:
             raise HttpError(499, "client_gone", "client closed the request")
         if result is None or outer.cancelled_caught:

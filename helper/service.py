@@ -51,6 +51,9 @@ RESOLVER_LABEL = "control"
 MAX_HEADERS = 32
 MAX_HEADER_VALUE = 256
 MAX_RESPONSES = 4
+#: DNS answers kept from each lookup, before anything else looks at them (the per-request budget
+#: then trims what is returned further).
+DNS_KEEP = 32
 
 #: The observations of the request being served.  One engine serves all requests at once, and
 #: its sink is fixed at construction; a context variable routes each observation to the request
@@ -161,6 +164,19 @@ class HelperEngine(Engine):
     async def _absolute(self, lookup: Awaitable[Observation], domain: str) -> Observation:
         obs = await lookup
         obs.domain = domain
+        # Trim before the engine iterates them: a name with 2,000 A records must not cost 2,000
+        # policy checks (and list scans) on the event loop, nor go back to the client.
+        keep = DNS_KEEP
+        budget = current_budget()
+        if budget is not None and isinstance(obs.data.get("answers"), list):
+            budget.seen_answers += len(obs.data["answers"])
+        for key in ("answers", "addresses"):
+            if isinstance(obs.data.get(key), list) and len(obs.data[key]) > keep:
+                obs.data[key] = obs.data[key][:keep]
+        if isinstance(obs.data.get("responses"), list):
+            obs.data["responses"] = [
+                {**r, "addresses": list(r.get("addresses") or [])[:keep]} if isinstance(r, dict) else r
+                for r in obs.data["responses"][:MAX_RESPONSES]]
         for a in obs.data.get("answers") or []:
             if isinstance(a, dict) and isinstance(a.get("name"), str):
                 a["name"] = a["name"].rstrip(".")
@@ -259,6 +275,8 @@ def _trim_observation(o: Observation, budget: Budget) -> None:
 class ControlResult:
     observations: list[Observation]
     refused: list[dict[str, str]]
+    #: What the measurement cost, in plain-request units (the server charges it to the client).
+    cost: float = 1.0
 
     def to_json(self, version: int) -> dict[str, Any]:
         return {"version": version, "observations": [o.to_dict() for o in self.observations],
@@ -327,7 +345,7 @@ class ControlService:
             if o.step == STEP_DNS:
                 self._hide_refused(o)
             _trim_observation(o, budget)
-        return ControlResult(collected, out[:budget.dns_answers])
+        return ControlResult(collected, out[:budget.dns_answers], budget.cost())
 
     def _hide_refused(self, o: Observation) -> None:
         """Drop addresses the policy refuses from a DNS observation (split-horizon answers stay home)."""

@@ -43,6 +43,7 @@ BODY_TIMEOUTS = 3.0
 #: SLOW_MIN_SPAN is never slow (its rate is latency, not bandwidth).
 SLOW_RATE = 100 * 1024
 SLOW_MIN_SPAN = 1.0
+FEATURE_THREADS = 2
 
 #: Purposes whose request verifies the certificate (what a browser would do).
 _VERIFIED = frozenset({MEASURE, REDIRECT})
@@ -55,6 +56,8 @@ class Clients:
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
         t = httpx.Timeout(timeout)
         headers = {"User-Agent": USER_AGENT, "Accept": "text/html,*/*;q=0.8"}
+        #: Feature extraction threads at once: more would only fight the event loop for the GIL.
+        self.cpu = trio.CapacityLimiter(FEATURE_THREADS)
         self.verified = httpx.AsyncClient(
             transport=httpx.AsyncHTTPTransport(verify=verify, limits=limits, local_address=local_address),
             timeout=t, headers=headers, follow_redirects=False, trust_env=False)
@@ -178,7 +181,8 @@ async def fetch(clients: Clients, target: str, domain: str, url: str, address: s
         # Decoding and matching are bounded (the cap) but are CPU work on untrusted bytes: off the loop.
         feats = await trio.to_thread.run_sync(
             lambda: http_features(resp.status_code, headers, bytes(body.raw),
-                                  truncated_on_wire=body.cut or err is not None, fingerprints=fingerprints))
+                                  truncated_on_wire=body.cut or err is not None, fingerprints=fingerprints),
+            limiter=clients.cpu)
         data.update(feats)
         loc = resp.headers.get("location")
         if resp.is_redirect and loc:
@@ -194,8 +198,9 @@ async def fetch(clients: Clients, target: str, domain: str, url: str, address: s
     except (httpx.HTTPError, trio.TooSlowError, OSError, ssl.SSLError, trio.BrokenResourceError) as exc:
         failure = E.failure_string(exc)
     except (httpx.InvalidURL, UnicodeError, ValueError) as exc:
-        # A name or URL the HTTP stack cannot encode (from a redirect): this step's failure.
-        failure = E.failure_string(exc)
+        # A name or URL the HTTP stack cannot encode (from a redirect): this step's failure --
+        # for a hop, netxlite's string for a Location that cannot be followed.
+        failure = E.HTTP_INVALID_REDIRECT if hop else E.failure_string(exc)
     return Observation(step=STEP_HTTP, target=target, domain=domain, address=address,
                        port=default_port(url), t_start=t0, t_end=now(), failure=failure, purpose=purpose,
                        attempt=attempt, vantage=vantage, data=data)
