@@ -73,9 +73,10 @@ def replay(files: tuple[str, ...], fmt: str, store: bool, db: str | None, finger
             failed.append(err)
             click.echo(f"error: {exc}", err=True)
             continue
-        except (MemoryError, RecursionError) as exc:  # bounded by design; say which file if not
-            failed.append(FileError(group[0], f"{type(exc).__name__} while replaying"))
-            click.echo(f"error: {group[0]}: {type(exc).__name__} while replaying", err=True)
+        except Exception as exc:  # a bug met on these bytes: one line naming the file, traceback in a log
+            err = FileError(group[0], _internal_error(exc))
+            failed.append(err)
+            click.echo(f"error: {err}", err=True)
             continue
         if len(group) > 1:
             click.echo(f"note: joined {len(group)} files of one rotated capture: {', '.join(group)}", err=True)
@@ -111,6 +112,24 @@ def replay(files: tuple[str, ...], fmt: str, store: bool, db: str | None, finger
         _table(per_file, note, run_id)
     if failed:
         sys.exit(1)
+
+
+def _internal_error(exc: BaseException) -> str:
+    """One line for an unexpected exception (its leaf); the whole traceback goes to a log file."""
+    import tempfile
+    import traceback
+
+    from kzprobe import errors as E
+
+    leaf = E.leaf(exc)
+    what = f"internal error while replaying ({type(leaf).__name__}: {str(leaf)[:200]})"
+    try:
+        fd, log = tempfile.mkstemp(prefix="kzprobe-replay-", suffix=".log")
+        with open(fd, "w", encoding="utf-8") as f:
+            f.write("".join(traceback.format_exception(exc)))
+    except OSError:
+        return what
+    return f"{what}; traceback in {log}"
 
 
 def _file_doc(fr: Any, verdicts: list[Verdict] | None) -> dict[str, Any]:

@@ -126,3 +126,28 @@ def test_every_file_unreadable_is_one_line_each(tmp_path: Path) -> None:
     assert res.exit_code == 1 and "Traceback" not in res.output
     assert sum(1 for ln in res.output.splitlines() if ln.startswith("error:")) == 2
     assert "none of the 2 files could be read" in res.output
+
+
+@needs_fixtures
+def test_internal_error_is_one_line_per_file_with_traceback_in_a_log(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from kzprobe.replay import flows
+
+    bad = tmp_path / "bad.pcap"
+    shutil.copy(SNI_RESET, bad)
+    real = flows.on_tcp
+
+    def on_tcp(st, p):  # type: ignore[no-untyped-def]
+        if st.file == str(bad):
+            raise KeyError("a bug met on these bytes")
+        return real(st, p)
+
+    monkeypatch.setattr(flows, "on_tcp", on_tcp)
+    res = CliRunner().invoke(main, ["replay", str(bad), str(KZ2014)])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    (line,) = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+    assert str(bad) in line and "KeyError" in line and "a bug met on these bytes" in line
+    log = Path(line.rsplit("traceback in ", 1)[1])
+    assert "Traceback" in log.read_text() and "KeyError" in log.read_text()
+    log.unlink()
+    assert "bambuser.com" in res.output  # the other file is still replayed
