@@ -70,8 +70,15 @@ def hop_of(o: Observation) -> int:
 MIN_SAMPLE_SPAN = 0.5
 
 
-def wire_rate(o: Observation) -> float | None:
-    """Wire bytes per second of an HTTP body download, from its speed samples ([[t, n], ...])."""
+def wire_rate(o: Observation, *, lower_bound: bool = False) -> float | None:
+    """Wire bytes per second of an HTTP body download, from its speed samples ([[t, n], ...]).
+
+    A body done in under MIN_SAMPLE_SPAN has no measurable rate.  With ``lower_bound``, it gets
+    n / MIN_SAMPLE_SPAN, a rate it came at *at least*: right for the benign follow-up (a live
+    60 KiB follow-up takes ~50 ms; understating it can only understate a throttling ratio), wrong
+    for the target (understating the target's rate would overstate the ratio: a small page served
+    in 10 ms must never look throttled).  A transfer cut short by a failure says nothing then.
+    """
     samples = o.data.get("speed_samples")
     if not isinstance(samples, list) or not samples:
         return None
@@ -82,11 +89,7 @@ def wire_rate(o: Observation) -> float | None:
     if not isinstance(t, int | float) or not isinstance(n, int | float) or t < 0:
         return None
     if t < MIN_SAMPLE_SPAN:
-        # A body that completed this fast came at *at least* n / MIN_SAMPLE_SPAN bytes/s: a
-        # lower bound, so a fast benign follow-up can still show a throttled target up (a live
-        # 60 KiB follow-up takes ~50 ms), while a short transfer never looks faster than it was.
-        # One cut short by a failure says nothing.
-        if o.failure is not None:
+        if not lower_bound or o.failure is not None:
             return None
         return max(0.0, float(n)) / MIN_SAMPLE_SPAN
     return max(0.0, float(n)) / float(t)
@@ -377,9 +380,9 @@ class Facts:
         return max(hops) >= k
 
     # --- throttling ---------------------------------------------------------------------------
-    def rate(self, obs: Iterable[Observation]) -> tuple[float, Observation] | None:
+    def rate(self, obs: Iterable[Observation], *, lower_bound: bool = False) -> tuple[float, Observation] | None:
         """The best wire rate among ``obs`` that have speed samples, with its observation."""
-        rated = [(r, o) for o in obs if (r := wire_rate(o)) is not None]
+        rated = [(r, o) for o in obs if (r := wire_rate(o, lower_bound=lower_bound)) is not None]
         return max(rated, key=lambda x: x[0], default=None)
 
 

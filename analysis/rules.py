@@ -474,7 +474,7 @@ def _throttle_pair(f: Facts) -> tuple[Observation, float, Observation, float] | 
     if target is None:
         return None
     t_rate, t_obs = target
-    follow = f.rate(o for o in f.probe_http_followup if o.address == t_obs.address)
+    follow = f.rate((o for o in f.probe_http_followup if o.address == t_obs.address), lower_bound=True)
     if follow is None:
         return None
     return t_obs, t_rate, follow[1], follow[0]
@@ -485,7 +485,7 @@ def _control_full_rate(f: Facts, t_rate: float) -> bool:
     ok = [o for o in f.control_http if o.ok]
     if not ok:
         return False
-    rated = f.rate(ok)
+    rated = f.rate(ok, lower_bound=True)
     return rated is None or rated[0] >= THROTTLE_RATIO * t_rate
 
 

@@ -113,6 +113,11 @@ def _titled(o: Observation, title: str, length: int) -> Observation:
     return o
 
 
+def _samples(o: Observation, samples: list[list[float]]) -> Observation:
+    o.data["speed_samples"] = samples
+    return o
+
+
 def _capped(o: Observation) -> Observation:
     o.data["truncated"] = True
     return o
@@ -373,6 +378,12 @@ NEAR_MISS: list[Case] = [
     Case("both slow, but the target's body was reset (not a slow path)",
          [dns([A]), tcp(A), tls(A), _reset(sampled(throttled(), 8192)), benign(rate=9000), *ctl_site()],
          "dpi.http_followup", "blocked", "dpi", "dpi.http_reset", near="ok.slow"),
+    Case("a small page done in 40 ms, a big benign follow-up at full speed (no measurable target rate)",
+         [dns([A]), tcp(A), tls(A), _samples(http(A, length=2000), [[0.04, 2000]]), benign(), *ctl_site()],
+         "ok.http", "ok", near="dpi.throttled"),
+    Case("throttled target, benign follow-up done in 50 ms (its rate is a lower bound, still 4x faster)",
+         [dns([A]), tcp(A), tls(A), sampled(throttled(), 8192), _samples(benign(), [[0.05, 61440]]), *ctl_site()],
+         "dpi.throttled", "blocked", "dpi", "dpi.throttled", near="ok.slow"),
     Case("fast target and fast follow-up", [dns([A]), tcp(A), tls(A), sampled(http(A), 2e6), benign(), *ctl_site()],
          "ok.http", "ok", near="ok.slow"),
     Case("titles differ, the probe's body capped short (lengths say nothing)",
