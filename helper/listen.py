@@ -40,10 +40,10 @@ class Connections:
     """The helper's open client connections, keyed by peer (host, port) as ASGI's scope["client"].
 
     Two jobs: the cap (a :class:`~kzprobe.hardening.ConnectionTable`, which evicts idle
-    connections first), and telling the app that a client has gone away.  hypercorn stops reading
-    an HTTP/1.1 connection while its request is being answered, so it never notices the client
-    closing it; the app asks :meth:`gone` instead, which polls the socket for a hang-up
-    (POLLRDHUP: the peer shut down its side, whether or not unread data is pending).
+    connections first), and telling the app that a client has gone away.  hypercorn reports a
+    hang-up as http.disconnect only once it reads the EOF, and it pauses reading an HTTP/1.1
+    connection with unconsumed data buffered; :meth:`gone` polls the socket itself (POLLRDHUP: the
+    peer shut down its side, whether or not unread data is pending).
     """
 
     def __init__(self, cap: int, per_client: int) -> None:

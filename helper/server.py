@@ -366,8 +366,9 @@ class HelperApp:
                     nursery.cancel_scope.cancel()
 
                 async def poll_gone() -> None:
-                    # hypercorn does not read an HTTP/1.1 connection while its request is being
-                    # answered, so a hang-up never becomes http.disconnect: ask the socket.
+                    # Second opinion from the socket: hypercorn turns a hang-up into http.disconnect
+                    # only when it reads the EOF, and it pauses reading an HTTP/1.1 connection that
+                    # has unconsumed data buffered (a pipelined request behind this one).
                     nonlocal gone
                     while not self.connections.gone(scope):
                         await trio.sleep(GONE_POLL)
