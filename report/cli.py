@@ -82,8 +82,22 @@ def write_report(store: Any, run_id: int | None, fmt: str, *, output: Path | Non
     f = Filters(runs=(run_id,) if run_id is not None else (), since=_when(since, "--since"),
                 until=_when(until, "--until"), networks=networks, asns=asns, countries=countries,
                 domains=_list_domains(list_spec) if list_spec else frozenset(), list_name=list_spec)
+    from sqlalchemy.exc import SQLAlchemyError
+
     t0 = time.monotonic()
-    rep = build_report(store.engine, f)
+    try:
+        rep = build_report(store.engine, f)
+    except SQLAlchemyError as exc:
+        first = (str(exc).splitlines() or [""])[0]
+        raise click.ClickException(f"{store.url}: cannot read it: {exc.__class__.__name__}: {first}") from None
+    if not rep["period"]["runs"]:
+        asked = f.describe()
+        if not asked:
+            raise click.ClickException(f"{store.url}: no run stored yet")
+        if asked.keys() == {"run"}:
+            raise click.ClickException(f"{store.url}: no run {run_id}")
+        opts = " ".join(f"--{k} {', '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in asked.items())
+        raise click.ClickException(f"{store.url}: no run matches {opts}")
     text = render_html_report(rep) if fmt == "html" else render_json_report(rep)
     if output is None:
         sys.stdout.write(text if text.endswith("\n") else text + "\n")

@@ -80,7 +80,7 @@ def evidence(conn: Connection, verdict: dict[str, Any], target: str,
         "rule": verdict["rule"], "confidence": round(float(verdict["confidence"] or 0), 2),
         "sentence": verdict.get("sentence") or "", "observations": list(verdict.get("observations") or []),
         "packets": list(verdict.get("packets") or [])[:50], "steps": steps[:MAX_STEPS], "more_steps": more,
-        "traces": [t for t in traces if _trace_matches(t, verdict)],
+        "traces": [trace_view(t) for t in traces if _trace_matches(t, verdict)],
     }
     return ev
 
@@ -117,6 +117,20 @@ def trace_view(t: dict[str, Any]) -> dict[str, Any]:
         "placement": t.get("placement"), "triggered_by": t.get("triggered_by"), "endpoint_ttl": end,
         "where": where, "rule": t.get("rule") or (ev.get("rule") if isinstance(ev, dict) else None),
         "sentence": sentence or "",
-        "hops": [{k: h.get(k) for k in ("ttl", "kind", "router", "responder", "detail")}
-                 for h in test[:40] if isinstance(h, dict)],
+        "hops": _distinct_hops(test),
     }
+
+
+def _distinct_hops(hops: list[Any]) -> list[dict[str, Any]]:
+    """The test sweep, one line per distinct answer per TTL (repetitions say the same thing)."""
+    seen: set[tuple[Any, ...]] = set()
+    out = []
+    for h in hops:
+        if not isinstance(h, dict):
+            continue
+        row = {k: h.get(k) for k in ("ttl", "kind", "router", "responder", "detail")}
+        key = tuple(row.values())
+        if key not in seen:
+            seen.add(key)
+            out.append(row)
+    return out[:40]

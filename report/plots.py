@@ -145,6 +145,8 @@ def mechanisms_plot(rep: dict[str, Any]) -> str:
     import matplotlib
 
     nets = rep["networks"]
+    from matplotlib.ticker import MaxNLocator
+
     mech = rep["mechanisms"]
     details = mech["details"]
     rows = [p for p in mech["per_network"] if p["counts"]]
@@ -164,6 +166,7 @@ def mechanisms_plot(rep: dict[str, Any]) -> str:
                     hatch=hatches[j % 4] if len(details) > 4 else "", edgecolor="white", linewidth=0.6)
             left = [a + b for a, b in zip(left, vals, strict=True)]
         ax.invert_yaxis()
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("targets blocked in the latest measurement")
         ax.grid(axis="y", visible=False)
         ax.set_title("How targets are blocked, per network (stacked by detail)")

@@ -24,8 +24,10 @@ from sqlalchemy import (
     Table,
     and_,
     case,
+    cast,
     func,
     insert,
+    literal,
     select,
 )
 
@@ -143,7 +145,7 @@ class TempTables:
         self.groups = max(1, -(-self.n_nets // self.per_int))
         md = MetaData()
         self.runs = Table("kzr_runs", md, Column("run_id", Integer, primary_key=True), Column("net", Integer),
-                          Column("day", Integer), Column("rank", Integer), Column("t", Float),
+                          Column("day", Integer), Column("rank", BigInteger), Column("t", Float),
                           Column("role", Integer), *[Column(f"u{g}", BigInteger) for g in range(self.groups)],
                           prefixes=["TEMPORARY"])
         self.domains = Table("kzr_domains", md, Column("domain", String(255), primary_key=True),
@@ -204,6 +206,14 @@ def _state_code(v: Any) -> Any:
         (v.c.status == "down", 6), else_=7)
 
 
+def _latest_key(m: Any, v: Any) -> Any:
+    """rank * 2**44 + state * 2**40 + id, in 64-bit arithmetic on every database (PostgreSQL
+    would otherwise multiply 32-bit integers and overflow)."""
+    big = BigInteger()
+    return (cast(m.c.rank, big) * literal(RANK_SHIFT * 16, big) + cast(_state_code(v), big) * literal(RANK_SHIFT, big)
+            + cast(v.c.id, big))
+
+
 #: _state_code -> the one-character code of CODE.
 STATE_CODES = ".odipbwu"
 
@@ -250,7 +260,7 @@ def latest_cells(conn: Connection, tt: TempTables, missing: Iterable[tuple[str, 
     for target, net, code, vid in conn.execute(q):
         out[(target, int(net))] = (STATE_CODES[int(code)], int(vid))
     rest = sorted({t for t, n in missing if (t, n) not in out})
-    key = m.c.rank * (RANK_SHIFT * 16) + _state_code(v) * RANK_SHIFT + v.c.id
+    key = _latest_key(m, v)
     for i in range(0, len(rest), 500):
         q2 = (select(v.c.target, m.c.net, func.max(key))
               .select_from(v.join(m, m.c.run_id == v.c.run_id))

@@ -100,7 +100,7 @@
     const head = el("tr", {}, el("th", { class: "sortable", on: { click: () => { sortKey = "target"; refilter(); } } }, "target ↕"));
     NETS.forEach((n, i) => head.append(el("th", { class: "net sortable", title: "sort by blocked count on " + n.name,
       on: { click: () => { sortKey = "net"; sortNet = i; refilter(); } } },
-      n.name, el("small", {}, " " + [n.asn, n.country, n.source].filter(Boolean).join(" · ")))));
+      n.name, el("small", {}, " " + [n.asn, n.country, n.source !== "live" ? n.source : ""].filter(Boolean).join(" · ")))));
     const tb = el("tbody");
     for (const t of order.slice(page * PAGE, (page + 1) * PAGE)) {
       const row = M.targets[t];
@@ -246,7 +246,10 @@
     const counts = {};
     R.claims.forEach((c) => { counts[c.summary] = (counts[c.summary] || 0) + 1; });
     box.append(el("p", { class: "note" }, Object.entries(counts).map(([k, v]) => `${v} ${k}`).join(" · ")));
-    for (const c of R.claims) {
+    const measured = R.claims.filter((c) => c.summary !== "not measured");
+    const rank = { differs: 0, mixed: 1, agrees: 2 };
+    measured.sort((a, b) => (rank[a.summary] - rank[b.summary]) || a.domain.localeCompare(b.domain));
+    for (const c of measured) {
       const div = el("div", { class: "claim", "data-domain": c.domain },
         el("div", {}, el("b", {}, c.domain), " ", badge(c.summary), " ", el("span", { class: "note" }, c.role === "control" ? "report: accessible / contrast" : "report: blocked")),
         el("blockquote", {}, "“" + c.quote + "”"),
@@ -257,6 +260,12 @@
       div.append(table(["network", "measured", "detail", "blocked/measured", "agreement", "why"], rows, { cls: "claim-table" }));
       for (const t of c.traces || []) div.append(el("div", { class: "hopline" }, traceBox(t)));
       box.append(div);
+    }
+    const rest = R.claims.filter((c) => c.summary === "not measured");
+    if (rest.length) {
+      box.append(el("h3", {}, `Not measured in this period (${rest.length} claims)`));
+      box.append(el("ul", { class: "unmeasured" }, rest.map((c) => el("li", { class: "claim-unmeasured", "data-domain": c.domain },
+        el("b", {}, c.domain), ` (${c.section}` + (c.footnote ? `, fn. ${c.footnote}` : "") + (c.dates ? `, ${c.dates}` : "") + "): “" + c.quote + "”"))));
     }
   }
   function tls() {
