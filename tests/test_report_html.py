@@ -108,7 +108,7 @@ def _observations(url: str, label: str) -> list[Observation]:
     return obs
 
 
-def build_db(db: Path) -> dict[str, Any]:
+def build_db(db: Path | str) -> dict[str, Any]:
     """The synthetic database; returns what the page must show, derived from PLAN alone."""
     store = Store(db)
     expected: dict[tuple[str, str], dict[str, Any]] = {}
@@ -141,7 +141,7 @@ def build_db(db: Path) -> dict[str, Any]:
     return {"cells": expected, "evidence": evidence}
 
 
-def import_ooni(db: Path) -> int:
+def import_ooni(db: Path | str) -> int:
     files = sorted(OONI_QA.glob("*.json"))
     r = CliRunner().invoke(main, ["import-ooni", *map(str, files), "--db", str(db), "--format", "json"])
     assert r.exit_code == 0, r.output
@@ -151,15 +151,26 @@ def import_ooni(db: Path) -> int:
 # ---- the browser -----------------------------------------------------------------------------------
 
 
-class Page:
-    """A report opened in headless chromium, with every console message and request recorded."""
+class Browser:
+    """One headless chromium for the module (Playwright's sync API allows one instance per thread)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self) -> None:
         from playwright.sync_api import sync_playwright
 
         self._pw = sync_playwright().start()
-        self.browser = self._pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        self.page = self.browser.new_page(viewport={"width": 1440, "height": 1000})
+        self.chromium = self._pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+
+    def close(self) -> None:
+        self.chromium.close()
+        self._pw.stop()
+
+
+class Page:
+    """A report opened in the browser, with every console message and request recorded."""
+
+    def __init__(self, browser: Browser, path: Path) -> None:
+        self.context = browser.chromium.new_context(viewport={"width": 1440, "height": 1000})
+        self.page = self.context.new_page()
         self.console: list[tuple[str, str]] = []
         self.requests: list[str] = []
         self.dialogs: list[str] = []
@@ -172,8 +183,7 @@ class Page:
         self.page.wait_for_selector("body[data-ready='1']", timeout=30_000)
 
     def close(self) -> None:
-        self.browser.close()
-        self._pw.stop()
+        self.context.close()
 
     def cell(self, target: str, net_key: str) -> Any:
         """The matrix cell of (target, network), searching for the target first (pages of 100)."""
@@ -220,9 +230,18 @@ def open_evidence(p: Page, target: str, net_key: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+def browser() -> Iterator[Browser]:
     if not Path(CHROMIUM).exists():
         pytest.skip("chromium is not installed (scripts/setup installs it)")
+    b = Browser()
+    try:
+        yield b
+    finally:
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory: pytest.TempPathFactory, browser: Browser) -> Iterator[dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("report")
     db = tmp / "kz.db"
     built = build_db(db)
@@ -230,7 +249,7 @@ def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, An
     out = tmp / "report.html"
     r = CliRunner().invoke(main, ["report", "--db", str(db), "--format", "html", "-o", str(out)])
     assert r.exit_code == 0, r.output
-    page = Page(out)
+    page = Page(browser, out)
     try:
         yield {**built, "db": db, "html": out, "page": page, "n_ooni": n_ooni}
     finally:
@@ -254,6 +273,10 @@ def test_clicking_a_blocked_cell_shows_rule_and_observation_ids(synthetic: dict[
         # Each observation id appears as its own step card, probe and control side by side.
         cards = p.page.locator("#evidence-body .step").evaluate_all("els => els.map(e => +e.dataset.obs)")
         assert sorted(cards) == sorted(ev["observations"])
+    # The run that has a stored trace shows it beside the verdict, placed on its hop.
+    text = open_evidence(p, "http://ratel.kz/", "live:Kazakhtelecom")
+    assert "censor at hop 3 (100.64.0.3), in-path, domain-triggered — a backbone hop" in text
+    assert "undefined" not in text
     # The MITM cell names the interceptor's issuer; the blockpage cell its title (Cyrillic).
     assert "Qaznet Trust Network" in open_evidence(p, "https://www.facebook.com/", "live:Beeline KZ")
     assert "Доступ ограничен" in open_evidence(p, "https://avaaz.org/", "live:Kazakhtelecom")
@@ -327,10 +350,44 @@ def test_filters_json_and_bad_input(synthetic: dict[str, Any], tmp_path: Path) -
     assert rep["matrix"]["blocked"] == [[3]]
     r = run(main, ["report", "--db", db, "--format", "html", "--since", "yesterday"])
     assert r.exit_code == 2 and "--since" in r.output and "Traceback" not in r.output
+    r = run(main, ["report", "--db", db, "--format", "json", "--run", "999"])
+    assert r.exit_code == 1 and r.output.strip().endswith("no run 999")
+    r = run(main, ["report", "--db", db, "--format", "html", "--network", "Nope"])
+    assert r.exit_code == 1 and "no run matches --network Nope" in r.output
     r = run(main, ["report", "--db", db, "--network", "x"])
     assert r.exit_code == 2 and "html or json" in r.output
     r = run(main, ["report", "--db", db, "--format", "html", "-o", str(tmp_path / "no" / "such" / "r.html")])
     assert r.exit_code == 1 and r.output.count("\n") == 1 and "cannot write" in r.output
+
+
+def _comparable(rep: dict[str, Any]) -> dict[str, Any]:
+    """The aggregates, without what differs from one build to the next (times, database ids)."""
+    rep = {k: v for k, v in rep.items() if k not in ("generated", "limits", "evidence")}
+    rep["matrix"] = {k: v for k, v in rep["matrix"].items() if k != "cells"}
+    return json.loads(json.dumps(rep))
+
+
+@pytest.mark.postgres
+def test_postgresql_gives_the_same_aggregates(synthetic: dict[str, Any]) -> None:
+    from kzprobe.storage.pgcluster import ClusterUnavailable, throwaway_cluster, unavailable_reason
+
+    reason = unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"no PostgreSQL: {reason}")
+    try:
+        with throwaway_cluster() as cluster:
+            url = cluster.create_database("rep")
+            build_db(url)
+            import_ooni(url)
+            r = CliRunner().invoke(main, ["report", "--db", url, "--format", "json"])
+            assert r.exit_code == 0, r.output
+            pg = json.loads(r.stdout)
+    except ClusterUnavailable as exc:
+        pytest.skip(f"PostgreSQL cannot start here: {exc}")
+    r = CliRunner().invoke(main, ["report", "--db", str(synthetic["db"]), "--format", "json"])
+    lite = json.loads(r.stdout)
+    assert _comparable(pg) == _comparable(lite)
+    assert pg["matrix"]["totals"] and pg["summary"]["measurements"] == lite["summary"]["measurements"]
 
 
 # ---- acceptance: the kz2014 lab, three networks, a stored trace, the OONI files (root) ----------------
@@ -345,11 +402,10 @@ def _lab_ok() -> bool:
 
 @pytest.mark.lab
 @pytest.mark.slow
-def test_lab_kz2014_three_networks_and_ooni(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+def test_lab_kz2014_three_networks_and_ooni(tmp_path: Path, request: pytest.FixtureRequest,
+                                            browser: Browser) -> None:
     if not _lab_ok():
         pytest.skip("the lab needs root, iproute2, iptables, nftables and dnsmasq")
-    if not Path(CHROMIUM).exists():
-        pytest.skip("chromium is not installed (scripts/setup installs it)")
     from kzprobe.lab import Lab, destroy
     from kzprobe.lab.core import probe_argv
 
@@ -382,7 +438,7 @@ def test_lab_kz2014_three_networks_and_ooni(tmp_path: Path, request: pytest.Fixt
     # exactly when the scenario blocks it.
     cells = {(url, name): {"total": 1, "blocked": int(s.expect.startswith("blocked"))}
              for url, s in expect.items() for name, _ in LAB_NETS}
-    page = Page(out)
+    page = Page(browser, out)
     try:
         check_page(page, cells, {name: f"live:{name}" for name, _ in LAB_NETS})
         store = Store(db)
@@ -403,10 +459,17 @@ def test_lab_kz2014_three_networks_and_ooni(tmp_path: Path, request: pytest.Fixt
             assert "blocked/dpi" in row and "agrees" in row, row
         assert f"censor at hop 3 ({backbone_hop})" in ctext and "domain-triggered" in ctext
         assert "backbone hop" in ctext
-        page.page.evaluate("window.scrollTo(0, 0)")
+        # `trace --store` attached the trace to the latest run (the last network's): its
+        # evidence shows the trace beside the verdict.
+        last = LAB_NETS[-1][0]
+        etext = open_evidence(page, ratel.url, f"live:{last}")
+        assert f"censor at hop 3 ({backbone_hop})" in etext and "backbone hop" in etext
         page.page.fill("#m-search", "")
+        page.page.locator("#m-search").blur()
+        page.page.mouse.move(0, 0)
+        page.page.evaluate("window.scrollTo(0, 0)")
         shot = tmp_path / "report.png"
-        page.page.screenshot(path=str(shot), clip={"x": 0, "y": 0, "width": 1440, "height": 1500}, full_page=True)
+        page.page.screenshot(path=str(shot), clip={"x": 0, "y": 0, "width": 1440, "height": 1600}, full_page=True)
         if os.environ.get("KZPROBE_UPDATE_SCREENSHOT"):
             SCREENSHOT.parent.mkdir(exist_ok=True)
             shutil.copyfile(shot, SCREENSHOT)
