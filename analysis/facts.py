@@ -66,18 +66,23 @@ def hop_of(o: Observation) -> int:
     return 1 if o.purpose == REDIRECT else 0
 
 
-#: Speed samples must cover at least this long (seconds) for a rate to mean anything.
+#: Speed samples must cover at least this long (seconds) for a rate to mean anything...
 MIN_SAMPLE_SPAN = 0.5
+#: ... unless the body completed sooner and was bigger than TCP's initial window (10 segments,
+#: RFC 6928), timed from at least SHORT_SPAN_FLOOR seconds.
+SHORT_MIN_BYTES = 16 * 1024
+SHORT_SPAN_FLOOR = 0.05
 
 
 def wire_rate(o: Observation, *, lower_bound: bool = False) -> float | None:
     """Wire bytes per second of an HTTP body download, from its speed samples ([[t, n], ...]).
 
-    A body done in under MIN_SAMPLE_SPAN has no measurable rate.  With ``lower_bound``, it gets
-    n / MIN_SAMPLE_SPAN, a rate it came at *at least*: right for the benign follow-up (a live
-    60 KiB follow-up takes ~50 ms; understating it can only understate a throttling ratio), wrong
-    for the target (understating the target's rate would overstate the ratio: a small page served
-    in 10 ms must never look throttled).  A transfer cut short by a failure says nothing then.
+    A body done in under MIN_SAMPLE_SPAN has no measurable rate.  With ``lower_bound``, one of at
+    least SHORT_MIN_BYTES gets n / max(t, SHORT_SPAN_FLOOR), never more than it was measured at:
+    right for the benign follow-up and control (a live 50 KiB follow-up takes ~10 ms; n / 0.5 s
+    understated it so much that a 256 kbit/s SNI shaper looked like a slow path), wrong for the
+    target (understating the target's rate would overstate the ratio: a small page served in
+    10 ms must never look throttled).  A transfer cut short by a failure says nothing then.
     """
     samples = o.data.get("speed_samples")
     if not isinstance(samples, list) or not samples:
@@ -89,9 +94,13 @@ def wire_rate(o: Observation, *, lower_bound: bool = False) -> float | None:
     if not isinstance(t, int | float) or not isinstance(n, int | float) or t < 0:
         return None
     if t < MIN_SAMPLE_SPAN:
-        if not lower_bound or o.failure is not None:
+        # A body that completed this fast (a live benign follow-up of a 50 KiB page takes ~10 ms)
+        # still has a rate if it was bigger than TCP's initial window (a first flight arrives in
+        # one round trip whatever the bandwidth), timed from at least SHORT_SPAN_FLOOR (bytes that
+        # came with the headers are not counted as instant).
+        if not lower_bound or o.failure is not None or n < SHORT_MIN_BYTES:
             return None
-        return max(0.0, float(n)) / MIN_SAMPLE_SPAN
+        return float(n) / max(float(t), SHORT_SPAN_FLOOR)
     return max(0.0, float(n)) / float(t)
 
 

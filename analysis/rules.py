@@ -502,9 +502,12 @@ def _throttled(f: Facts) -> Hit | None:
         return None
     ratio = fu_rate / max(t_rate, 1.0)
     ctl = next(o for o in f.control_http if o.ok)
-    return Hit([t_obs, fu, ctl], f"The body from {t_obs.address} with {_name_kind(t_obs)} {f.domain} came at "
+    kind = _name_kind(t_obs)
+    # The live https follow-up changes only the SNI (its Host stays the target's): name what changed.
+    benign = (fu.data.get("sni") if kind == "SNI" else None) or fu.data.get("host") or "a benign name"
+    return Hit([t_obs, fu, ctl], f"The body from {t_obs.address} with {kind} {f.domain} came at "
                                  f"{_rate(t_rate)}, {ratio:.0f}× slower than from the same address with "
-                                 f"{_name_kind(t_obs)} {fu.data.get('host') or fu.data.get('sni') or 'a benign name'} "
+                                 f"{kind} {benign} "
                                  f"({_rate(fu_rate)}); control downloaded it at full rate.",
                confidence=0.85)
 

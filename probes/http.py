@@ -25,6 +25,7 @@ import httpx
 import trio
 
 from kzprobe import errors as E
+from kzprobe.analysis.facts import MIN_SAMPLE_SPAN
 from kzprobe.analysis.features import BODY_CAP, http_features
 from kzprobe.analysis.fingerprints import Fingerprints
 from kzprobe.model import MEASURE, REDIRECT, STEP_HTTP, Observation, now
@@ -40,9 +41,10 @@ BODY_TIMEOUTS = 3.0
 #: A body that took at least SLOW_MIN_SPAN seconds at under SLOW_RATE bytes/s is slow, and gets a
 #: benign-name follow-up on the same address.  ~0.8 Mbit/s: an order of magnitude under a
 #: broadband page load (OONI calls a 10x drop "extreme throttling"); a body too small to take
-#: SLOW_MIN_SPAN is never slow (its rate is latency, not bandwidth).
+#: SLOW_MIN_SPAN is never slow (its rate is latency, not bandwidth).  The span is the one the
+#: classifier needs before it trusts a rate (two samples).
 SLOW_RATE = 100 * 1024
-SLOW_MIN_SPAN = 1.0
+SLOW_MIN_SPAN = MIN_SAMPLE_SPAN
 FEATURE_THREADS = 2
 
 #: Purposes whose request verifies the certificate (what a browser would do).

@@ -36,6 +36,8 @@ CASES: dict[tuple[str, str], tuple[str, str | None, str | None]] = {
     ("throttle.test", "https"): ("blocked", "dpi", "dpi.throttled"),
     # A path that is slow whatever the name: the benign follow-up is as slow. Not censorship.
     ("slowpath.test", "https"): ("ok", None, None),
+    # The middlebox answers this Host with a 302 to the ISP's (gzip-served) notice page.
+    ("redirinject.test", "http"): ("blocked", "dpi", "dpi.blockpage"),
 }
 
 

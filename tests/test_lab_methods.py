@@ -29,10 +29,7 @@ METHODS = [
     "sni-drop", "host-reset", "http-blockpage-injection", "tls-mitm", "throttle", "sni-throttle", "down",
 ]
 #: Verdicts kzprobe cannot reach yet, and why (strict: the test fails as soon as it passes).
-PENDING = {
-    "sni-throttle": "dpi.throttled needs the probe's speed samples and benign-SNI follow-up download "
-                    "(fid-probes) and the throttling rule (fid-contract); until both land kzprobe says ok",
-}
+PENDING: dict[str, str] = {}
 BLOCKPAGE_TEXT = "Страница заблокирована"
 
 

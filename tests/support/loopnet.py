@@ -129,6 +129,9 @@ SITES: dict[str, tuple[str, tuple[str, ...]]] = {
     "www.okredirect.test": (ORIGIN, ("a", ORIGIN)),
     "throttle.test": (MIDDLEBOX, ("a", MIDDLEBOX)),
     "slowpath.test": (SLOWPATH, ("a", SLOWPATH)),
+    # The middlebox answers this Host with a 302 to the ISP's notice page, served by nginx.
+    "redirinject.test": (MIDDLEBOX, ("a", MIDDLEBOX)),
+    "warning.test": (GZIP_BLOCKPAGE, ("a", GZIP_BLOCKPAGE)),
     **{n: (TARPIT, ("a", TARPIT)) for n in TARPIT_NAMES},
 }
 
@@ -142,6 +145,7 @@ MIDDLEBOX_RULES: dict[str, str] = {
     # The last hop of redirect.test's chain (http -> https -> www) is reset by SNI.
     "www.redirect.test": "rst",
     "throttle.test": "throttle",
+    "redirinject.test": "redirect",
 }
 
 #: name -> (the http:// URL's Location, the https:// URL's Location); "{https}" is the HTTPS port.
@@ -425,6 +429,9 @@ class Middlebox:
             conn.sendall(http_response(blockpage_body()))
         elif action == "mitm":
             serve_web(conn, WebBehaviour(self.mitm_ctx))
+        elif action == "redirect":
+            conn.recv(65536)
+            conn.sendall(http_response(b"", "302 Found", {"Location": f"http://warning.test:{port}/?reason=blocked"}))
         elif action == "throttle":
             self.forward(conn, port, rate=THROTTLE_RATE)
         else:
