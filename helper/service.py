@@ -210,38 +210,31 @@ class HelperEngine(Engine):
             log.warning("measurement step raised %s", type(exc).__name__, exc_info=True)
 
     # --- HTTP: nothing a server sends may escape as an exception ----------------------------------
-    async def _http(self, target: Target, address: str, host: str | None, purpose: str, attempt: int
-                    ) -> Observation:
+    async def _fetch(self, target: Target, url: str, address: str, **kw: Any) -> Observation:
+        """Every HTTP step (the target URL, each redirect hop, follow-ups) goes through here."""
         t0 = now()
         try:
-            obs = await self._fetch_quietly(target, address, host, purpose, attempt)
+            obs = await super()._fetch(target, url, address, **kw)
         except (httpx.InvalidURL, UnicodeError, ValueError) as exc:
             # Only a redirect can get here: the target URL itself passed Policy.check_url.
             log.info("unfollowable redirect from %s: %s", target.host, type(exc).__name__)
-            obs = self._failed_http(target, address, host, purpose, attempt, t0, INVALID_REDIRECT)
+            obs = self._failed_http(target, url, address, kw, t0, INVALID_REDIRECT)
         except Exception as exc:  # a bug or a library surprise: one failed step, not a 500
             log.warning("HTTP step raised %s", type(exc).__name__, exc_info=True)
-            obs = self._failed_http(target, address, host, purpose, attempt, t0,
-                                    normalise_failure(E.failure_string(exc)))
-        return obs
-
-    async def _fetch_quietly(self, target: Target, address: str, host: str | None, purpose: str,
-                             attempt: int) -> Observation:
-        collected = _collector.get()
-        mark = len(collected) if collected is not None else 0
-        obs = await super()._http(target, address, host, purpose, attempt)
-        if collected is not None:
-            for o in collected[mark:]:
-                o.failure = normalise_failure(o.failure)
+            obs = self._failed_http(target, url, address, kw, t0, normalise_failure(E.failure_string(exc)))
         obs.failure = normalise_failure(obs.failure)
         return obs
 
-    def _failed_http(self, target: Target, address: str, host: str | None, purpose: str, attempt: int,
-                     t0: float, failure: str | None) -> Observation:
+    def _failed_http(self, target: Target, url: str, address: str, kw: dict[str, Any], t0: float,
+                     failure: str | None) -> Observation:
+        hop = kw.get("hop")
+        data: dict[str, Any] = {"url": url, "host": kw.get("host") or target.host, "redirects": []}
+        if hop is not None:
+            data["hop"] = hop
         obs = Observation(step=STEP_HTTP, target=target.url, domain=target.host, address=address,
-                          port=target.port, t_start=t0, t_end=now(), failure=failure, purpose=purpose,
-                          attempt=attempt, vantage=CONTROL,
-                          data={"url": target.url, "host": host or target.host, "redirects": []})
+                          port=target.port, t_start=t0, t_end=now(), failure=failure,
+                          purpose=str(kw.get("purpose") or "measure"), attempt=int(kw.get("attempt") or 0),
+                          vantage=CONTROL, data=data)
         bucket = _collector.get()
         if bucket is not None:
             bucket.append(obs)

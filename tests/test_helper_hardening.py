@@ -207,3 +207,31 @@ def test_local_networks_from_the_kernel() -> None:
     nets = read_local_networks()
     assert ipaddress.ip_address("127.0.0.1") in LocalNetworks(nets)
     assert ipaddress.ip_address("::1") in LocalNetworks(nets)
+
+
+def test_helper_http_step_never_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever a server makes the HTTP step raise becomes that step's failure string, not a 500."""
+    import trio
+
+    from kzprobe.helper.service import HelperEngine
+    from kzprobe.model import Target
+    from kzprobe.probes.engine import Engine, ProbeConfig
+
+    raised: list[BaseException] = [ValueError("Port out of range 0-65535"),
+                                   RuntimeError("surprise at 198.51.100.7:8080 reading /etc/hosts")]
+
+    async def boom(self: Engine, target: Target, url: str, address: str, **kw: object) -> object:
+        raise raised.pop(0)
+
+    monkeypatch.setattr(Engine, "_fetch", boom)
+    engine = HelperEngine(ProbeConfig(system_resolver=False), Policy())
+    target = Target("http://a.example.org/")
+
+    async def step() -> object:
+        return await engine._fetch(target, "http://a.example.org:99999/", "198.51.100.7", hop=1, purpose="redirect")
+
+    first = trio.run(step)
+    assert first.failure == INVALID_REDIRECT and first.data["hop"] == 1 and first.purpose == "redirect"  # type: ignore[attr-defined]
+    second = trio.run(step)
+    failure = second.failure  # type: ignore[attr-defined]
+    assert failure.startswith("unknown_failure") and "198.51" not in failure and "/etc" not in failure, failure
