@@ -58,7 +58,7 @@ def replay(files: tuple[str, ...], fmt: str, store: bool, db: str | None, finger
         raise click.ClickException(f"fingerprints: {exc}") from None
     replayer = Replayer(fps)
     failed: list[FileError]
-    if separate:
+    if separate or len(files) == 1:  # (grouping reads every file once more: not for one)
         groups, failed = [[f] for f in files], []
     else:
         groups, failed = group_rotated(list(files))
