@@ -158,12 +158,11 @@ def mechanisms_plot(rep: dict[str, Any]) -> str:
             return _svg(fig, "mechanisms")
         labels = [_net_label(nets[p["net"]]) for p in rows]
         left = [0] * len(rows)
-        hatches = ["", "//", "..", "xx"]
-        colours = detail_colours(details)
-        for j, d in enumerate(details):
+        styles = detail_styles(details)
+        for d in details:
             vals = [p["counts"].get(d, 0) for p in rows]
-            ax.barh(labels, vals, left=left, label=d, color=colours[d],
-                    hatch=hatches[j % 4] if len(details) > 4 else "", edgecolor="white", linewidth=0.6)
+            ax.barh(labels, vals, left=left, label=d, color=styles[d][0],
+                    hatch=styles[d][1], edgecolor="white", linewidth=0.6)
             left = [a + b for a, b in zip(left, vals, strict=True)]
         ax.invert_yaxis()
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -179,19 +178,20 @@ _FAMILY = {"dns": ["#0072B2", "#56B4E9", "#003f63", "#9ecae1"], "ip": ["#E69F00"
            "dpi": ["#D55E00", "#CC79A7", "#7a3500", "#e6a3c7", "#000000"]}
 
 
-def detail_colours(details: list[str]) -> dict[str, str]:
-    """A colour per detail: the n-th detail of a family gets the family's n-th shade."""
+_HATCHES = ["", "//", "..", "xx", "\\\\"]
+
+
+def detail_styles(details: list[str]) -> dict[str, tuple[str, str]]:
+    """A (colour, hatch) per detail, never the same twice: the n-th detail of a family gets the
+    family's n-th shade, and a hatch once the family's shades are used up."""
     seen: dict[str, int] = {}
-    out: dict[str, str] = {}
-    for j, d in enumerate(details):
+    out: dict[str, tuple[str, str]] = {}
+    for d in details:
         fam = d.split(".", 1)[0]
-        shades = _FAMILY.get(fam)
-        if shades is None:
-            out[d] = OKABE_ITO[j % len(OKABE_ITO)]
-            continue
+        shades = _FAMILY.get(fam, OKABE_ITO)
         k = seen.get(fam, 0)
         seen[fam] = k + 1
-        out[d] = shades[k % len(shades)]
+        out[d] = (shades[k % len(shades)], _HATCHES[(k // len(shades)) % len(_HATCHES)])
     return out
 
 

@@ -255,9 +255,11 @@
         el("blockquote", {}, "“" + c.quote + "”"),
         el("div", { class: "cite" }, `Freedom on the Net 2014: Kazakhstan — ${c.section || "report"}` + (c.footnote ? `, footnote ${c.footnote}` : "") + (c.dates ? ` · dates: ${c.dates}` : "") + (c.mechanism ? ` · mechanism in the report: ` : "")
           , c.mechanism ? el("b", { class: "claim-mech" }, c.mechanism) : null));
-      const rows = c.measured.map((m) => [netName(m.net), m.status ? badge(m.status + (m.mechanism ? "/" + m.mechanism : ""), m.status) : "—",
+      const rows = c.measured.filter((m) => m.status).map((m) => [netName(m.net), m.status ? badge(m.status + (m.mechanism ? "/" + m.mechanism : ""), m.status) : "—",
         m.detail ? el("code", {}, m.detail) : "", m.total ? `${m.blocked}/${m.total}` : "", badge(m.agreement), m.why]);
       div.append(table(["network", "measured", "detail", "blocked/measured", "agreement", "why"], rows, { cls: "claim-table" }));
+      const none = c.measured.filter((m) => !m.status).map((m) => netName(m.net));
+      if (none.length) div.append(el("div", { class: "note" }, "Not measured on: " + none.join(", ") + "."));
       for (const t of c.traces || []) div.append(el("div", { class: "hopline" }, traceBox(t)));
       box.append(div);
     }
