@@ -588,4 +588,7 @@ def test_no_packet_left_for_a_forbidden_address(lab: L.AttackLab) -> None:
     assert any(dst == L.HONEST for _, dst, _ in packets) and any(dst == L.DNS for _, dst, _ in packets)
     bad = [p for p in packets for addr, port in L.FORBIDDEN if p[1] == addr and (port is None or p[2] == port)]
     assert bad == []
+    # Nor did the helper talk to its own host on any other port (the host's public address included).
+    own = {L.HOST_PUBLIC, L.HOST_SECOND, "127.0.0.1"}
+    assert [p for p in packets if p[0] in own and p[1] in own] == []
     assert lab.log("admin") == []
