@@ -19,6 +19,7 @@ from rich.table import Table
 
 from kzprobe.model import Target, Verdict
 from kzprobe.report.cli import analyst_options, check_unused, write_report
+from kzprobe.storage.query_cli import across_runs, filter_options
 
 # soft_wrap: a warning is one line (file:line: reason), whatever the terminal width.
 err = Console(stderr=True, soft_wrap=True)
@@ -243,12 +244,15 @@ def stored_verdicts(store: Any, rid: int) -> list[Verdict]:
 
 
 @click.command()
-@click.option("--db", default=None, help="SQLite path or SQLAlchemy URL.")
+@click.option("--db", default=None, help="SQLite path or SQLAlchemy URL (postgresql://... for a collector's).")
 @click.option("--run", "run_id", type=int, default=None, help="Run id (default: the latest).")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
-def verdicts(db: str | None, run_id: int | None, fmt: str) -> None:
-    """Show the verdicts of a stored run."""
+@filter_options
+def verdicts(db: str | None, run_id: int | None, fmt: str, **filters: Any) -> None:
+    """Show the verdicts of a stored run; with filters, across runs grouped by vantage."""
     store = _open_store(db)
+    if across_runs(store, run_id, fmt, **filters):
+        return
     rid = _pick_run(store, run_id)
     emit_verdicts(stored_verdicts(store, rid), fmt)
 

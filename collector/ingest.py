@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import Table, func, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -29,6 +29,13 @@ from kzprobe.storage.classifier import classifier_version
 from kzprobe.storage.models import ObservationRow, RunRow, TargetRow, VerdictRow
 
 _OBS_COLUMNS = tuple(f.name for f in dataclasses.fields(Observation) if f.name != "id")
+# Core tables: the ORM's bulk path splits a batch wherever the set of None columns changes (a dns
+# row after a tcp row), i.e. nearly row by row; Core sends the list as multi-row VALUES pages.
+_OBS = cast(Table, ObservationRow.__table__)
+_TARGETS = cast(Table, TargetRow.__table__)
+_VERDICTS = cast(Table, VerdictRow.__table__)
+#: Targets classified per query on close: bounds the collector's memory whatever the run's size.
+CLASSIFY_CHUNK = 500
 
 
 class Refused(Exception):
@@ -100,7 +107,7 @@ class Ingest:
                     s.add(run)
                     s.flush()
                     if req.targets:
-                        s.execute(insert(TargetRow), [
+                        s.execute(insert(_TARGETS), [
                             {"run_id": run.id, "url": url, "domain": _host(url), "category": cat, "claim": None,
                              "position": i} for i, (url, cat) in enumerate(req.targets)])
                     return Ack(req.uid, 0)
@@ -120,9 +127,9 @@ class Ingest:
                 raise Refused(409, "run_closed", f"run {uid} is closed; it takes no new observations")
             if rows:
                 if self._insert is not None:
-                    stmt = self._insert(ObservationRow).on_conflict_do_nothing(index_elements=["run_id", "seq"])
+                    stmt = self._insert(_OBS).on_conflict_do_nothing(index_elements=["run_id", "seq"])
                 else:  # another dialect: a plain insert (the unique index still refuses duplicates)
-                    stmt = insert(ObservationRow)
+                    stmt = insert(_OBS)
                 s.execute(stmt, rows)
             return Ack(uid, self._acked(s, ref.id), stored=len(rows), duplicates=len(batch) - len(rows))
 
@@ -134,32 +141,41 @@ class Ingest:
             ref = self._run(s, uid, submitter)
             run = s.get(RunRow, ref.id)
             assert run is not None
-            obs_rows = s.scalars(select(ObservationRow).where(ObservationRow.run_id == ref.id)
-                                 .order_by(ObservationRow.seq)).all()
-            observations = []
-            for r in obs_rows:
-                o = Observation(**{f: getattr(r, f) for f in _OBS_COLUMNS})
-                o.id = r.id
-                observations.append(o)
-            targets = [t for t, in s.execute(select(TargetRow.url).where(TargetRow.run_id == ref.id)
-                                              .order_by(TargetRow.position, TargetRow.id))]
             ctx = Context(no_network=bool(run.vantage.get("no_network")),
                           control_configured=bool(run.vantage.get("control_configured")))
-            verdicts = classify(observations, ctx, targets=targets)
+            listed = [t for t, in s.execute(select(TargetRow.url).where(TargetRow.run_id == ref.id)
+                                             .order_by(TargetRow.position, TargetRow.id))]
+            seen = set(listed)
+            observed = [t for t, in s.execute(select(ObservationRow.target).where(ObservationRow.run_id == ref.id)
+                                               .distinct())]
+            targets = listed + sorted(t for t in observed if t not in seen)
             version = classifier_version()
             s.query(VerdictRow).filter(VerdictRow.run_id == ref.id).delete()
-            rows = [
-                {"run_id": ref.id, "classifier_version": version, "target": v.target, "domain": v.domain,
-                 "status": v.status, "mechanism": v.mechanism, "detail": v.detail, "rule": v.rule,
-                 "confidence": v.confidence, "sentence": v.sentence, "observations": list(v.observations),
-                 "packets": list(v.packets)} for v in verdicts]
-            if rows:
-                s.execute(insert(VerdictRow), rows)
+            n = 0
+            for k in range(0, len(targets), CLASSIFY_CHUNK):
+                chunk = targets[k:k + CLASSIFY_CHUNK]
+                observations = []
+                for r in s.scalars(select(ObservationRow).where(ObservationRow.run_id == ref.id,
+                                                                 ObservationRow.target.in_(chunk))
+                                   .order_by(ObservationRow.seq)):
+                    o = Observation(**{f: getattr(r, f) for f in _OBS_COLUMNS})
+                    o.id = r.id
+                    observations.append(o)
+                s.expunge_all()  # the rows are copied out: let them go
+                rows = [{"run_id": ref.id, "classifier_version": version, "target": v.target, "domain": v.domain,
+                         "status": v.status, "mechanism": v.mechanism, "detail": v.detail, "rule": v.rule,
+                         "confidence": v.confidence, "sentence": v.sentence, "observations": list(v.observations),
+                         "packets": list(v.packets)} for v in classify(observations, ctx, targets=chunk)]
+                if rows:
+                    s.execute(insert(_VERDICTS), rows)
+                n += len(rows)
+            run = s.get(RunRow, ref.id)
+            assert run is not None
             if run.state == "running":
                 run.state, run.ended = req.state, req.ended
             run.classifier_version = version
             ref.state = run.state
-            return Ack(uid, self._acked(s, ref.id), state=run.state), len(verdicts)
+            return Ack(uid, self._acked(s, ref.id), state=run.state), n
 
     def status(self, submitter: str, uid: str) -> Ack:
         with self.store.session() as s:

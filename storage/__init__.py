@@ -57,7 +57,13 @@ def default_db_path() -> Path:
 def resolve_db_url(db: str | os.PathLike[str] | None) -> str:
     """A path or SQLAlchemy URL -> a SQLAlchemy URL; creates the parent folder of a SQLite path."""
     if db is not None and "://" in str(db):
-        return str(db)
+        url = str(db)
+        # psycopg 3 is kzprobe's PostgreSQL driver (the `postgres` extra); SQLAlchemy would
+        # otherwise pick psycopg2 for a bare postgresql:// URL.
+        for bare in ("postgresql://", "postgres://"):
+            if url.startswith(bare):
+                return "postgresql+psycopg://" + url[len(bare):]
+        return url
     path = Path(db) if db is not None else default_db_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
