@@ -360,6 +360,33 @@ def test_filters_json_and_bad_input(synthetic: dict[str, Any], tmp_path: Path) -
     assert r.exit_code == 1 and r.output.count("\n") == 1 and "cannot write" in r.output
 
 
+def test_plots_draw_cyrillic_labels_with_a_real_font(synthetic: dict[str, Any]) -> None:
+    """The Cyrillic network name reaches the charts as glyphs of DejaVu Sans, not as boxes
+    (matplotlib warns "Glyph ... missing from font" when it has to draw a box)."""
+    import warnings
+
+    from kzprobe.report import Filters, build_report
+    from kzprobe.report.plots import all_plots
+
+    store = Store(synthetic["db"])
+    try:
+        rep = build_report(store.engine, Filters())
+    finally:
+        store.close()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plots = all_plots(rep)
+    assert not [w for w in caught if "missing from" in str(w.message)], [str(w.message) for w in caught]
+    # Text is drawn as paths: the Cyrillic letters of "Алма ТВ" are glyph definitions in the SVG
+    # (named by their glyph index in DejaVu Sans).
+    from matplotlib import font_manager
+    from matplotlib.ft2font import FT2Font
+
+    font = FT2Font(font_manager.findfont("DejaVu Sans"))
+    for ch in "Алма ТВ".replace(" ", ""):
+        assert f'id="time-DejaVuSans-{font.get_char_index(ord(ch)):x}"' in plots["time"], ch
+
+
 def _comparable(rep: dict[str, Any]) -> dict[str, Any]:
     """The aggregates, without what differs from one build to the next (times, database ids)."""
     rep = {k: v for k, v in rep.items() if k not in ("generated", "limits", "evidence")}

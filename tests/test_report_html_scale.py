@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -124,6 +125,7 @@ def test_report_of_18m_verdicts_in_30s_under_10mb(tmp_path: Path) -> None:
             assert m["blocked"][ni][ti] == blocked_days(i, n), (i, n)
             want = {"dns": "d", "dpi": "p", "ip": "i"}[MECHS[i % 3][0]] if blocked_days(i, n) else "o"
             assert m["codes"][ni][ti] == want, (i, n)
+    _check_in_browser(out, "https://site00007.example.kz/", "ISP 07", blocked_days(7, 7))
     # Time: the blocked share of day d on network n is the share of targets blocked that day.
     series = {s["net"]: {p_[0]: p_ for p_ in s["points"]} for s in rep["time"]["series"]}
     day0 = int(T0 // 86400)
@@ -131,3 +133,31 @@ def test_report_of_18m_verdicts_in_30s_under_10mb(tmp_path: Path) -> None:
         pt = series[names.index(f"ISP {n:02d}")][day0 + d]
         want = sum(1 for i in range(TARGETS) if i % 10 == n % 10 and d >= i % 30)
         assert pt[1:] == [want, TARGETS]
+
+
+def _check_in_browser(page_file: Path, target: str, net: str, blocked: int) -> None:
+    """The 5 MB page opens in chromium without an error, and a searched cell shows its count."""
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    if not Path(chromium).exists():
+        return
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 1000})
+            errors: list[str] = []
+            page.on("console", lambda m: errors.append(m.text) if m.type in ("error", "warning") else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            t = time.monotonic()
+            page.goto(page_file.resolve().as_uri())
+            page.wait_for_selector("body[data-ready='1']", timeout=60_000)
+            print(f"page ready in the browser in {time.monotonic() - t:.1f} s")
+            page.fill("#m-search", target)
+            cell = page.locator(f"td.c[data-net='live:{net}'][data-target='{target}']")
+            assert cell.inner_text().strip() == f"{blocked}/{DAYS}"
+            cell.click()
+            page.locator("#evidence-body .ev-rule").wait_for()
+            assert not errors, errors
+        finally:
+            browser.close()
