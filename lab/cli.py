@@ -147,7 +147,9 @@ def _print(rows: list[dict[str, Any]], fmt: str, head: dict[str, Any]) -> None:
         v = r["verdict"] or {}
         how = ", ".join(r["methods"]) + (f" @ {r['hop']}" if r["methods"] else "") or "none"
         sentence = (v.get("evidence") or {}).get("sentence", "")
-        table.add_row("✔" if r["match"] else "✘", r["target"], how, r["expect"], r["got"], sentence)
+        exp = r["expect"] + (f" ({r['expect_detail']})" if r.get("expect_detail") else "")
+        got = r["got"] + (f" ({r['got_detail']})" if r.get("got_detail") else "")
+        table.add_row("✔" if r["match"] else "✘", r["target"], how, exp, got, sentence)
     console = Console()
     if not console.is_terminal:
         console = Console(width=160)  # a log or a pipe: no terminal width to fit, keep rows readable
@@ -219,7 +221,9 @@ def record(out: Path, scenario: str, timeout: float) -> None:
         "hops": {r: lab_.router_address(r) for r in ("isp", "bb1", "bb2")},
         "targets": [
             {k: r[k] for k in ("target", "domain", "expect", "methods", "hop", "reason")}
-            | {"address": lab_.scenario.site(r["domain"]).address, "live_verdict": r["got"]}
+            | ({"detail": r["expect_detail"]} if r.get("expect_detail") else {})
+            | {"address": lab_.scenario.site(r["domain"]).address, "live_verdict": r["got"],
+               "live_detail": r.get("got_detail")}
             for r in rows
         ],
     }
@@ -229,7 +233,8 @@ def record(out: Path, scenario: str, timeout: float) -> None:
     click.echo(f"wrote {out} ({packets} packets, {out.stat().st_size} bytes) and {side}; "
                f"{len(rows) - len(bad)}/{len(rows)} live verdicts as expected")
     for r in bad:
-        click.echo(f"  mismatch: {r['target']}: expected {r['expect']}, kzprobe said {r['got']}", err=True)
+        click.echo(f"  mismatch: {r['target']}: expected {r['expect']} {r.get('expect_detail') or ''}, "
+                   f"kzprobe said {r['got']} {r.get('got_detail') or ''}", err=True)
     if bad:
         sys.exit(1)
 

@@ -256,7 +256,7 @@ class Lab:
             "scenario": self.scenario.name,
             "targets": [
                 {"target": s.url, "domain": s.domain, "expect": s.expect, "methods": list(s.methods),
-                 "hop": s.hop, "address": s.address, "reason": s.reason}
+                 "hop": s.hop, "address": s.address, "reason": s.reason} | ({"detail": s.detail} if s.detail else {})
                 for s in self.scenario.sites
             ],
         }
@@ -293,14 +293,14 @@ class Lab:
     def _apply_middleboxes(self) -> None:
         for hop in ("isp", "bb1", "bb2"):
             here = [s for s in self.scenario.sites if s.hop == hop]
-            if not here:
-                continue
+            # The subscriber line is shaped at the ISP, on its volunteer-side interface.
+            access = self.scenario.access_rate if hop == "isp" else ""
             nft = rules.nft_rules(here)
             if nft:
                 run(["ip", "netns", "exec", self.ns_name(hop), "nft", "-f", "-"], input=nft)
             for argv in rules.iptables_rules(here, self.veth(hop, "down")):
                 self.exec(hop, ["iptables", "-w", *argv], check=True, capture_output=True)
-            for argv in rules.tc_rules(self.veth(hop, "down"), here):
+            for argv in rules.tc_rules(self.veth(hop, "down"), here, access):
                 self.exec(hop, ["tc", *argv], check=True, capture_output=True)
 
 
@@ -344,9 +344,11 @@ def compare(scenario: Scenario, verdicts: list[dict[str, Any]]) -> list[dict[str
     for s in scenario.sites:
         v = by_target.get(s.url)
         got = verdict_label(v) if v else "missing"
+        detail = (v or {}).get("detail")
         rows.append({
             "target": s.url, "domain": s.domain, "methods": list(s.methods), "hop": s.hop,
-            "expect": s.expect, "got": got, "match": got == s.expect, "reason": s.reason,
+            "expect": s.expect, "expect_detail": s.detail or None, "got": got, "got_detail": detail,
+            "match": got == s.expect and (not s.detail or detail == s.detail), "reason": s.reason,
             "verdict": v,
         })
     return rows

@@ -117,19 +117,24 @@ def iptables_rules(sites: Sequence[Site], dev: str = "") -> list[list[str]]:
     return rules
 
 
-def tc_rules(dev: str, sites: Sequence[Site]) -> list[list[str]]:
-    """Shaping of what flows toward the volunteer (the downloads) on ``dev`` (argv for ``tc``):
-    one htb class per shaped site; address throttles are classed by a u32 source match, SNI
-    throttles by iptables CLASSIFY (see :func:`iptables_rules`)."""
+def tc_rules(dev: str, sites: Sequence[Site], access_rate: str = "") -> list[list[str]]:
+    """Shaping of what flows toward the volunteer (the downloads) on ``dev`` (argv for ``tc``).
+
+    One htb tree: class 1:2 is the link (``access_rate``, the subscriber line, or unlimited);
+    under it 1:1 takes everything unclassified and each shaped site has its own class.  Address
+    throttles are classed by a u32 source match, SNI throttles by iptables CLASSIFY (see
+    :func:`iptables_rules`)."""
     classes = shaped(sites)
-    if not classes:
+    if not classes and not access_rate:
         return []
+    link = access_rate or "10gbit"
     rules = [
         ["qdisc", "add", "dev", dev, "root", "handle", "1:", "htb", "default", "1"],
-        ["class", "add", "dev", dev, "parent", "1:", "classid", "1:1", "htb", "rate", "10gbit"],
+        ["class", "add", "dev", dev, "parent", "1:", "classid", "1:2", "htb", "rate", link, "ceil", link],
+        ["class", "add", "dev", dev, "parent", "1:2", "classid", "1:1", "htb", "rate", link, "ceil", link],
     ]
     for s, classid in classes:
-        rules.append(["class", "add", "dev", dev, "parent", "1:", "classid", classid, "htb",
+        rules.append(["class", "add", "dev", dev, "parent", "1:2", "classid", classid, "htb",
                       "rate", s.rate, "ceil", s.rate])
         if "throttle" in s.methods:
             for addr in s.addresses:

@@ -9,6 +9,7 @@ not like a traceback.
 from __future__ import annotations
 
 import ipaddress
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,7 +57,7 @@ RESERVED_SITE_ADDRESSES = frozenset({"203.0.113.0", "203.0.113.255"})
 _SITE_KEYS = {
     "domain", "url", "address", "title", "content", "size", "method", "methods", "hop", "expect",
     "reason", "quote", "category", "bogon", "forged", "rate", "server_delay", "aliases",
-    "redirects", "cert", "cdn", "geo_address", "gzip",
+    "redirects", "cert", "cdn", "geo_address", "gzip", "detail",
 }
 
 
@@ -99,6 +100,8 @@ class Site:
     geo_address: str = ""
     #: nginx ``gzip on`` for the site's HTML.
     gzip: bool = True
+    #: The verdict's detail kzprobe must give too (e.g. "dpi.throttled"); "" = any.
+    detail: str = ""
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -133,6 +136,10 @@ class Scenario:
     path: Path
     sites: tuple[Site, ...] = field(default_factory=tuple)
     blockpage_title: str = "Страница заблокирована"
+    #: The volunteer's access link rate (tc htb at the ISP, toward the volunteer), e.g. "2mbit";
+    #: "" = unshaped.  A real subscriber line has one, and a throttling verdict needs the benign
+    #: follow-up's download to last long enough to have a rate.
+    access_rate: str = ""
 
     def site(self, domain: str) -> Site:
         for s in self.sites:
@@ -148,7 +155,7 @@ class Scenario:
         return {m for s in self.sites for m in s.methods}
 
     def expected(self) -> dict[str, str]:
-        """target URL -> expected "status/mechanism" (or plain status)."""
+        """target URL -> expected "status/mechanism" (or plain status); details are in Site.detail."""
         return {s.url: s.expect for s in self.sites}
 
 
@@ -210,6 +217,7 @@ def parse(raw: dict[str, Any], path: Path) -> Scenario:
         path=path,
         sites=tuple(sites),
         blockpage_title=str(head.get("blockpage_title", "Страница заблокирована")),
+        access_rate=_rate(head.get("access_rate", ""), f"{path}: [scenario] access_rate"),
     )
 
 
@@ -238,6 +246,9 @@ def _parse_site(e: dict[str, Any], where: str) -> Site:
     cert = e.get("cert", "intermediate")
     if cert not in CERT_PROFILES:
         raise ScenarioError(f"{where}: 'cert' must be one of {', '.join(CERT_PROFILES)}, got {cert!r}")
+    detail = e.get("detail", "")
+    if not isinstance(detail, str) or (detail and not re.match(r"^[a-z]+(\.[a-z0-9_]+)+$", detail)):
+        raise ScenarioError(f"{where}: 'detail' must be a verdict detail such as 'dpi.throttled', got {detail!r}")
     gzip = e.get("gzip", True)
     if not isinstance(gzip, bool):
         raise ScenarioError(f"{where}: 'gzip' must be true or false")
@@ -290,14 +301,26 @@ def _parse_site(e: dict[str, Any], where: str) -> Site:
         size=size,
         bogon=str(e.get("bogon", "10.10.34.34")),
         forged=str(e.get("forged", "198.51.100.80")),
-        rate=str(e.get("rate", "256kbit")),
+        rate=_rate(e.get("rate", "256kbit"), f"{where}: rate") or "256kbit",
         server_delay=delay,
         redirects=tuple(redirects),
         cert=str(cert),
         cdn=cdn,
         geo_address=geo,
         gzip=gzip,
+        detail=detail,
     )
+
+
+_RATE_RE = re.compile(r"^[0-9]+(\.[0-9]+)?(bit|kbit|mbit|gbit)$")
+
+
+def _rate(value: object, where: str) -> str:
+    """A tc rate ("256kbit", "2mbit"); "" stays "" (unset)."""
+    text = str(value)
+    if text and not _RATE_RE.match(text):
+        raise ScenarioError(f"{where}: {text!r} is not a tc rate (e.g. 256kbit, 2mbit)")
+    return text
 
 
 def _site_address(value: object, key: str, where: str) -> str:

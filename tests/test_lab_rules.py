@@ -66,8 +66,8 @@ def test_sni_throttle_marks_connections_by_sni_and_restores_the_mark() -> None:
     assert any(f"--mark {hex(rules.MARK_BASE + 1)} -j CLASSIFY --set-class 1:11" in t for t in got)
     tc = [" ".join(r) for r in rules.tc_rules("kzl1-2v", [slow, other])]
     assert tc[0] == "qdisc add dev kzl1-2v root handle 1: htb default 1"
-    assert "class add dev kzl1-2v parent 1: classid 1:10 htb rate 256kbit ceil 256kbit" in tc
-    assert "class add dev kzl1-2v parent 1: classid 1:11 htb rate 1mbit ceil 1mbit" in tc
+    assert "class add dev kzl1-2v parent 1:2 classid 1:10 htb rate 256kbit ceil 256kbit" in tc
+    assert "class add dev kzl1-2v parent 1:2 classid 1:11 htb rate 1mbit ceil 1mbit" in tc
     # The address is not what is shaped: no filter at all for SNI-throttled sites (CLASSIFY does it).
     assert not any("filter" in t or "203.0.113.23" in t for t in tc)
 
@@ -77,6 +77,17 @@ def test_address_throttle_shapes_by_source_address() -> None:
     assert "filter add dev d parent 1: protocol ip prio 1 u32 match ip src 203.0.113.21/32 flowid 1:10" in tc
     assert not any("CLASSIFY" in " ".join(r) for r in rules.iptables_rules([site("k.kz", "203.0.113.21", "throttle")]))
     assert rules.tc_rules("d", [site("mail.ru", "203.0.113.200")]) == []
+
+
+def test_access_rate_shapes_the_whole_subscriber_line() -> None:
+    tc = [" ".join(r) for r in rules.tc_rules("kzl1-iv", [], "2mbit")]
+    assert tc == ["qdisc add dev kzl1-iv root handle 1: htb default 1",
+                  "class add dev kzl1-iv parent 1: classid 1:2 htb rate 2mbit ceil 2mbit",
+                  "class add dev kzl1-iv parent 1:2 classid 1:1 htb rate 2mbit ceil 2mbit"]
+    # Shaped sites on the same hop live under the line's class, so the line's rate bounds them too.
+    tc = [" ".join(r) for r in rules.tc_rules("d", [site("k.kz", "203.0.113.21", "throttle")], "2mbit")]
+    assert "class add dev d parent 1:2 classid 1:10 htb rate 256kbit ceil 256kbit" in tc
+    assert rules.tc_rules("d", []) == []
 
 
 def test_mitm_redirects_port_443_of_each_address() -> None:

@@ -63,6 +63,16 @@ def test_kz2014_mirrors_the_report() -> None:
         ("[[site]]\ndomain='a.kz'\naddress='203.0.113.5'\nexpect='blocked'\nreason='x'\n", "'expect' must be one of"),
         ("[[site]]\ndomain='a.kz'\naddress='203.0.113.5'\nexpect='ok'\nreason='x'\ncolour='red'\n",
          "unknown key(s) colour"),
+        ("[[site]]\ndomain='a.kz'\naddress='203.0.113.5'\nexpect='ok'\nreason='x'\ncert='self-signed'\n",
+         "'cert' must be one of"),
+        ("[[site]]\ndomain='a.kz'\naddress='203.0.113.5'\nexpect='ok'\nreason='x'\nredirects=['apex']\n",
+         "'redirects' must be a list of https, www"),
+        ("[[site]]\ndomain='a.kz'\naddress='203.0.113.5'\nexpect='ok'\nreason='x'\ngeo_address='203.0.113.6'\n",
+         "'geo_address' 203.0.113.6 must be one of the site's addresses"),
+        ("[[site]]\ndomain='a.kz'\naddress='203.0.113.5'\nexpect='ok'\nreason='x'\ncdn=['192.0.2.7']\n",
+         "'cdn' 192.0.2.7 must be inside"),
+        ("[[site]]\ndomain='a.kz'\naddress='203.0.113.5'\nexpect='ok'\nreason='x'\nrate='fast'\n",
+         "'fast' is not a tc rate"),
         ("[[site]\n", "Expected"),
         ("", "needs at least one [[site]]"),
     ],
@@ -76,6 +86,20 @@ def test_bad_scenarios_name_file_and_entry(tmp_path: Path, body: str, message: s
     assert text.startswith(str(f)) and message in text and "\n" not in text
     if "[[site]]\ndomain" in body:
         assert "[[site]] #1 (a.kz)" in text
+
+
+def test_cdn_addresses_count_as_the_sites_own(tmp_path: Path) -> None:
+    f = tmp_path / "cdn.toml"
+    f.write_text("[[site]]\ndomain='a.kz'\naddress='203.0.113.5'\ncdn=['203.0.113.6']\nexpect='ok'\nreason='x'\n"
+                 "[[site]]\ndomain='b.kz'\naddress='203.0.113.6'\nexpect='ok'\nreason='x'\n")
+    with pytest.raises(ScenarioError, match=r"#2 .*address 203\.0\.113\.6 appears twice"):
+        load(f)
+    sc = load("clean-world")
+    geo = [s for s in sc.sites if s.geo_address]
+    assert len(geo) >= 1 and all(s.geo_address not in s.public_addresses and len(s.addresses) >= 3 for s in geo)
+    assert len(sc.sites) >= 100 and {s.cert for s in sc.sites} == {"intermediate", "no-aki", "no-ski-aki",
+                                                                    "cross-signed"}
+    assert any(s.server_delay for s in sc.sites) and any(s.redirects == ("https", "www") for s in sc.sites)
 
 
 def test_duplicate_addresses_are_refused(tmp_path: Path) -> None:
