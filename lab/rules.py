@@ -41,6 +41,11 @@ def site_names(site: Site) -> tuple[str, ...]:
     return tuple(names)
 
 
+def blocked_names(site: Site) -> tuple[str, ...]:
+    """The names a censor keyed on names lists for the site (Site.block_names, else all)."""
+    return site.block_names or site_names(site)
+
+
 def nft_rules(sites: Iterable[Site]) -> str:
     """IP blocking: an nftables table in the router's forward path ("" when nothing to block)."""
     rules = []
@@ -87,7 +92,7 @@ def iptables_rules(sites: Sequence[Site], dev: str = "") -> list[list[str]]:
     (argv for ``iptables -w``); ``dev`` is the hop's volunteer-side interface (where tc shapes)."""
     rules: list[list[str]] = []
     for s in sites:
-        for name in site_names(s):
+        for name in blocked_names(s):
             if "sni-reset" in s.methods:
                 rules.append(["-A", "FORWARD", *_sni_match(name), "-j", "REJECT", "--reject-with", "tcp-reset"])
             if "sni-drop" in s.methods:
@@ -102,7 +107,7 @@ def iptables_rules(sites: Sequence[Site], dev: str = "") -> list[list[str]]:
                               "-j", "REDIRECT", "--to-ports", str(MITM_PORT)])
     marked = sni_throttled(sites)
     for s, mark in marked:
-        for name in site_names(s):
+        for name in blocked_names(s):
             rules.append(["-t", "mangle", "-A", "FORWARD", *_sni_match(name),
                           "-j", "CONNMARK", "--set-mark", hex(mark)])
     if marked:

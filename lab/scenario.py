@@ -57,7 +57,7 @@ RESERVED_SITE_ADDRESSES = frozenset({"203.0.113.0", "203.0.113.255"})
 _SITE_KEYS = {
     "domain", "url", "address", "title", "content", "size", "method", "methods", "hop", "expect",
     "reason", "quote", "category", "bogon", "forged", "rate", "server_delay", "aliases",
-    "redirects", "cert", "cdn", "geo_address", "gzip", "detail",
+    "redirects", "cert", "cdn", "geo_address", "gzip", "detail", "block_names",
 }
 
 
@@ -102,6 +102,10 @@ class Site:
     gzip: bool = True
     #: The verdict's detail kzprobe must give too (e.g. "dpi.throttled"); "" = any.
     detail: str = ""
+    #: The names the censor lists (DPI string matches and resolver overrides); () = all of the
+    #: site's names.  ``["www.x.kz"]`` on a site that redirects to www blocks the redirect's second
+    #: hop only.
+    block_names: tuple[str, ...] = ()
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -249,6 +253,10 @@ def _parse_site(e: dict[str, Any], where: str) -> Site:
     detail = e.get("detail", "")
     if not isinstance(detail, str) or (detail and not re.match(r"^[a-z]+(\.[a-z0-9_]+)+$", detail)):
         raise ScenarioError(f"{where}: 'detail' must be a verdict detail such as 'dpi.throttled', got {detail!r}")
+    block = e.get("block_names", [])
+    if not isinstance(block, list) or any(
+            not isinstance(n, str) or not (n == domain or n.endswith("." + domain)) for n in block):
+        raise ScenarioError(f"{where}: 'block_names' must list {domain} or names under it, got {block!r}")
     gzip = e.get("gzip", True)
     if not isinstance(gzip, bool):
         raise ScenarioError(f"{where}: 'gzip' must be true or false")
@@ -309,6 +317,7 @@ def _parse_site(e: dict[str, Any], where: str) -> Site:
         geo_address=geo,
         gzip=gzip,
         detail=detail,
+        block_names=tuple(n.lower() for n in block),
     )
 
 

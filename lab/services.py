@@ -105,7 +105,7 @@ def isp_dns_lines(scenario: Scenario) -> list[str]:
     for s in scenario.sites:
         if s.geo_address:
             lines += [f"host-record={n},{s.geo_address}" for n in site_names(s)]
-        for n in s.names:
+        for n in s.block_names or s.names:
             if "dns-nxdomain" in s.methods:
                 lines.append(f"address=/{n}/")
             elif "dns-redirect" in s.methods:

@@ -29,7 +29,10 @@ METHODS = [
     "sni-drop", "host-reset", "http-blockpage-injection", "tls-mitm", "throttle", "sni-throttle", "down",
 ]
 #: Verdicts kzprobe cannot reach yet, and why (strict: the test fails as soon as it passes).
-PENDING: dict[str, str] = {}
+PENDING: dict[str, str] = {
+    # (empty: sni-throttle's dpi.throttled was pending until the probe's speed samples and benign-SNI
+    # follow-up landed (882bfe0, 975d2bc); before that kzprobe said blocked/dpi dpi.http_timeout)
+}
 BLOCKPAGE_TEXT = "Страница заблокирована"
 
 
@@ -114,12 +117,13 @@ def test_network_level(lab: Lab) -> None:
 
         assert r["http"]["ok"] and r["http"]["length"] >= site.size - 200, r
         # 160 KiB at 128 kbit/s is ~10 s with the site's SNI; the same address with another SNI,
-        # and the control site, come at the line's rate (2 Mbit/s), far faster.
+        # and the control site, come at the line's rate (1 Mbit/s): at least 4 times faster
+        # (kzprobe's THROTTLE_RATIO).
         assert r["http"]["seconds"] > 5.0, r
         assert r["http_control"]["ok"] and r["http_control"]["status"] == 200, r
-        assert rate(r["http_control"]) > 8 * rate(r["http"]) and rate(c["http"]) > 8 * rate(r["http"]), (r, c)
+        assert rate(r["http_control"]) > 4 * rate(r["http"]) and rate(c["http"]) > 4 * rate(r["http"]), (r, c)
         # The line itself is shaped: a benign 128 KiB page is not instantaneous.
-        assert r["http_control"]["seconds"] > 0.3, r
+        assert r["http_control"]["seconds"] > 0.6, r
         # The DPI box's own counters: the SNI match marked a connection, the slow class sent bytes.
         mangle = lab.exec("bb2", ["iptables", "-w", "-t", "mangle", "-L", "-v", "-x", "-n"],
                           capture_output=True, text=True).stdout
