@@ -62,7 +62,13 @@ async def handshake(stream: trio.abc.Stream, target: str, domain: str, address: 
     data: dict[str, Any] = {"sni": sni}
     failure: str | None = None
     ctx = ctx if ctx is not None else trust.handshake_context
-    ssl_stream = trio.SSLStream(stream, ctx, server_hostname=sni)
+    try:
+        ssl_stream = trio.SSLStream(stream, ctx, server_hostname=sni)
+    except ValueError as exc:  # a name the ssl module will not send (too long a label, ...)
+        await trio.aclose_forcefully(stream)
+        return Observation(step=STEP_TLS, target=target, domain=domain, address=address, port=port, t_start=t0,
+                           t_end=now(), failure=E.failure_string(exc), purpose=purpose, attempt=attempt,
+                           vantage=vantage, data=data)
     obj = ssl_stream._ssl_object  # the SSLObject: version/cipher/alpn/chain
     try:
         try:
