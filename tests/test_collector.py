@@ -266,3 +266,61 @@ def test_token_only_from_file_or_environment(tmp_path: Path, collector: Collecto
     p = kz("upload", "--db", str(vol), collector.url, env={**ENV, "KZPROBE_UPLOAD_TOKEN": tok})
     assert p.returncode == 0, p.stderr
     assert count(collector.db, "observations") == 4
+
+
+# --- the same on PostgreSQL ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pg_cluster() -> Iterator[Any]:
+    from kzprobe.storage.pgcluster import ClusterUnavailable, throwaway_cluster, unavailable_reason
+
+    reason = unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"no PostgreSQL: {reason}")
+    try:
+        with throwaway_cluster() as cluster:
+            yield cluster
+    except ClusterUnavailable as exc:
+        pytest.skip(f"PostgreSQL cannot start here: {exc}")
+
+
+def _pg_seqs(url: str) -> dict[str, list[int]]:
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url)
+    try:
+        with engine.connect() as c:
+            out: dict[str, list[int]] = {}
+            for uid, seq in c.execute(text("SELECT r.uid, o.seq FROM observations o JOIN runs r ON r.id = o.run_id "
+                                           "ORDER BY o.run_id, o.seq")):
+                out.setdefault(uid, []).append(seq)
+            return out
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_postgresql_collector_kill9_mid_upload(tmp_path: Path, pg_cluster: Any) -> None:
+    url = pg_cluster.create_database()
+    c = Collector(db=url, port=free_port(), log=tmp_path / "collector.log")
+    tok = add_token(url, "alice")
+    c.start()
+    try:
+        vol = tmp_path / "vol.db"
+        volunteer_db(vol, runs=2, per_run=3000).close()
+        up = _upload_proc(vol, token_file(tmp_path, tok), c.url)
+        deadline = time.monotonic() + 60
+        while sum(map(len, _pg_seqs(url).values())) < 500:
+            assert time.monotonic() < deadline and up.poll() is None
+            time.sleep(0.05)
+        c.kill9()
+        time.sleep(1.0)
+        c.start()
+        _out, err = up.communicate(timeout=240)
+        assert up.returncode == 0, err
+        assert _pg_seqs(url) == local_ids(vol)
+        again = kz("upload", "--db", str(vol), "--token-file", token_file(tmp_path, tok), c.url)
+        assert again.returncode == 0 and "0 observation(s) stored" in again.stderr
+        assert _pg_seqs(url) == local_ids(vol)
+    finally:
+        c.stop()
