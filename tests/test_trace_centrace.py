@@ -53,6 +53,7 @@ def test_nifty_middlebox() -> None:
     assert out["placement"] == "in-path"
     assert out["triggered_by"] == "domain"
     assert out["trigger"] == "http"
+    assert out["evidence"]["centrace"] == "CAN_IDENTIFY_SERVER"  # CenTrace's own test: the same code
     assert "IP-ID 23385" in out["evidence"]["sentence"]  # the injected RST reuses the probe's IP-ID
     assert 162 in out["evidence"]["packets"]["test"]  # the RST
 
@@ -66,6 +67,7 @@ def test_binance_rst_injection() -> None:
     out = run_trace("200.115.176.142", "binance.com")
     assert out["result"] == "censor_located"
     assert out["hop_address"] == "190.242.91.114"
+    assert out["evidence"]["centrace"] == "CAN_IDENTIFY_SERVER"
     assert out["hop_ttl"] == 14
     assert out["trigger"] == "tls"
     assert out["placement"] == "in-path"
@@ -85,6 +87,7 @@ def test_bisexual_blockpage() -> None:
     out = run_trace("103.93.208.20", "bisexual.org")
     assert out["result"] == "censor_located"
     assert out["hop_address"] == "149.14.125.90"
+    assert out["evidence"]["centrace"] == "CAN_IDENTIFY_SERVER"
     assert out["hop_ttl"] == 17
     s = out["evidence"]["sentence"]
     assert "Surf Safely" in s
@@ -99,6 +102,7 @@ def test_archive_on_path() -> None:
     out = run_trace("222.138.4.221", "archive.org")
     assert out["result"] == "censor_located"
     assert out["placement"] == "on-path"
+    assert out["evidence"]["centrace"] == "CAN_IDENTIFY_SERVER"
     assert out["trigger"] == "tls"
     assert out["hop_ttl"] == 13
     assert out["hop_address"] == "219.158.18.65"
@@ -111,12 +115,14 @@ def test_bitcomet_endpoint() -> None:
     assert out["result"] == "endpoint"
     assert out["placement"] == "endpoint"
     assert out["hop_address"] == "91.199.201.114"
+    assert out["evidence"]["centrace"] == "ENDPOINT_FIREWALL"
     assert "HTTP 403" in out["evidence"]["sentence"] and "HTTP 200" in out["evidence"]["sentence"]
 
 
 def test_sohu_none_observed() -> None:
     out = run_trace("95.167.150.101", "sohu.com")
     assert out["result"] == "none_observed"
+    assert out["evidence"]["centrace"] == "NO_OBSERVED_CENSORSHIP"
     assert out["hop_address"] is None and out["placement"] is None and out["triggered_by"] is None
     assert out["trigger"] == "tls"
 

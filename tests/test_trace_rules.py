@@ -215,3 +215,16 @@ def test_target_address_is_never_a_censor_hop(test: list[HopResult], control: li
     assert r.rule in RULES_BY_ID
     if r.result == "censor_located":
         assert r.hop_address != SERVER, r.evidence["sentence"]
+
+
+def test_drop_where_control_passes_the_servers_gateway_is_the_endpoint() -> None:
+    # CenTrace's steampowered pair, in miniature: the test goes silent from TTL 5, where control
+    # reaches the server, and the control's hop before it (TTL 4) answers with the server's own
+    # address (a NAT gateway in front of it): the endpoint, never a censor hop.  With a router of
+    # its own there instead, the router is named (the lab's censor next to the server).
+    test = [*path(4), *map(silence, range(5, 9))]
+    control = [icmp(1), icmp(2), icmp(3), icmp(4, router=SERVER), server(5)]
+    r = decide(test, control, target="blocked.test", address=SERVER, trigger="tls")
+    assert (r.result, r.rule, r.hop_address, r.hop_ttl) == ("endpoint", "nat_firewall", SERVER, 4)
+    r = decide(test, path(), target="blocked.test", address=SERVER, trigger="tls")
+    assert (r.result, r.rule, r.hop_address, r.hop_ttl) == ("censor_located", "in_path_drop", R[4], 4)

@@ -264,7 +264,15 @@ def _drop_hop(f: Facts, s: int) -> tuple[int | None, str | None, str]:
             # The trigger was dropped by the last router before the server or by the server's own
             # firewall: a sweep cannot tell them apart.  The router is named (as the lab's censors
             # next to the server are), never the target's address, and the sentence says so.
-            hop_ttl, hop, how = name_hop(s, None, f.tv, f.cv, on_path=False)
+            # The control's view first: it is the path that reaches the server.  A gateway in
+            # front of the server answering with the server's own address makes this the
+            # endpoint (nat_firewall), as CenTrace calls such a drop an endpoint firewall.
+            before_ttl, before = last_router_before(s, f.cv, f.tv)
+            if before is None:
+                hop_ttl, hop, how = name_hop(s, None, f.tv, f.cv, on_path=False)
+            else:
+                hop_ttl, hop, how = before_ttl, before, (f"The last router before the block on the control's path "
+                                                        f"is {before} (TTL {before_ttl}).")
             return hop_ttl, hop, (f"{how} The control's first answer from TTL {s} on is the server's own (TTL "
                                   f"{ttl}), so a drop by the server's own firewall would look the same.")
         break
