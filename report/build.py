@@ -107,6 +107,7 @@ def build(engine: Engine, f: q.Filters, *, evidence_limit: int = EVIDENCE_LIMIT,
         "tls_interception": issuers,
         "blockpages": blockpages,
         "sources": _sources(per_run, metas, nets, cells),
+        "cross_source": _cross_source(cells, targets, nets),
         "traces": [trace_view(t) for t in traces][:200],
         "limits": {"evidence_full": min(evidence_limit, len(ev_cells)), "evidence_summary": len(evid),
                    "cells": len(cells), "build_seconds": round(time.monotonic() - t0, 2),
@@ -289,6 +290,18 @@ def _sources(per_run: list[tuple[int, str, str | None, str | None, int]], metas:
                     "blocked_now": sum(1 for c in mine if c["status"] == "blocked"),
                     "states": {s: n for s, n in Counter(m.state for m in metas if m.source == src).items()}})
     return out
+
+
+def _cross_source(cells: list[dict[str, Any]], targets: list[str], nets: list[q.Network]) -> list[dict[str, Any]]:
+    """Sites measured by more than one source (live, pcap, OONI), each source's latest verdicts
+    side by side: the same site seen three ways."""
+    per: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    for c in cells:
+        label = c["status"] + (f"/{c['mechanism']}" if c["mechanism"] else "")
+        per[bare(_host(targets[c["t"]]))][nets[c["net"]].source].append(f"{label} ({nets[c['net']].name})")
+    rows = [{"domain": d, "sources": {s: sorted(set(v)) for s, v in by.items()}}
+            for d, by in sorted(per.items()) if len(by) > 1]
+    return rows[:VIEW_LIMIT]
 
 
 def _step_cells(cells: list[dict[str, Any]], details: tuple[str, ...]) -> list[dict[str, Any]]:

@@ -48,6 +48,8 @@ PLAN: dict[str, list[list[str]]] = {
     "https://www.facebook.com/": [["ok", "ok", "ok"], ["mitm", "mitm", "mitm"], ["ok", "ok", "ok"]],
     "https://kolesa.kz/": [["ok", "ok", "ok"], ["ok", "ok", "ok"], ["ok", "ok", "ok"]],
     "http://uralskweek.kz/": [["ok", "ok", "ok"], ["ok", "ok", "ok"], ["ok", "ok", "ok"]],
+    # Also in the OONI QA files (down there): the same site seen by two sources.
+    "https://untrusted-root.badssl.com/": [["ok"] * 3, ["ok"] * 3, ["ok"] * 3],
     # A hostile name: must be shown as text, never run as markup.
     "http://evil.example/?q=</script><img src=x onerror=alert(1)>": [["ok"] * 3, ["ok"] * 3, ["ok"] * 3],
 }
@@ -308,6 +310,10 @@ def test_interception_blockpages_and_sources(synthetic: dict[str, Any]) -> None:
     assert rows["live"][1] == "9" and rows["ooni"][1] == str(synthetic["n_ooni"]) and rows["pcap"][1] == "0"
     live_verdicts = sum(c["total"] for c in synthetic["cells"].values())
     assert rows["live"][4] == str(live_verdicts)
+    cross = p.page.locator("#cross-source tbody tr").evaluate_all("els => els.map(e => e.innerText)")
+    row = next(r.split("\t") for r in cross if r.startswith("untrusted-root.badssl.com"))
+    assert row[1] == "; ".join(f"ok ({n})" for n in sorted(name for name, _, _ in NETS)) and row[2] == "—"
+    assert row[3] != "—"  # whatever OONI's file made of it, it is shown beside the live verdicts
 
 
 def test_matrix_filters_and_sort(synthetic: dict[str, Any]) -> None:

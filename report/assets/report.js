@@ -291,7 +291,14 @@
         s.by_status.down || 0, s.by_status.inconclusive || 0, s.blocked_now])));
   }
 
-  summary(); matrixControls(); refilter(); time(); mechanisms(); claims(); tls(); blockpages(); sources();
+  function crossSource() {
+    const box = $("cross-source");
+    if (!R.cross_source.length) { box.append(el("p", { class: "empty" }, "No site was measured by more than one source in this period.")); return; }
+    box.append(table(["site", "live", "pcap", "ooni"], R.cross_source.map((r) =>
+      [el("b", {}, r.domain), ...["live", "pcap", "ooni"].map((s) => (r.sources[s] || ["—"]).join("; "))])));
+  }
+
+  summary(); crossSource(); matrixControls(); refilter(); time(); mechanisms(); claims(); tls(); blockpages(); sources();
   const first = document.querySelector("td.c.s-p, td.c.s-d, td.c.s-i, td.c.s-b");
   if (first) showEvidence(+first.dataset.t, +first.dataset.n, first, false);
   document.body.dataset.ready = "1";
