@@ -312,8 +312,8 @@ def from_wire(obj: object, *, source: str, vantage: str, where: str = "observati
     if step not in STEPS:
         raise WireError(f"{where}.step must be one of {', '.join(STEPS)}")
     purpose = obj.get("purpose", MEASURE)
-    if purpose not in PURPOSES or purpose == REJECTED:  # only the receiver marks an answer rejected
-        raise WireError(f"{where}.purpose must be one of {', '.join(p for p in PURPOSES if p != REJECTED)}")
+    if purpose not in PURPOSES:
+        raise WireError(f"{where}.purpose must be one of {', '.join(PURPOSES)}")
     data = obj.get("data", {})
     check(data, STEP_DATA[step], f"{where}.data")
     return Observation(
@@ -332,7 +332,13 @@ def observations_from_wire(payload: object, *, source: str, vantage: str) -> lis
     items = payload.get("observations", [])
     if not isinstance(items, list):
         raise WireError(f"observations must be a list, not {_kind(items)}")
-    return [from_wire(d, source=source, vantage=vantage, where=f"observations[{i}]") for i, d in enumerate(items)]
+    out = [from_wire(d, source=source, vantage=vantage, where=f"observations[{i}]") for i, d in enumerate(items)]
+    for i, o in enumerate(out):
+        # Only the receiver marks an answer rejected (a stored record may carry the mark: the
+        # collector takes those through from_wire; a helper's answer never does).
+        if o.purpose == REJECTED:
+            raise WireError(f"observations[{i}].purpose {REJECTED!r} is not a helper's to send")
+    return out
 
 
 def rejected(reason: str, *, target: str, domain: str, source: str, vantage: str = CONTROL,

@@ -86,8 +86,9 @@ def test_the_sender_cannot_choose_vantage_source_or_id() -> None:
     (3, ("data", "speed_samples"), [[0.25, "x"]],
      "observations[3].data.speed_samples[0][1] must be a finite number, not a string"),
     (1, ("step",), "ftp", "observations[1].step must be one of dns, tcp, tls, http"),
-    (1, ("purpose",), "rejected",
-     "observations[1].purpose must be one of measure, followup, peek, redirect, dnscheck"),
+    (1, ("purpose",), "rejected", "observations[1].purpose 'rejected' is not a helper's to send"),
+    (1, ("purpose",), "other",
+     "observations[1].purpose must be one of measure, followup, peek, redirect, dnscheck, rejected"),
     (1, ("address",), ["203.0.113.10"], "observations[1].address must be a string or null, not a list"),
     (1, ("t_start",), "now", "observations[1].t_start must be a finite number, not a string"),
 ])
@@ -101,6 +102,16 @@ def test_type_wrong_field_is_named(index: int, path: tuple[Any, ...], value: Any
         observations_from_wire(answer, source=SOURCE_LIVE, vantage=CONTROL)
     assert exc.value.reason == reason
     assert "\n" not in exc.value.reason
+
+
+def test_a_stored_rejection_mark_travels_through_from_wire() -> None:
+    """An upload of a run whose helper answer was rejected carries the mark; from_wire keeps it."""
+    from kzprobe.contract import rejected
+
+    mark = rejected("observations[0].data.addresses must be a list, not a number", target=URL, domain=DOMAIN,
+                    source=SOURCE_LIVE)
+    o = from_wire(json.loads(json.dumps(mark.to_dict())), source=SOURCE_LIVE, vantage=CONTROL)
+    assert o.purpose == REJECTED and o.data["wire_error"] == mark.data["wire_error"]
 
 
 def test_missing_and_top_level_shapes() -> None:

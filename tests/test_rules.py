@@ -129,8 +129,9 @@ def _reset(o: Observation) -> Observation:
 
 
 def benign(address: str = A, rate: float = 2e6) -> Observation:
-    o = sampled(http(address, host="example.com", purpose=FOLLOWUP, length=8_000_000), rate)
-    o.data["url"] = "https://example.com/"
+    """The live probe's throttling follow-up: same address, same URL and Host, SNI example.com."""
+    o = sampled(http(address, purpose=FOLLOWUP, length=8_000_000), rate)
+    o.data["sni"] = "example.com"
     return o
 
 
@@ -276,6 +277,10 @@ POSITIVE: list[Case] = [
          "dpi.http_diff", "blocked", "dpi", "dpi.http_diff"),
     Case("throttled: 8 KiB/s with the target SNI, 2 MB/s with a benign SNI at the same address",
          [dns([A]), tcp(A), tls(A), sampled(throttled(), 8192), benign(), *ctl_site()],
+         "dpi.throttled", "blocked", "dpi", "dpi.throttled"),
+    Case("throttled: a 45 KB benign follow-up done in 10 ms (its rate floored at 50 ms) vs 32 KiB/s",
+         [dns([A]), tcp(A), tls(A), sampled(http(A, length=65536), 32 * 1024), _samples(benign(), [[0.01, 46080]]),
+          *ctl_site()],
          "dpi.throttled", "blocked", "dpi", "dpi.throttled"),
     Case("slow: the target and the benign follow-up are both slow",
          [dns([A]), tcp(A), tls(A), sampled(http(A), 8192), benign(rate=12000), *ctl_site()], "ok.slow", "ok"),
@@ -486,3 +491,10 @@ def test_classify_groups_by_target_and_keeps_order() -> None:
     assert [v.target for v in vs] == ["https://first.example/", URL, other]
     assert vs[0].status == "inconclusive" and vs[0].rule == "inconclusive"
     assert (vs[1].status, vs[1].mechanism) == ("blocked", "dns")
+
+
+def test_throttling_sentence_gives_the_ratio_and_the_benign_sni() -> None:
+    obs = _numbered([dns([A]), tcp(A), tls(A), sampled(throttled(), 8192), benign(rate=8192 * 25), *ctl_site()])
+    v = classify_target(URL, obs)
+    assert v.detail == "dpi.throttled"
+    assert "8.0 KiB/s, 25× slower" in v.sentence and "with SNI example.com (200.0 KiB/s)" in v.sentence, v.sentence
