@@ -80,20 +80,29 @@ def vantage_fields(v: dict[str, Any], name: str | None = None, asn: str | None =
     return nm, asn_s, cc
 
 
+def _capture_name(options: Any) -> str:
+    """A replay without vantage metadata is named after its capture file(s)."""
+    files = options.get("files") if isinstance(options, dict) else None
+    if isinstance(files, list) and files:
+        first = str(files[0]).replace("\\", "/").rsplit("/", 1)[-1]
+        return f"capture {first}" + (f" (+{len(files) - 1})" if len(files) > 1 else "")
+    return "unnamed capture"
+
+
 def select_runs(conn: Connection, f: Filters) -> tuple[list[RunMeta], list[Network]]:
     """The runs the filters keep, each mapped to its network column and UTC day.
 
     The runs table is one row per run (thousands, not millions), so the filters are applied
     here, on the names as the report shows them; every verdict query then joins this set."""
     cols = [RunRow.id, RunRow.source, RunRow.started, RunRow.state, RunRow.vantage,
-            RunRow.network_name, RunRow.asn, RunRow.country]
+            RunRow.network_name, RunRow.asn, RunRow.country, RunRow.options]
     rows: list[tuple[Any, ...]] = [tuple(r) for r in conn.execute(select(*cols).order_by(RunRow.started, RunRow.id))]
     nets: dict[str, Network] = {}
     metas: list[RunMeta] = []
     want_net = {n.casefold() for n in f.networks}
     want_asn = {norm_asn(a) for a in f.asns}
     want_cc = {c.upper() for c in f.countries}
-    for rank, (rid, source, started, state, vantage, v_name, v_asn, v_cc) in enumerate(rows):
+    for rank, (rid, source, started, state, vantage, v_name, v_asn, v_cc, options) in enumerate(rows):
         if f.runs and rid not in f.runs:
             continue
         if f.since is not None and started < f.since:
@@ -101,6 +110,8 @@ def select_runs(conn: Connection, f: Filters) -> tuple[list[RunMeta], list[Netwo
         if f.until is not None and started >= f.until:
             continue
         name, asn, cc = vantage_fields(vantage or {}, v_name, v_asn, v_cc)
+        if source == "pcap" and name == "unnamed network":
+            name = _capture_name(options)
         if want_net and name.casefold() not in want_net:
             continue
         if want_asn and asn not in want_asn:

@@ -393,6 +393,29 @@ def test_plots_draw_cyrillic_labels_with_a_real_font(synthetic: dict[str, Any]) 
         assert f'id="time-DejaVuSans-{font.get_char_index(ord(ch)):x}"' in plots["time"], ch
 
 
+def test_a_replayed_capture_is_its_own_source_with_frame_numbers(tmp_path: Path) -> None:
+    """A pcap replay stored with --store: named after its capture, kept apart as source pcap, and
+    a blocked verdict's evidence carries the frame numbers the database holds for it."""
+    pcap = Path(__file__).resolve().parents[1] / "fixtures" / "pcaps" / "method-sni-reset.pcap"
+    db = tmp_path / "cap.db"
+    r = CliRunner().invoke(main, ["replay", str(pcap), "--store", "--db", str(db), "--format", "json"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["report", "--db", str(db), "--format", "json"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert [(n["name"], n["source"]) for n in rep["networks"]] == [("capture method-sni-reset.pcap", "pcap")]
+    store = Store(db)
+    try:
+        stored = {v.target: v for v in store.verdicts(store.runs()[0].id)}
+    finally:
+        store.close()
+    blocked = [e for e in rep["evidence"].values() if e["status"] == "blocked"]
+    assert blocked
+    for e in blocked:
+        assert e["packets"] and e["packets"] == stored[e["target"]].packets[:50]
+        assert all(s["source"] == "pcap" and s["packets"] for s in e["steps"] if s["step"] != "dns")
+
+
 def _comparable(rep: dict[str, Any]) -> dict[str, Any]:
     """The aggregates, without what differs from one build to the next (times, database ids)."""
     rep = {k: v for k, v in rep.items() if k not in ("generated", "limits", "evidence")}
