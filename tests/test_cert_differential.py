@@ -99,7 +99,31 @@ def chains() -> list[Chain]:
     return corpus()
 
 
-def test_corpus_covers_the_cases(chains: list[Chain]) -> None:
+@pytest.fixture(scope="module")
+def reference(chains: list[Chain], tmp_path_factory: pytest.TempPathFactory
+              ) -> list[tuple[bool, str | None, int | None]]:
+    """``openssl verify``'s verdict on every chain (computed once for the module)."""
+    tmp = tmp_path_factory.mktemp("openssl")
+    return [openssl_verdict(c, tmp) for c in chains]
+
+
+def disagreements(chains: list[Chain], reference: list[tuple[bool, str | None, int | None]], tmp: Path,
+                  store: type[TrustStore] = TrustStore) -> list[str]:
+    out = []
+    ca = tmp / "ca.pem"
+    for chain, (want_valid, want_failure, code) in zip(chains, reference, strict=True):
+        ca.write_bytes(pem(chain.trusted))
+        obs = trio.run(kzprobe_verdict, chain, store([ca], include_default=False), tmp)
+        got = (obs.failure, obs.data.get("cert_valid"), obs.data.get("cert_failure"))
+        if got != (None, want_valid, want_failure):
+            out.append(f"{chain.name} {sorted(chain.tags)}: openssl {want_valid} {want_failure} (code {code}); "
+                       f"kzprobe {got}")
+        # The chain as the server sent it is what is recorded, valid or not.
+        assert len(obs.data["certificates"]) == len(chain.sent), chain.name
+    return out
+
+
+def test_corpus_covers_the_cases(chains: list[Chain], reference: list[tuple[bool, str | None, int | None]]) -> None:
     tags = Counter(t for c in chains for t in c.tags)
     assert len(chains) >= 200
     for needed in ("leaf-no-aki", "leaf-no-ski", "ca-no-aki", "ca-no-ski", "san-critical", "san-noncritical",
@@ -108,23 +132,30 @@ def test_corpus_covers_the_cases(chains: list[Chain]) -> None:
                    "unknown-root", "name-constraints-permitted", "name-constraints-outside",
                    "name-constraints-excluded", "cn-only", "ca-bit-missing", "self-signed-leaf"):
         assert tags[needed] >= 1, needed
-
-
-def test_tls_step_agrees_with_openssl_verify(chains: list[Chain], tmp_path: Path) -> None:
-    disagreements = []
-    outcomes: Counter[str] = Counter()
-    for chain in chains:
-        want_valid, want_failure, code = openssl_verdict(chain, tmp_path)
-        trust = TrustStore([tmp_path / "ca.pem"], include_default=False)
-        obs = trio.run(kzprobe_verdict, chain, trust, tmp_path)
-        got = (obs.failure, obs.data.get("cert_valid"), obs.data.get("cert_failure"))
-        if got != (None, want_valid, want_failure):
-            disagreements.append(f"{chain.name} {sorted(chain.tags)}: openssl {want_valid} {want_failure} "
-                                 f"(code {code}); kzprobe {got}")
-        outcomes[want_failure or "valid"] += 1
-        # The chain as the server sent it is what is recorded, valid or not.
-        assert len(obs.data["certificates"]) == len(chain.sent), chain.name
-    assert not disagreements, "\n".join(disagreements[:20])
     # The corpus exercises every outcome, or agreement would prove little.
-    assert outcomes["valid"] >= 30 and outcomes["ssl_unknown_authority"] >= 10
+    outcomes = Counter(failure or "valid" for _, failure, _ in reference)
+    assert outcomes["valid"] >= 30 and outcomes["ssl_unknown_authority"] >= 10, outcomes
     assert outcomes["ssl_invalid_hostname"] >= 10 and outcomes["ssl_invalid_certificate"] >= 10, outcomes
+
+
+def test_tls_step_agrees_with_openssl_verify(chains: list[Chain], reference: list[tuple[bool, str | None, int | None]],
+                                             tmp_path: Path) -> None:
+    found = disagreements(chains, reference, tmp_path)
+    assert not found, "\n".join(found[:20])
+
+
+class _StrictStore(TrustStore):
+    """What Python 3.13's default context would do: RFC 5280 strictness (X509_STRICT)."""
+
+    def _context(self) -> ssl.SSLContext:
+        ctx = super()._context()
+        ctx.verify_flags |= ssl.VERIFY_X509_STRICT
+        return ctx
+
+
+def test_the_comparison_can_fail(chains: list[Chain], reference: list[tuple[bool, str | None, int | None]],
+                                 tmp_path: Path) -> None:
+    """A validator with another policy (strict RFC 5280, which rejects a leaf without AKI as
+    Python 3.13's defaults would) is caught on the corpus."""
+    found = disagreements(chains, reference, tmp_path, _StrictStore)
+    assert len(found) >= 5 and any("leaf-no-aki" in d for d in found), found
