@@ -82,6 +82,11 @@ def build(engine: Engine, f: q.Filters, *, evidence_limit: int = EVIDENCE_LIMIT,
         blockpages = _blockpages(conn, cells, targets, nets)
         tdays = _pair_days(conn, tt, cells, targets)
         clock.lap("views")
+        basis = "each network's previous run"
+        if f.since is not None and metas:
+            # A bounded period: compare with the period of the same length just before it.
+            changed, basis = _previous_period(conn, f, metas, nets, cells, targets, domains)
+            clock.lap("previous_period")
 
     net_dicts = [n.to_dict() for n in nets]
     by_dom: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -98,7 +103,7 @@ def build(engine: Engine, f: q.Filters, *, evidence_limit: int = EVIDENCE_LIMIT,
         "period": {"start": q.iso(min((m.started for m in metas), default=None)),
                    "end": q.iso(max((m.started for m in metas), default=None)), "runs": len(metas)},
         "networks": net_dicts,
-        "summary": _summary(cells, targets, nets, changed),
+        "summary": _summary(cells, targets, nets, changed, basis),
         "matrix": _matrix(cells, targets, cats, nets),
         "evidence": evid,
         "time": _time(per_run, metas, nets, cells, targets, tdays),
@@ -208,8 +213,35 @@ def _matrix(cells: list[dict[str, Any]], targets: list[str], cats: dict[str, str
     }
 
 
+def _previous_period(conn: Any, f: q.Filters, metas: list[q.RunMeta], nets: list[q.Network],
+                     cells: list[dict[str, Any]], targets: list[str],
+                     domains: set[str]) -> tuple[list[tuple[str, int, str, str]], str]:
+    """Cells whose latest state in the previous period (same length, just before) differs from
+    their latest state now: (target, network, before, now)."""
+    import dataclasses
+
+    since = float(f.since or 0)
+    end = f.until if f.until is not None else max(m.started for m in metas) + 1
+    prev = dataclasses.replace(f, runs=(), since=since - (end - since), until=since)
+    metas_p, nets_p = q.select_runs(conn, prev)
+    basis = f"the previous period ({q.iso(prev.since)} to {q.iso(since)})"
+    if not metas_p:
+        return [], basis
+    key_p = {n.key: i for i, n in enumerate(nets_p)}
+    tt = q.TempTables(conn, metas_p, domains)
+    wanted = [(targets[c["t"]], key_p[nets[c["net"]].key]) for c in cells if nets[c["net"]].key in key_p]
+    before = q.latest_cells(conn, tt, wanted)
+    out = []
+    for c in cells:
+        ni = key_p.get(nets[c["net"]].key)
+        old = before.get((targets[c["t"]], ni)) if ni is not None else None
+        if old is not None and old[0] != c["code"]:
+            out.append((targets[c["t"]], c["net"], old[0], c["code"]))
+    return out, basis
+
+
 def _summary(cells: list[dict[str, Any]], targets: list[str], nets: list[q.Network],
-             changed: list[tuple[str, int, str, str]]) -> dict[str, Any]:
+             changed: list[tuple[str, int, str, str]], basis: str) -> dict[str, Any]:
     status = Counter(c["status"] for c in cells)
     by_mech: dict[str, set[int]] = defaultdict(set)
     for c in cells:
@@ -223,8 +255,8 @@ def _summary(cells: list[dict[str, Any]], targets: list[str], nets: list[q.Netwo
         "cells_by_status": dict(status),
         "targets_blocked_by_mechanism": {k: len(v) for k, v in sorted(by_mech.items())},
         "targets_blocked_anywhere": len({c["t"] for c in cells if c["status"] == "blocked"}),
-        "changes": {"newly_blocked": len(newly), "unblocked": len(lifted), "other": len(changed) - len(newly)
-                    - len(lifted),
+        "changes": {"basis": basis, "newly_blocked": len(newly), "unblocked": len(lifted),
+                    "other": len(changed) - len(newly) - len(lifted),
                     "rows": [{"target": t, "net": n, "before": b, "now": a} for t, n, b, a in changed[:300]]},
     }
 

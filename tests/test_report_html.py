@@ -348,6 +348,17 @@ def test_filters_json_and_bad_input(synthetic: dict[str, Any], tmp_path: Path) -
     assert r.exit_code == 0, r.output
     rep = json.loads(r.stdout)
     assert [n["name"] for n in rep["networks"]] == ["Beeline KZ"] and rep["period"]["runs"] == 2
+    # A bounded period is compared with the one just before it (day 3 against day 2).
+    r = run(main, ["report", "--db", db, "--format", "json", "--since", "2026-01-03", "--until", "2026-01-04"])
+    rep = json.loads(r.stdout)
+    code = {"ok": "o", "down": "w", "dpi": "p", "mitm": "p", "dns": "d", "nx": "d", "ip": "i"}
+    names = [n["name"] for n in rep["networks"]]
+    want = sorted((u, name, code[plan[n][1]], code[plan[n][2]]) for u, plan in PLAN.items()
+                  for n, (name, _, _) in enumerate(NETS) if "-" not in (plan[n][1], plan[n][2])
+                  and code[plan[n][1]] != code[plan[n][2]])
+    got = sorted((c["target"], names[c["net"]], c["before"], c["now"]) for c in rep["summary"]["changes"]["rows"])
+    assert got == want and want
+    assert rep["summary"]["changes"]["basis"].startswith("the previous period (2026-01-02")
     lst = tmp_path / "one.txt"
     lst.write_text("ratel.kz\n")
     r = run(main, ["report", "--db", db, "--format", "json", "--list", str(lst), "--asn", "9198"])

@@ -44,12 +44,12 @@
       k(S.targets, "targets measured"), k(S.networks, "vantage networks"), k(S.measurements.toLocaleString("en"), "verdicts in the period"),
       k(S.targets_blocked_anywhere, "targets blocked on ≥ 1 network", "blocked"),
       k(mech.dns || 0, "blocked by DNS (targets)"), k(mech.ip || 0, "blocked by IP (targets)"), k(mech.dpi || 0, "blocked by DPI (targets)"),
-      k("+" + S.changes.newly_blocked + " / −" + S.changes.unblocked, "newly blocked / unblocked since each network's previous run")));
+      k("+" + S.changes.newly_blocked + " / −" + S.changes.unblocked, "newly blocked / unblocked since " + S.changes.basis)));
     box.append(el("h3", {}, "Vantage points"));
     box.append(table(["network", "ASN", "country", "source", { label: "runs", num: true }, "first run", "last run"],
       NETS.map((n) => [n.name, n.asn || "—", n.country || "—", badge(n.source, "none"), n.runs, ts(n.first), ts(n.last)])));
     if (S.changes.rows.length) {
-      box.append(el("h3", {}, "What changed since the previous run"));
+      box.append(el("h3", {}, "What changed since " + S.changes.basis));
       box.append(table(["target", "network", "before", "now"], S.changes.rows.slice(0, 50).map((c) =>
         [c.target, netName(c.net), STATE[c.before], STATE[c.now]])));
     }
