@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kzprobe.model import MEASURE
-from kzprobe.replay import dns, flows, naming
+from kzprobe.replay import dns, flows, naming, trigger
 from kzprobe.replay.flows import Flow
 from kzprobe.replay.pcapio import CaptureError, ReadResult, iter_frames, iter_packets
 from kzprobe.replay.state import FileReplay, FileState, Finding, Limits, span
@@ -126,6 +126,7 @@ class Replayer:
             dns.finish(st, tx, at_end=True)
         st.dns.clear()
         naming.resolve_pending(st)
+        trigger.throttle_findings(st)
         dns.outliers(st)
         dns.fold(st)
         _summarise(st)

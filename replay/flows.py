@@ -89,10 +89,39 @@ class PreRst(NamedTuple):
 
 class Flow:
     __slots__ = (
-        "after", "cli", "cli_buf", "cli_close", "cli_next", "cli_retx", "cli_ttl", "cport", "first_n",
-        "first_ts", "helper", "last_n", "last_ts", "midstream", "pre_rst", "sport", "srv", "srv_buf",
-        "srv_cap", "srv_fin", "srv_next", "srv_overflow", "srv_rst", "syn_icmp", "syn_rst", "syn_seq",
-        "synack", "synack_count", "syns", "trig_icmp", "trigger", "version",
+        "after",
+        "cli",
+        "cli_buf",
+        "cli_close",
+        "cli_next",
+        "cli_retx",
+        "cli_ttl",
+        "cport",
+        "first_n",
+        "first_ts",
+        "helper",
+        "last_n",
+        "last_ts",
+        "midstream",
+        "pre_rst",
+        "sport",
+        "srv",
+        "srv_buf",
+        "srv_cap",
+        "srv_fin",
+        "srv_next",
+        "srv_overflow",
+        "srv_rst",
+        "syn_icmp",
+        "syn_rst",
+        "syn_seq",
+        "synack",
+        "synack_count",
+        "syns",
+        "trig_icmp",
+        "trigger",
+        "version",
+        "xfer",
     )
 
     def __init__(self, cli: bytes, cport: int, srv: bytes, sport: int, n: int, ts: float, version: int,
@@ -126,6 +155,46 @@ class Flow:
         self.srv_rst: int | None = None
         #: Set when the flow is the probe asking its control helper (reassembled in full).
         self.helper: HelperStreams | None = None
+        #: The server's data after the trigger, over time (set at its first byte).
+        self.xfer: Transfer | None = None
+
+
+class Transfer:
+    """How the server's new (in-order) bytes after the trigger arrived: total, samples every
+    ``SAMPLE_EVERY`` seconds since the first of them, and whether the client quit first.
+
+    For TLS this is all the capture can say of a download (its content is ciphertext): a body
+    the client gave up on while the server was still sending, and at what rate.
+    """
+
+    __slots__ = ("abandoned", "first_n", "first_ts", "last_ts", "next_t", "samples", "total")
+
+    def __init__(self, n: int, ts: float) -> None:
+        self.first_n, self.first_ts, self.last_ts = n, ts, ts
+        self.total = 0
+        self.samples: list[list[float]] = []
+        self.next_t = SAMPLE_EVERY
+        #: The first server data packet that came after the client had closed, if any.
+        self.abandoned: int | None = None
+
+    def add(self, n: int, ts: float, nbytes: int, client_closed: bool) -> None:
+        t = ts - self.first_ts
+        if t >= self.next_t and len(self.samples) < MAX_SAMPLES:
+            self.samples.append([round(t, 3), self.total])
+            self.next_t = (int(t / SAMPLE_EVERY) + 1) * SAMPLE_EVERY
+        self.total += nbytes
+        self.last_ts = ts
+        if client_closed and self.abandoned is None:
+            self.abandoned = n
+
+    def to_dict(self) -> dict[str, object]:
+        samples = [*self.samples, [round(self.last_ts - self.first_ts, 3), self.total]]
+        return {"bytes": self.total, "seconds": samples[-1][0], "samples": samples}
+
+
+#: Transfer samples: OONI's throttling methodology samples every 250 ms; at most 10 minutes of them.
+SAMPLE_EVERY = 0.25
+MAX_SAMPLES = 2400
 
 
 #: Packet's fields, in order.  The hot path (every TCP packet) unpacks a packet once by these
@@ -200,6 +269,11 @@ def on_tcp(st: FileState, p: Packet) -> None:
         nxt = fl.srv_next
         if nxt is None or seq == nxt:
             fl.srv_next = (seq + plen) & 0xFFFFFFFF
+            if fl.trigger is not None:
+                xf = fl.xfer
+                if xf is None:
+                    xf = fl.xfer = Transfer(n, ts)
+                xf.add(n, ts, plen, fl.cli_close is not None)
             if len(fl.srv_buf) < fl.srv_cap:  # checked before slicing: bulk data past the cap costs nothing
                 _keep_server(st, fl, raw, poff, pend)
             else:

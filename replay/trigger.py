@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from kzprobe import errors as E
 from kzprobe.analysis.features import host_of, http_features
-from kzprobe.model import STEP_HTTP, STEP_TLS, Observation
+from kzprobe.model import FOLLOWUP, STEP_HTTP, STEP_TLS, Observation
 from kzprobe.replay import parsers
 from kzprobe.replay.pcapio import ACK, FIN, RST
 from kzprobe.replay.state import END_GRACE, SOURCE, TTL_MARGIN, FileState, seq_ge
@@ -165,6 +165,7 @@ def _tls_reply(st: FileState, fl: Flow, domain: str, address: str, sni: str | No
         return "alert", E.SSL_FAILED_HANDSHAKE
     rejected = None if injected else _rejected(fl, cli, sig.number)
     if rejected is None:
+        _transfer(st, fl, domain, address, sni, data)
         return "server_hello", None
     # The model's "handshake completed, certificate does not validate" (what the live probe's
     # unverified handshake records): the server did its part and the verifying client refused
@@ -175,6 +176,68 @@ def _tls_reply(st: FileState, fl: Flow, domain: str, address: str, sni: str | No
             f"server's certificate (packet {sig.number}) without sending its Finished: it rejected the certificate")
     packets.append(rejected)
     return "cert_rejected", None
+
+
+def _transfer(st: FileState, fl: Flow, domain: str, address: str, sni: str | None, data: dict[str, Any]) -> None:
+    """What a capture can say of an HTTPS download: the server's bytes over time, and a client
+    that gave up while the server was still sending (a stalled or throttled body, seen as
+    ciphertext).  Evidence for a person; the rules rate HTTP bodies, which TLS hides here."""
+    xf = fl.xfer
+    if xf is None:
+        return
+    data["transfer"] = xf.to_dict()
+    close = fl.cli_close
+    # A client closing at once while the server's last records cross its FIN is a normal end; one
+    # that waited a while and quit mid-stream gave up on the download.
+    if xf.abandoned is None or close is None or close.ts - xf.first_ts < ABANDON_AFTER:
+        return
+    secs = close.ts - xf.first_ts
+    rate = xf.total / secs
+    st.find(domain, "tls_abandoned", [close.number, xf.abandoned],
+            f"packet {close.number}: the client closed its TLS connection to {address} (SNI {sni}) while the "
+            f"server was still sending (packet {xf.abandoned}): {xf.total} bytes in {secs:.1f} s since packet "
+            f"{xf.first_n}, {rate / 1024:.1f} KiB/s -- a stalled or throttled download, its content unreadable "
+            "in the capture")
+
+
+#: The same ratio and floor the rules use for HTTP bodies (analysis.rules.THROTTLE_RATIO,
+#: analysis.facts.MIN_SAMPLE_SPAN): a transfer shorter than the floor is rated as if it took it.
+THROTTLE_RATIO = 4.0
+MIN_SPAN = 0.5
+#: A client that closes while the server still sends, this long after the first server bytes,
+#: gave up on the download.
+ABANDON_AFTER = 1.0
+#: Transfers smaller than this say nothing about a rate (a handshake flight, a short page).
+MIN_BYTES = 32 * 1024
+
+
+def throttle_findings(st: FileState) -> None:
+    """A finding when an HTTPS download from an address came far slower with the target's SNI than
+    with the benign SNI of the follow-up to the same address (SNI throttling, seen in ciphertext)."""
+    def rate(o: Observation) -> float | None:
+        xf = o.data.get("transfer")
+        if o.step != STEP_TLS or not isinstance(xf, dict) or xf.get("bytes", 0) < MIN_BYTES:
+            return None
+        return float(xf["bytes"]) / max(float(xf["seconds"]), MIN_SPAN)
+
+    measured: dict[tuple[str, str | None], list[tuple[float, Observation]]] = {}
+    benign: dict[tuple[str, str | None], list[tuple[float, Observation]]] = {}
+    for o in st.out.observations:
+        r = rate(o)
+        if r is not None and o.vantage == "probe":
+            (benign if o.purpose == FOLLOWUP else measured).setdefault((o.target, o.address), []).append((r, o))
+    for key, got in measured.items():
+        fu = benign.get(key)
+        if not fu:
+            continue
+        (t_rate, t_obs), (f_rate, f_obs) = min(got, key=lambda x: x[0]), max(fu, key=lambda x: x[0])
+        if f_rate < THROTTLE_RATIO * max(t_rate, 1.0):
+            continue
+        st.find(key[0], "tls_throttled", sorted({*t_obs.packets[:1], *f_obs.packets[:1]}),
+                f"packet {t_obs.packets[0]}: the HTTPS download from {key[1]} with SNI {t_obs.data.get('sni')} came at "
+                f"{t_rate / 1024:.1f} KiB/s, {f_rate / max(t_rate, 1.0):.0f}x slower than from the same address "
+                f"with SNI {f_obs.data.get('sni')} ({f_rate / 1024:.1f} KiB/s, packet {f_obs.packets[0]}): SNI "
+                "throttling, as far as ciphertext shows")
 
 
 def _http_reply(st: FileState, fl: Flow, domain: str, what: str, body: bytes, injected: bool, sig: Answer,
