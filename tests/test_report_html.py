@@ -179,6 +179,10 @@ class Page:
         self.page.on("console", lambda m: self.console.append((m.type, m.text)))
         self.page.on("pageerror", lambda e: self.console.append(("pageerror", str(e))))
         self.page.on("request", lambda r: self.requests.append(r.url))
+        self.failed: dict[str, str] = {}
+        self.responses: list[str] = []
+        self.page.on("requestfailed", lambda r: self.failed.__setitem__(r.url, r.failure or ""))
+        self.page.on("response", lambda r: self.responses.append(r.url))
         self.page.on("dialog", lambda d: (self.dialogs.append(d.message), d.dismiss()))
         self.url = path.resolve().as_uri()
         self.page.goto(self.url)
@@ -331,6 +335,32 @@ def test_matrix_filters_and_sort(synthetic: dict[str, Any]) -> None:
     p.page.select_option("#m-cat", label="NEWS")
     assert p.page.locator("#matrix-table td.t").evaluate_all("els => els.map(e => e.title)") == ["http://ratel.kz/"]
     p.page.select_option("#m-cat", "")
+
+
+def test_csp_blocks_any_load_the_page_would_try(synthetic: dict[str, Any], browser: Browser) -> None:
+    """Even a script that tried (an injected image, script, stylesheet or fetch) loads nothing:
+    the browser reports a CSP violation for each and never makes the request (loopback only)."""
+    p = Page(browser, synthetic["html"])
+    try:
+        before = list(p.requests)
+        blocked = p.page.evaluate("""async () => {
+            const seen = [];
+            document.addEventListener("securitypolicyviolation", (e) => seen.push(e.effectiveDirective));
+            const img = document.createElement("img"); img.src = "http://127.0.0.1:9/x.png"; document.body.append(img);
+            const css = document.createElement("link"); css.rel = "stylesheet"; css.href = "http://127.0.0.1:9/x.css";
+            document.head.append(css);
+            const js = document.createElement("script"); js.src = "http://127.0.0.1:9/x.js"; document.head.append(js);
+            try { await fetch("http://127.0.0.1:9/x"); } catch (e) { seen.push("fetch refused"); }
+            await new Promise((r) => setTimeout(r, 300));
+            return seen.sort();
+        }""")
+        assert {"img-src", "style-src-elem", "script-src-elem", "connect-src"} <= set(blocked), blocked
+        # Chromium shows each attempt as a request that failed on the policy; none got an answer.
+        tried = [u for u in p.requests if u not in before]
+        assert tried and all("csp" in p.failed.get(u, "").lower() for u in tried), (tried, p.failed)
+        assert p.responses == [p.url]
+    finally:
+        p.close()
 
 
 def test_hostile_target_is_text(synthetic: dict[str, Any]) -> None:
