@@ -26,7 +26,6 @@ from kzprobe.analysis.facts import INTERFERENCE
 from kzprobe.model import REDIRECT, STEP_DNS, STEP_HTTP, Observation, Target
 from kzprobe.probes import tcp as tcpprobe
 from kzprobe.probes import tls as tlsprobe
-from kzprobe.probes.http import default_port
 
 if TYPE_CHECKING:
     from kzprobe.probes.engine import Engine
@@ -48,7 +47,7 @@ def _hop_url(url: object) -> tuple[str, str, int] | None:
     try:
         parts = urlsplit(url)
         host = (parts.hostname or "").rstrip(".").lower()
-        port = default_port(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)  # raises on a bad port
         host.encode("idna")
     except (ValueError, UnicodeError):
         return None
