@@ -9,14 +9,17 @@ from __future__ import annotations
 import csv
 import io
 import json
+import random
 import sys
-from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import click
 from rich.console import Console
 from rich.table import Table
 
+from kzprobe import clioptions as opt
+from kzprobe import output
 from kzprobe.model import Target, Verdict
 from kzprobe.report.cli import analyst_options, check_unused, write_report
 from kzprobe.storage.query_cli import across_runs, filter_options
@@ -24,7 +27,12 @@ from kzprobe.storage.query_cli import across_runs, filter_options
 # soft_wrap: a warning is one line (file:line: reason), whatever the terminal width.
 err = Console(stderr=True, soft_wrap=True)
 
-STATUS_STYLE = {"ok": "green", "blocked": "bold red", "down": "yellow", "inconclusive": "magenta"}
+STATUS_STYLE = {"ok": "green", "blocked": "bold red", "down": "yellow", "inconclusive": "magenta",
+                "not_measured": "dim"}
+DB_HELP = ("SQLite path or SQLAlchemy URL, postgresql://... for a collector's "
+           "(default: $KZPROBE_DB or ~/.local/share/kzprobe/kzprobe.db).")
+#: Exit status of a run that --deadline cut short (130 is Ctrl-C / SIGTERM, 1 an error).
+EXIT_DEADLINE = 3
 
 
 def _load_targets(list_name: str | None, targets_file: str | None, strict: bool) -> list[Target]:
@@ -45,9 +53,15 @@ def _load_targets(list_name: str | None, targets_file: str | None, strict: bool)
         raise click.ClickException(str(exc)) from None
 
 
-def _open_store(db: str | None) -> Any:
-    from kzprobe.storage import StorageError, Store
+def _open_store(db: str | None, *, must_exist: bool = False) -> Any:
+    """Open the database; ``must_exist``: a reading command refuses to create one (a typo in
+    --db would otherwise show an empty new database instead of an error)."""
+    from kzprobe.storage import StorageError, Store, default_db_path
 
+    if must_exist and (db is None or "://" not in db):
+        path = Path(db) if db is not None else default_db_path()
+        if not path.is_file():
+            raise click.ClickException(f"{path}: no such database (--db); `kzprobe run` creates one")
     try:
         return Store(db)
     except StorageError as exc:
@@ -60,55 +74,79 @@ def verdict_table(verdicts: list[Verdict], title: str = "Verdicts") -> Table:
         t.add_column(col, overflow="fold")
     for v in verdicts:
         t.add_row(v.target, f"[{STATUS_STYLE.get(v.status, '')}]{v.status}[/]", v.mechanism or "",
-                  v.detail or "", v.rule, f"{v.confidence:.2f}", v.sentence)
+                  v.detail or v.status, v.rule, f"{v.confidence:.2f}", v.sentence)
     return t
 
 
-def emit_verdicts(verdicts: list[Verdict], fmt: str, extra: dict[str, dict[str, Any]] | None = None) -> None:
-    if fmt == "json":
-        out = [{**v.to_dict(), **(extra or {}).get(v.target, {})} for v in verdicts]
-        click.echo(json.dumps(out, indent=2, ensure_ascii=False))
-    elif fmt == "csv":
-        buf = io.StringIO()
-        w = csv.writer(buf)
-        w.writerow(["target", "domain", "status", "mechanism", "detail", "rule", "confidence", "observations",
-                    "packets", "sentence"])
-        for v in verdicts:
-            w.writerow([v.target, v.domain, v.status, v.mechanism or "", v.detail or "", v.rule,
-                        f"{v.confidence:.2f}", " ".join(map(str, v.observations)),
-                        " ".join(map(str, v.packets)), v.sentence])
-        click.echo(buf.getvalue(), nl=False)
+def _run_summary(store: Any, info: Any) -> dict[str, Any]:
+    return {"id": info.id, "state": info.state, "source": info.source, "started": info.started,
+            "ended": info.ended, "targets": info.n_targets, "measured": info.n_measured,
+            "not_measured": info.n_targets - info.n_measured, "db": store.url}
+
+
+def emit_verdicts(command: str, verdicts: list[Verdict], fmt: str, *, run_id: int | None = None,
+                  run: dict[str, Any] | None = None) -> None:
+    objects = [output.verdict_object(v, run_id) for v in verdicts]
+    output.emit(command, fmt, objects, table=lambda: Console().print(verdict_table(verdicts)),
+                run=run, counts=output.counts(verdicts))
+
+
+def _resumable(store: Any, run_id: int | None) -> int:
+    """The run ``--resume [RUN]`` continues: the given one, or the latest live run not done."""
+    if run_id:
+        info = store.run(run_id)
+        if info is None:
+            raise click.ClickException(f"{store.url}: no run {run_id} (--resume)")
     else:
-        Console().print(verdict_table(verdicts))
+        live = [r for r in store.runs() if r.source == "live"]
+        if not live:
+            raise click.ClickException(f"{store.url}: no run to resume (--resume)")
+        unfinished = [r for r in live if r.n_measured < r.n_targets]
+        info = unfinished[-1] if unfinished else live[-1]
+    if info.source != "live":
+        raise click.ClickException(f"run {info.id} is a {info.source} import, not a measurement; nothing to resume")
+    if info.state == "running":
+        raise click.ClickException(f"run {info.id} is still being measured (pid {info.pid}); stop it first")
+    if info.n_measured >= info.n_targets:
+        raise click.ClickException(f"run {info.id} has no target left to measure ({info.state})")
+    return int(info.id)
 
 
 @click.command()
 @click.option("--list", "list_name", default=None, help="Built-in target list (default: kz2014).")
-@click.option("--targets", "targets_file", type=click.Path(dir_okay=False), default=None,
-              help="Citizen Lab test-list CSV or plain text (one URL or host per line).")
+@click.option("--targets", "targets_file", type=click.Path(dir_okay=False, allow_dash=True), default=None,
+              help="Citizen Lab test-list CSV or plain text (one URL or host per line); '-' reads stdin.")
 @click.option("--strict", is_flag=True, help="Fail before probing if the target file has a bad line.")
+@click.option("--resume", "resume", type=click.IntRange(0), is_flag=False, flag_value=0, default=None,
+              metavar="[RUN]",
+              help="Measure only the targets of RUN (default: the latest unfinished run) that have no "
+                   "completed measurement, appending to that run.")
+@click.option("--shuffle", "shuffle", type=int, default=None, metavar="SEED",
+              help="Probe in a random order drawn from SEED (default: the list's order).")
 @click.option("--resolver", "resolvers", multiple=True, metavar="IP[:PORT]",
               help="An explicit resolver, queried over UDP and TCP (repeatable).")
 @click.option("--system-resolver/--no-system-resolver", default=True, show_default=True,
               help="Also resolve with the system resolver (getaddrinfo).")
 @click.option("--ca-bundle", "ca_bundles", multiple=True, type=click.Path(exists=True, dir_okay=False),
-              help="Extra trusted CA certificates (PEM), e.g. a lab CA.")
-@click.option("--db", default=None, help="SQLite path or SQLAlchemy URL (default: ~/.local/share/kzprobe/kzprobe.db).")
-@click.option("--helper", "helpers", multiple=True, metavar="URL",
+              callback=opt.check_ca_bundles, help="Extra trusted CA certificates (PEM), e.g. a lab CA.")
+@click.option("--db", default=None, help=DB_HELP)
+@click.option("--helper", "helpers", multiple=True, metavar="URL", callback=opt.check_helpers,
               help="Control helper URL (repeatable); '#token=T' appends a shared token.")
-@click.option("--doh", multiple=True, metavar="URL",
+@click.option("--doh", multiple=True, metavar="URL", callback=opt.check_doh,
               help="DNS-over-HTTPS control when no helper answers (repeatable; 'default' = well-known resolvers).")
-@click.option("--control-sni", default="example.com", show_default=True,
-              help="Benign SNI / Host for follow-ups on the same address.")
+@opt.control_sni_option()
 @click.option("--fingerprints", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              callback=opt.check_fingerprints,
               help="Extra blockpage fingerprint CSV (ooni/blocking-fingerprints format).")
 @click.option("--timeout", default=5.0, show_default=True, type=click.FloatRange(0.1, 120),
               help="Per-step timeout (s).")
-@click.option("--deadline", default=None, type=click.FloatRange(1, None), help="Overall deadline for the run (s).")
+@click.option("--deadline", default=None, type=click.FloatRange(1, None),
+              help="Overall deadline (s); targets not reached are not_measured, and --resume measures them.")
 @click.option("--concurrency", default=64, show_default=True, type=click.IntRange(1, 4096))
-@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
+@output.format_option("table", "json", "jsonl", "csv")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar on stderr.")
-@click.option("--source-address", default=None, metavar="IP", help="Source address for connections.")
+@click.option("--source-address", default=None, metavar="IP", callback=opt.check_ip,
+              help="Source address for connections.")
 @click.option("--network-name", default=None, help="Vantage metadata: the network's name (stored).")
 @click.option("--asn", default=None, help="Vantage metadata: the network's ASN (stored).")
 @click.option("--country", default=None, help="Vantage metadata: country code (stored).")
@@ -116,19 +154,22 @@ def emit_verdicts(verdicts: list[Verdict], fmt: str, extra: dict[str, dict[str, 
               help="After the run, upload it to this collector in the background (never waits on it).")
 @click.option("--upload-token-file", type=click.Path(dir_okay=False), default=None,
               help="Upload token file (else $KZPROBE_UPLOAD_TOKEN).")
-def run(list_name: str | None, targets_file: str | None, strict: bool, resolvers: tuple[str, ...],
-        system_resolver: bool, ca_bundles: tuple[str, ...], db: str | None, helpers: tuple[str, ...],
-        doh: tuple[str, ...], control_sni: str, fingerprints: tuple[str, ...], timeout: float,
-        deadline: float | None, concurrency: int, fmt: str, progress: bool, source_address: str | None,
-        network_name: str | None,
-        asn: str | None, country: str | None, upload_url: str | None, upload_token_file: str | None) -> None:
+def run(list_name: str | None, targets_file: str | None, strict: bool, resume: int | None, shuffle: int | None,
+        resolvers: tuple[str, ...], system_resolver: bool, ca_bundles: tuple[str, ...], db: str | None,
+        helpers: tuple[str, ...], doh: tuple[str, ...], control_sni: str, control_sni_alias: str | None,
+        fingerprints: tuple[str, ...], timeout: float, deadline: float | None, concurrency: int, fmt: str | None,
+        progress: bool, source_address: str | None, network_name: str | None, asn: str | None,
+        country: str | None, upload_url: str | None, upload_token_file: str | None) -> None:
     """Probe a target list and print a verdict per target.
 
-    Every step (DNS, TCP, TLS, HTTP) is stored as it completes, so an interrupted run keeps what
-    it measured.  The probe's own public IP address is never stored.
+    Every step (DNS, TCP, TLS, HTTP) is stored as it completes, so an interrupted (Ctrl-C,
+    SIGTERM) or killed run keeps what it measured, and `--resume` measures the rest.  The probe's
+    own public IP address is never stored.
     """
     from kzprobe.probes import dns as dnsprobe
 
+    fmt = output.pick_format(fmt, ("table", "json", "jsonl", "csv"))
+    control_sni = control_sni_alias or control_sni
     for r in resolvers:
         try:
             dnsprobe.parse_resolver(r)
@@ -138,10 +179,17 @@ def run(list_name: str | None, targets_file: str | None, strict: bool, resolvers
         from kzprobe.collector.upload_cli import check_upload_options
 
         check_upload_options(upload_url, upload_token_file)
-    targets = _load_targets(list_name, targets_file, strict)
+    if resume is not None and (targets_file or list_name or shuffle is not None):
+        raise click.UsageError("--resume measures the stored run's own targets, in its own order: "
+                               "it takes no --targets, --list or --shuffle")
+    targets: list[Target] = []
+    if resume is None:
+        targets = _load_targets(list_name, targets_file, strict)
+        if shuffle is not None:
+            random.Random(shuffle).shuffle(targets)
     store = _open_store(db)
+    resume_id = _resumable(store, resume) if resume is not None else None
 
-    from kzprobe.analysis.fingerprints import FingerprintError
     from kzprobe.probes.engine import ProbeConfig
     from kzprobe.probes.runner import Runner
 
@@ -151,59 +199,66 @@ def run(list_name: str | None, targets_file: str | None, strict: bool, resolvers
     vantage = {"resolvers": dnsprobe.system_resolvers() if system_resolver else [],
                "explicit_resolvers": list(resolvers), "network_name": network_name, "asn": asn,
                "country": country}
+    total = len(targets) if resume_id is None else len(store.pending_targets(resume_id))
     show = progress and sys.stderr.isatty()
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     bar = Progress(TextColumn("[bold]probing"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[counts]}"), TimeElapsedColumn(), console=err, disable=not show)
-    task = bar.add_task("run", total=len(targets), counts="")
+    task = bar.add_task("run", total=total, counts="")
 
     def on_progress(done: int, _total: int, counts: dict[str, int]) -> None:
         text = " ".join(f"{k}={v}" for k, v in counts.items() if v)
         bar.update(task, completed=done, counts=text)
 
-    try:
-        with bar:
-            runner = Runner(store, cfg, helpers=list(helpers), doh=list(doh), deadline=deadline,
-                            vantage=vantage, progress=on_progress)
-            result = runner.run(targets)
-    except FingerprintError as exc:
-        raise click.ClickException(str(exc)) from None
+    with bar:
+        runner = Runner(store, cfg, helpers=list(helpers), doh=list(doh), deadline=deadline,
+                        vantage=vantage, progress=on_progress)
+        result = runner.run(targets, resume=resume_id)
     if result.no_network:
         err.print("[bold red]The vantage point has no network[/] (no route other than loopback): every target "
                   "is inconclusive; nothing here says anything about blocking.", highlight=False)
-    if result.interrupted:
-        err.print(f"[yellow]Interrupted:[/] what was measured is kept in run {result.run_id}.")
     for line in result.internal_errors:
         err.print(f"[bold red]internal error (please report):[/] {line}", highlight=False)
     for note in result.control_notes[:5]:
         err.print(f"[dim]control: {note}[/]", highlight=False)
-    emit_verdicts(result.verdicts, fmt)
-    counts = Counter(v.label for v in result.verdicts)
-    err.print(f"run {result.run_id} stored in {store.url}: "
-              + ", ".join(f"{k} {n}" for k, n in sorted(counts.items())), highlight=False)
+    info = store.run(result.run_id)
+    emit_verdicts("run", result.verdicts, fmt, run_id=result.run_id, run=_run_summary(store, info))
+    counts = output.counts(result.verdicts)
+    err.print(f"run {result.run_id} ({result.state}) stored in {store.url}: "
+              + ", ".join(f"{k} {n}" for k, n in counts.items()), highlight=False)
+    if result.not_measured:
+        why = {"deadline": "the --deadline ran out", "interrupted": "interrupted"}.get(result.state, result.state)
+        err.print(f"[yellow]{why}:[/] {result.not_measured} of {len(result.verdicts)} target(s) not measured; "
+                  f"`kzprobe run --resume {result.run_id}` measures them.", highlight=False)
     if upload_url:
         from kzprobe.collector.upload_cli import start_background_upload
 
         err.print(start_background_upload(store.url, upload_url, upload_token_file), highlight=False)
-    if result.interrupted:
+    if result.state == "interrupted":
         sys.exit(130)
+    if result.state == "deadline":
+        sys.exit(EXIT_DEADLINE)
 
 
 @click.command()
 @click.option("--list", "list_name", default=None, help="Built-in target list (default: kz2014).")
-@click.option("--targets", "targets_file", type=click.Path(dir_okay=False), default=None,
-              help="Citizen Lab test-list CSV or plain text.")
+@click.option("--targets", "targets_file", type=click.Path(dir_okay=False, allow_dash=True), default=None,
+              help="Citizen Lab test-list CSV or plain text; '-' reads stdin.")
 @click.option("--strict", is_flag=True, help="Fail if the file has a bad line.")
-@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
-def targets(list_name: str | None, targets_file: str | None, strict: bool, fmt: str) -> None:
+@output.format_option("table", "json", "jsonl", "csv")
+def targets(list_name: str | None, targets_file: str | None, strict: bool, fmt: str | None) -> None:
     """Show a target list (built-in, or imported from a file)."""
+    fmt = output.pick_format(fmt, ("table", "json", "jsonl", "csv"))
     ts = _load_targets(list_name, targets_file, strict)
     if fmt == "json":
-        click.echo(json.dumps([t.to_dict() for t in ts], indent=2, ensure_ascii=False))
+        click.echo(output.dumps_json({"command": "targets", "targets": [t.to_dict() for t in ts]}))
+    elif fmt == "jsonl":
+        for t in ts:
+            click.echo(json.dumps(t.to_dict(), ensure_ascii=False))
     elif fmt == "csv":
         buf = io.StringIO()
-        w = csv.writer(buf)
+        w = csv.writer(buf, lineterminator="\n")
         w.writerow(["url", "category", "claim_quote", "claim_section", "claim_footnote", "claim_dates",
                     "claim_mechanism"])
         for t in ts:
@@ -231,49 +286,48 @@ def _pick_run(store: Any, run_id: int | None) -> int:
 
 
 def stored_verdicts(store: Any, rid: int) -> list[Verdict]:
-    """The run's verdicts; a run killed before classifying is classified from its observations."""
-    vs: list[Verdict] = store.verdicts(rid)
-    if vs:
-        return vs
-    from kzprobe.analysis import Context, classify
+    """Every target of the run: stored verdicts, classified now if the run was killed before
+    classifying, and ``not_measured`` for the targets it never completed."""
+    from kzprobe.runview import run_verdicts
 
-    info = store.run(rid)
-    ctx = Context(no_network=bool(info and info.vantage.get("no_network")))
-    ts = store.targets(rid)
-    return classify(store.observations(rid), ctx, targets=[t.url for t in ts])
+    return run_verdicts(store, rid)
 
 
 @click.command()
-@click.option("--db", default=None, help="SQLite path or SQLAlchemy URL (postgresql://... for a collector's).")
+@click.option("--db", default=None, help=DB_HELP)
 @click.option("--run", "run_id", type=int, default=None, help="Run id (default: the latest).")
-@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
+@output.format_option("table", "json", "jsonl", "csv")
 @filter_options
-def verdicts(db: str | None, run_id: int | None, fmt: str, **filters: Any) -> None:
+def verdicts(db: str | None, run_id: int | None, fmt: str | None, **filters: Any) -> None:
     """Show the verdicts of a stored run; with filters, across runs grouped by vantage."""
-    store = _open_store(db)
+    fmt = output.pick_format(fmt, ("table", "json", "jsonl", "csv"))
+    store = _open_store(db, must_exist=True)
     if across_runs(store, run_id, fmt, **filters):
         return
     rid = _pick_run(store, run_id)
-    emit_verdicts(stored_verdicts(store, rid), fmt)
+    emit_verdicts("verdicts", stored_verdicts(store, rid), fmt, run_id=rid, run=_run_summary(store, store.run(rid)))
 
 
 @click.command()
-@click.option("--db", default=None, help="SQLite path or SQLAlchemy URL.")
+@click.option("--db", default=None, help=DB_HELP)
 @click.option("--run", "run_id", type=int, default=None,
               help="Run id (default: the latest; html/json: every run that matches the filters).")
-@click.option("--format", "fmt", type=click.Choice(["terminal", "markdown", "html", "json"]), default="terminal",
-              show_default=True, help="html: one self-contained page over the whole database; json: its data.")
+@click.option("--format", "fmt", type=click.Choice(["table", "markdown", "html", "json", "terminal"]),
+              default="table", show_default=True,
+              help="table: for the terminal ('terminal' is its old name); markdown: a file; html: one "
+                   "self-contained page over the whole database; json: its data.")
 @analyst_options
 def report(db: str | None, run_id: int | None, fmt: str, **analyst: Any) -> None:
-    """A blocking report: for a stored run (terminal, markdown), or across runs, networks and time
+    """A blocking report: for a stored run (table, markdown), or across runs, networks and time
     (html, json; see kzprobe.report)."""
     from kzprobe.reporting import render_markdown, render_terminal
 
+    fmt = "terminal" if fmt == "table" else fmt
     check_unused(fmt, **analyst)
+    store = _open_store(db, must_exist=True)
     if fmt in ("html", "json"):
-        write_report(_open_store(db), run_id, fmt, **analyst)
+        write_report(store, run_id, fmt, **analyst)
         return
-    store = _open_store(db)
     rid = _pick_run(store, run_id)
     data = dict(run=store.run(rid), targets=store.targets(rid), verdicts=stored_verdicts(store, rid),
                 traces=store.traces(rid))

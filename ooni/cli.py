@@ -244,29 +244,27 @@ def export(db: str | None, run_id: int | None, all_runs: bool, fmt: str, out: Pa
 
 
 def _write(store: Any, runs: list[Any], fmt: str, fh: TextIO) -> None:
-    from kzprobe.analysis import Context, classify
+    from kzprobe import output
     from kzprobe.ooni import exporter
-    from kzprobe.storage.models import RunRow
+    from kzprobe.runview import NOT_MEASURED, run_verdicts
 
     header = True
     for r in runs:
-        observations = store.observations(r.id)
+        # Only what was measured is exported: a target the run never completed (interrupted,
+        # --deadline, killed) is not an empty measurement, and its partial steps are not evidence.
+        states = store.target_states(r.id)
+        measured = [t.url for t, when in states if when is not None]
+        keep = set(measured)
+        observations = [o for o in store.observations(r.id) if o.target in keep or not states]
         if fmt == "jsonl":
             for line in exporter.observation_lines(r.id, observations):
                 fh.write(line + "\n")
             continue
-        targets = [t.url for t in store.targets(r.id)]
-        verdicts = store.verdicts(r.id)
-        if not verdicts and observations:
-            # A run that was never classified (e.g. killed): classify now rather than export nothing.
-            verdicts = classify(observations, Context(control_configured=True), targets=targets)
+        verdicts = [v for v in run_verdicts(store, r.id) if v.status != NOT_MEASURED]
         if fmt == "csv":
-            fh.write(exporter.verdict_csv(((r.id, v) for v in verdicts), header=header))
+            fh.write(output.csv_text([output.verdict_object(v, r.id) for v in verdicts], header=header))
             header = False
             continue
-        with store.session() as s:
-            row = s.get(RunRow, r.id)
-            options = dict(row.options or {}) if row is not None else {}
-        for m in exporter.run_measurements(targets, observations, verdicts, run_id=r.id, started=r.started,
-                                           ended=r.ended, vantage=r.vantage or {}, options=options):
+        for m in exporter.run_measurements(measured, observations, verdicts, run_id=r.id, started=r.started,
+                                           ended=r.ended, vantage=r.vantage or {}, options=r.options):
             fh.write(exporter.dumps(m) + "\n")

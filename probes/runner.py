@@ -8,9 +8,11 @@ classified only after its observations are committed, so verdict evidence carrie
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Callable
+import signal
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +23,9 @@ from kzprobe.analysis import Context, classify_target
 from kzprobe.model import BLOCKED, INCONCLUSIVE, OK, Observation, Target, Verdict
 from kzprobe.probes.control import ControlClient
 from kzprobe.probes.engine import Engine, ProbeConfig
+from kzprobe.runview import NOT_MEASURED, classify_measured, not_measured
 from kzprobe.storage import Store
+from kzprobe.storage.liveness import HEARTBEAT_EVERY
 
 Progress = Callable[[int, int, dict[str, int]], None]
 log = logging.getLogger("kzprobe.runner")
@@ -58,6 +62,10 @@ class RunResult:
     no_network: bool = False
     control_notes: list[str] = field(default_factory=list)
     internal_errors: list[str] = field(default_factory=list)
+    #: How the run ended: "done", "interrupted", "deadline" or "failed".
+    state: str = "done"
+    #: Targets of the run still without a completed measurement.
+    not_measured: int = 0
 
 
 class _Flush:
@@ -65,6 +73,62 @@ class _Flush:
 
     def __init__(self) -> None:
         self.event = trio.Event()
+
+
+class _Measured:
+    """Writer item: the target's observations are committed, so mark it measured."""
+
+    __slots__ = ("url",)
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+
+class _Beat:
+    __slots__ = ()
+
+
+_Item = Observation | _Flush | _Measured | _Beat
+
+
+@contextlib.contextmanager
+def _signals_deferred(seen: list[int]) -> Iterator[None]:
+    """Hold SIGINT/SIGTERM while the run's rows are written, so a second Ctrl-C (or a SIGTERM
+    that lands here) cannot leave a half-finished run; the signal is remembered instead."""
+    def note(signum: int, _frame: object) -> None:
+        seen.append(signum)
+
+    try:
+        old = {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread (tests driving the runner from a worker)
+        yield
+        return
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c() -> Iterator[None]:
+    """SIGTERM (systemd, a container stop, plain ``kill``) ends a run exactly as Ctrl-C does.
+
+    Re-raising it as SIGINT, rather than raising KeyboardInterrupt from a handler of our own,
+    lets trio deliver it at a safe point, as it does for Ctrl-C.
+    """
+    def forward(_signum: int, _frame: object) -> None:
+        signal.raise_signal(signal.SIGINT)
+
+    try:
+        old = signal.signal(signal.SIGTERM, forward)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 class Runner:
@@ -88,48 +152,82 @@ class Runner:
         self.control: ControlClient | None = None
         #: Bugs hit while measuring a target (reported, never silently dropped).
         self.internal_errors: list[str] = []
+        #: "deadline" when --deadline stopped the measuring.
+        self.stopped: str | None = None
 
-    def run(self, targets: list[Target]) -> RunResult:
-        self.no_network = not vantage_has_route()
-        self.run_id = self.store.new_run(
-            vantage={**self.vantage, "no_network": self.no_network},
-            options={"resolvers": self.config.resolvers, "helpers": self.helpers, "doh": self.doh,
-                     "timeout": self.config.timeout, "concurrency": self.config.concurrency,
-                     "control_sni": self.config.control_sni, "system_resolver": self.config.system_resolver})
-        self.store.add_targets(self.run_id, targets)
-        interrupted = False
+    def run(self, targets: list[Target], *, resume: int | None = None) -> RunResult:
+        """Measure ``targets`` in their order as a new run; or, with ``resume``, measure the
+        targets of that stored run that have no completed measurement, appending to it."""
+        with _sigterm_as_ctrl_c():
+            return self._run(targets, resume)
+
+    def _run(self, targets: list[Target], resume: int | None) -> RunResult:
+        signals: list[int] = []
+        with _signals_deferred(signals):
+            self.no_network = not vantage_has_route()
+            if resume is None:
+                self.run_id = self.store.new_run(
+                    vantage={**self.vantage, "no_network": self.no_network},
+                    options={"resolvers": self.config.resolvers, "helpers": self.helpers, "doh": self.doh,
+                             "timeout": self.config.timeout, "concurrency": self.config.concurrency,
+                             "control_sni": self.config.control_sni,
+                             "system_resolver": self.config.system_resolver})
+                self.store.add_targets(self.run_id, targets, pending=True)
+                todo = list(targets)
+            else:
+                self.run_id = resume
+                self.store.claim_run(resume)
+                # A target cut off mid-measurement is measured again from its first step.
+                self.store.discard_partial(resume)
+                todo = self.store.pending_targets(resume)
+        state = "failed"
         try:
-            trio.run(self._main, targets)
+            if signals:
+                raise KeyboardInterrupt
+            trio.run(self._main, todo)
+            state = self.stopped or "done"
         except (KeyboardInterrupt, BaseExceptionGroup) as exc:
             # trio delivers Ctrl-C through the run's nurseries: usually wrapped in a group.
             if isinstance(exc, BaseExceptionGroup) and exc.subgroup(KeyboardInterrupt) is None:
                 raise
-            interrupted = True
+            state = "interrupted"
         finally:
-            # Anything measured but not yet committed (interrupt) is written now.
-            pending = [o for o in self.all_obs if o.id is None]
-            if pending:
-                self.store.add_observations(self.run_id, pending)
-        verdicts = self._final_verdicts(targets)
-        self.store.set_verdicts(self.run_id, verdicts)
-        self.store.finish_run(self.run_id, "interrupted" if interrupted else "done")
+            with _signals_deferred(signals):
+                # Anything measured but not yet committed (interrupt) is written now.
+                pending = [o for o in self.all_obs if o.id is None]
+                if pending:
+                    self.store.add_observations(self.run_id, pending)
+                if state == "failed":
+                    self.store.finish_run(self.run_id, "failed")
+        with _signals_deferred(signals):
+            verdicts = self._final_verdicts(state)
+            self.store.set_verdicts(self.run_id, verdicts)
+            self.store.finish_run(self.run_id, state)
+        # A signal that arrived while the finished run was being written changes nothing: every
+        # target was measured, so the run is done (and the process ends now anyway).
         notes = self.control.notes if self.control else []
-        return RunResult(self.run_id, verdicts, interrupted, self.no_network, notes, self.internal_errors)
+        missing = sum(1 for v in verdicts if v.status == NOT_MEASURED)
+        return RunResult(self.run_id, verdicts, state == "interrupted", self.no_network, notes,
+                         self.internal_errors, state, missing)
 
     def _context(self) -> Context:
         return Context(no_network=self.no_network, control_configured=bool(self.helpers or self.doh))
 
-    def _final_verdicts(self, targets: list[Target]) -> list[Verdict]:
+    def _final_verdicts(self, state: str) -> list[Verdict]:
+        """Every target of the run (earlier sessions' too, after a resume), in probe order."""
+        states = self.store.target_states(self.run_id)
+        earlier = [t for t, measured in states if measured is not None and t.url not in self.verdicts]
+        fresh = classify_measured(self.store, self.run_id, earlier, self._context()) if earlier else {}
         out = []
-        for t in targets:
-            v = self.verdicts.get(t.url)
-            if v is None:
-                v = classify_target(t.url, self.by_target.get(t.url, []), self._context(), domain=t.host)
-            out.append(v)
+        for t, measured in states:
+            if measured is None:
+                out.append(not_measured(t, state))
+            else:
+                out.append(self.verdicts.get(t.url) or fresh[t.url])
         return out
 
     async def _main(self, targets: list[Target]) -> None:
-        send, recv = trio.open_memory_channel[Observation | _Flush](math.inf)
+        send, recv = trio.open_memory_channel[_Item](math.inf)
 
         async def sink(o: Observation) -> None:
             self.all_obs.append(o)
@@ -138,14 +236,20 @@ class Runner:
 
         async with trio.open_nursery() as root:
             root.start_soon(self._writer, recv)
+            root.start_soon(self._heartbeat, send)
             try:
                 async with Engine(self.config, sink) as engine:
                     self.control = ControlClient(self.helpers, self.doh, self.config, sink, engine.trust)
-                    limiter = trio.CapacityLimiter(max(1, self.config.concurrency))
-                    with trio.move_on_after(self.deadline if self.deadline else math.inf):
+                    with trio.move_on_after(self.deadline if self.deadline else math.inf) as dl:
+                        # A fixed pool of workers taking targets from one iterator: targets start in
+                        # list order (trio starts sibling tasks in no fixed order), so an
+                        # interrupted run has covered the head of its list.
+                        queue = iter(targets)
                         async with trio.open_nursery() as n:
-                            for t in targets:
-                                n.start_soon(self._one, engine, t, limiter, send)
+                            for _ in range(min(max(1, self.config.concurrency), len(targets))):
+                                n.start_soon(self._worker, engine, queue, send)
+                    if dl.cancelled_caught:
+                        self.stopped = "deadline"
                     await self.control.aclose()
             finally:
                 flush = _Flush()
@@ -154,34 +258,42 @@ class Runner:
                     await flush.event.wait()
                 root.cancel_scope.cancel()
 
-    async def _one(self, engine: Engine, target: Target, limiter: trio.CapacityLimiter,
-                   send: trio.MemorySendChannel[Observation | _Flush]) -> None:
-        async with limiter:
-            assert self.control is not None
-            control = self.control
-            try:
-                async with trio.open_nursery() as n:
-                    def on_dns(addresses: list[str]) -> None:
-                        # Control runs concurrently with the probe's own TCP/TLS/HTTP steps.
-                        n.start_soon(control.fetch, target, addresses)
+    async def _heartbeat(self, send: trio.MemorySendChannel[_Item]) -> None:
+        while True:
+            await trio.sleep(HEARTBEAT_EVERY)
+            send.send_nowait(_Beat())
 
-                    await engine.measure(target, on_dns=on_dns if control.enabled else None)
-            except Exception as exc:
-                # trio hands a bug over wrapped in nursery groups: report its cause, keep the trace.
-                cause = E.leaf(exc)
-                log.error("internal error while measuring %s", target.url, exc_info=exc)
-                self.internal_errors.append(f"{target.url}: {type(cause).__name__}: {cause}")
-            flush = _Flush()
-            send.send_nowait(flush)
-            await flush.event.wait()
-            obs = self.by_target.get(target.url, [])
-            v = classify_target(target.url, obs, self._context(), domain=target.host)
-            self.verdicts[target.url] = v
-            self.counts[v.status] = self.counts.get(v.status, 0) + 1
-            if self.progress:
-                self.progress(len(self.verdicts), 0, dict(self.counts))
+    async def _worker(self, engine: Engine, queue: Iterator[Target], send: trio.MemorySendChannel[_Item]) -> None:
+        for target in queue:
+            await self._one(engine, target, send)
 
-    async def _writer(self, recv: trio.MemoryReceiveChannel[Observation | _Flush]) -> None:
+    async def _one(self, engine: Engine, target: Target, send: trio.MemorySendChannel[_Item]) -> None:
+        assert self.control is not None
+        control = self.control
+        try:
+            async with trio.open_nursery() as n:
+                def on_dns(addresses: list[str]) -> None:
+                    # Control runs concurrently with the probe's own TCP/TLS/HTTP steps.
+                    n.start_soon(control.fetch, target, addresses)
+
+                await engine.measure(target, on_dns=on_dns if control.enabled else None)
+        except Exception as exc:
+            # trio hands a bug over wrapped in nursery groups: report its cause, keep the trace.
+            cause = E.leaf(exc)
+            log.error("internal error while measuring %s", target.url, exc_info=exc)
+            self.internal_errors.append(f"{target.url}: {type(cause).__name__}: {cause}")
+        flush = _Flush()
+        send.send_nowait(flush)
+        await flush.event.wait()
+        obs = self.by_target.get(target.url, [])
+        v = classify_target(target.url, obs, self._context(), domain=target.host)
+        self.verdicts[target.url] = v
+        send.send_nowait(_Measured(target.url))
+        self.counts[v.status] = self.counts.get(v.status, 0) + 1
+        if self.progress:
+            self.progress(len(self.verdicts), 0, dict(self.counts))
+
+    async def _writer(self, recv: trio.MemoryReceiveChannel[_Item]) -> None:
         async with recv:
             while True:
                 item = await recv.receive()
@@ -192,9 +304,14 @@ class Runner:
                     except trio.WouldBlock:
                         break
                 obs = [i for i in batch if isinstance(i, Observation)]
+                done = [i.url for i in batch if isinstance(i, _Measured)]
+                # Not abandoned on cancel: an in-flight commit always completes.
                 if obs:
-                    # Not abandoned on cancel: an in-flight commit always completes.
                     await trio.to_thread.run_sync(self.store.add_observations, self.run_id, obs)
+                if done:
+                    await trio.to_thread.run_sync(self.store.mark_measured, self.run_id, done)
+                if any(isinstance(i, _Beat) for i in batch):
+                    await trio.to_thread.run_sync(self.store.heartbeat, self.run_id)
                 for i in batch:
                     if isinstance(i, _Flush):
                         i.event.set()

@@ -14,11 +14,11 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, delete, event, func, inspect, select
+from sqlalchemy import create_engine, delete, event, func, inspect, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from kzprobe import __version__
 from kzprobe.model import Claim, Observation, Target, Verdict, now
 from kzprobe.storage.classifier import classifier_version
+from kzprobe.storage.liveness import is_alive, process_identity
 from kzprobe.storage.models import (
     HEAD_REVISION,
     SCHEMA_VERSION,
@@ -81,6 +82,11 @@ class RunInfo:
     state: str
     vantage: dict[str, Any]
     n_targets: int
+    #: Targets whose measurement completed; the rest show as ``not_measured``.
+    n_measured: int = 0
+    pid: int | None = None
+    heartbeat: float | None = None
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 # The model's dataclasses are the contract; the rows mirror them field for field (plus run_id),
@@ -195,6 +201,8 @@ class Store:
                 options=options or {},
                 state="running",
                 **_vantage_columns(vantage or {}),
+                heartbeat=now(),
+                **process_identity(),
             )
             s.add(run)
             s.flush()
@@ -215,7 +223,26 @@ class Store:
                 run.state = state
                 run.ended = ended if ended is not None else now()
 
-    def add_targets(self, run_id: int, targets: Iterable[Target]) -> None:
+    def claim_run(self, run_id: int) -> None:
+        """Make this process the one measuring ``run_id`` again (``run --resume``)."""
+        with self._session.begin() as s:
+            run = s.get(RunRow, run_id)
+            if run is not None:
+                run.state, run.ended, run.heartbeat = "running", None, now()
+                for k, v in process_identity().items():
+                    setattr(run, k, v)
+
+    def heartbeat(self, run_id: int) -> None:
+        with self._session.begin() as s:
+            run = s.get(RunRow, run_id)
+            if run is not None:
+                run.heartbeat = now()
+
+    def add_targets(self, run_id: int, targets: Iterable[Target], *, pending: bool = False) -> None:
+        """Add the run's targets, in probe order.  ``pending``: not measured yet (a live run marks
+        each one with :meth:`mark_measured` when its measurement completes); otherwise (imports,
+        captures) each target counts as measured now."""
+        when = None if pending else now()
         with self._session.begin() as s:
             s.add_all(
                 TargetRow(
@@ -224,9 +251,33 @@ class Store:
                     domain=t.host,
                     category=t.category,
                     claim=t.claim.to_dict() if t.claim else None,
+                    measured=when,
+                    position=i,
                 )
-                for t in targets
+                for i, t in enumerate(targets)
             )
+
+    def mark_measured(self, run_id: int, urls: Iterable[str]) -> None:
+        wanted = list(urls)
+        if not wanted:
+            return
+        with self._session.begin() as s:
+            s.execute(update(TargetRow).where(TargetRow.run_id == run_id, TargetRow.url.in_(wanted),
+                                              TargetRow.measured.is_(None)).values(measured=now()))
+
+    def pending_targets(self, run_id: int) -> list[Target]:
+        """The run's targets without a completed measurement, in the run's probe order."""
+        return [t for t, measured in self.target_states(run_id) if measured is None]
+
+    def discard_partial(self, run_id: int) -> int:
+        """Delete the observations of targets whose measurement never completed (the process died
+        or the deadline struck mid-target), so that a resumed run measures each of them once, from
+        the start, rather than mixing two half measurements.  Returns how many were dropped."""
+        with self._session.begin() as s:
+            pending = select(TargetRow.url).where(TargetRow.run_id == run_id, TargetRow.measured.is_(None))
+            res = s.execute(delete(ObservationRow).where(ObservationRow.run_id == run_id,
+                                                         ObservationRow.target.in_(pending)))
+            return int(getattr(res, "rowcount", 0) or 0)
 
     def add_observations(self, run_id: int, observations: list[Observation]) -> None:
         """Store and commit; assigns each observation its ``id``."""
@@ -254,27 +305,46 @@ class Store:
     # --- reading -------------------------------------------------------------------------------
     def runs(self) -> list[RunInfo]:
         with self._session() as s:
-            counts: dict[int, int] = {
-                rid: n for rid, n in s.execute(select(TargetRow.run_id, func.count()).group_by(TargetRow.run_id)).all()
+            counts: dict[int, tuple[int, int]] = {
+                rid: (n, int(m or 0)) for rid, n, m in s.execute(
+                    select(TargetRow.run_id, func.count(), func.count(TargetRow.measured)).group_by(TargetRow.run_id)
+                ).all()
             }
-            return [
-                RunInfo(r.id, r.source, r.started, r.ended, r.state, r.vantage, counts.get(r.id, 0))
-                for r in s.scalars(select(RunRow).order_by(RunRow.id))
-            ]
+            return [self._info(r, *counts.get(r.id, (0, 0))) for r in s.scalars(select(RunRow).order_by(RunRow.id))]
+
+    @staticmethod
+    def _info(r: RunRow, n: int, measured: int) -> RunInfo:
+        state = r.state
+        # "running" is only true while its process lives; otherwise the run was killed (SIGKILL,
+        # power loss, OOM) and never got to say so.
+        if state == "running" and not is_alive(r.pid, r.host_boot, r.proc_start, r.heartbeat):
+            state = "abandoned"
+        return RunInfo(r.id, r.source, r.started, r.ended, state, r.vantage, n, measured, r.pid, r.heartbeat,
+                       dict(r.options or {}))
 
     def run(self, run_id: int) -> RunInfo | None:
-        return next((r for r in self.runs() if r.id == run_id), None)
+        with self._session() as s:
+            r = s.get(RunRow, run_id)
+            if r is None:
+                return None
+            n, m = s.execute(select(func.count(), func.count(TargetRow.measured))
+                             .where(TargetRow.run_id == run_id)).one()
+            return self._info(r, int(n), int(m or 0))
 
     def latest_run_id(self) -> int | None:
         with self._session() as s:
             return s.scalar(select(func.max(RunRow.id)))
 
-    def targets(self, run_id: int) -> list[Target]:
+    def target_states(self, run_id: int) -> list[tuple[Target, float | None]]:
+        """The run's targets in probe order, each with when its measurement completed (or None)."""
         with self._session() as s:
-            return [
-                Target(url=r.url, category=r.category, claim=Claim(**r.claim) if r.claim else None)
-                for r in s.scalars(select(TargetRow).where(TargetRow.run_id == run_id).order_by(TargetRow.id))
-            ]
+            rows = s.scalars(select(TargetRow).where(TargetRow.run_id == run_id)
+                             .order_by(TargetRow.position, TargetRow.id))
+            return [(Target(url=r.url, category=r.category, claim=Claim(**r.claim) if r.claim else None), r.measured)
+                    for r in rows]
+
+    def targets(self, run_id: int) -> list[Target]:
+        return [t for t, _ in self.target_states(run_id)]
 
     def observations(self, run_id: int, target: str | None = None) -> list[Observation]:
         with self._session() as s:

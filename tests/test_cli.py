@@ -33,8 +33,7 @@ def test_bad_target_lines_warn_with_location_and_keep_good_lines(tmp_path: Path)
     assert out.exit_code == 0, out.output
     warnings = [line for line in out.stderr.splitlines() if "warning" in line]
     assert any(f"{f}:2:" in w for w in warnings) and any(f"{f}:5:" in w for w in warnings), out.stderr
-    json_start = out.stdout.index("[")
-    urls = [t["url"] for t in json.loads(out.stdout[json_start:])]
+    urls = [t["url"] for t in json.loads(out.stdout)["targets"]]
     assert urls == ["https://good.example/", "http://also-good.example/"]
 
 

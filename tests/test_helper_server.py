@@ -444,7 +444,7 @@ def test_probe_run_stores_control_observations(net: Net, lab_helper: Helper, tmp
            "--format", "json", "--db", str(db), "--timeout", "3"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
     assert p.returncode == 0, p.stderr
-    (verdict,) = json.loads(p.stdout)
+    (verdict,) = json.loads(p.stdout)["verdicts"]
     assert verdict["target"] == net.site_url
     with contextlib.closing(sqlite3.connect(db)) as con:
         rows = con.execute("SELECT step, address, failure, data FROM observations WHERE vantage = 'control'"

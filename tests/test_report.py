@@ -62,7 +62,7 @@ def test_verdicts_json_and_csv(tmp_path: Path) -> None:
     rid = _stored_run(db)
     out = CliRunner().invoke(main, ["verdicts", "--db", str(db), "--run", str(rid), "--format", "json"])
     assert out.exit_code == 0, out.output
-    (v,) = json.loads(out.output)
+    (v,) = json.loads(out.output)["verdicts"]
     assert {k: v[k] for k in ("target", "status", "mechanism", "detail", "rule")} == {
         "target": "http://www.nifty.org/", "status": "blocked", "mechanism": "dpi", "detail": "dpi.http_reset",
         "rule": "dpi.http_followup"}
@@ -79,4 +79,5 @@ def test_unknown_run_and_bad_db_are_one_line_errors(tmp_path: Path) -> None:
     out = CliRunner().invoke(main, ["verdicts", "--db", str(db), "--run", "99"])
     assert out.exit_code == 1 and "no run 99" in out.output and "Traceback" not in out.output
     empty = CliRunner().invoke(main, ["report", "--db", str(tmp_path / "new.db")])
-    assert empty.exit_code == 1 and "no run stored yet" in empty.output
+    assert empty.exit_code == 1 and "no such database" in empty.output  # a --db typo is not a new database
+    assert not (tmp_path / "new.db").exists()

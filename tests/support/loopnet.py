@@ -801,7 +801,7 @@ def run_kzprobe(net: LoopNet, urls: list[str], db: Path, *extra: str, resolvers:
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=wait, env=env)
     verdicts: dict[str, dict[str, Any]] = {}
     if p.returncode == 0:
-        verdicts = {v["target"]: v for v in json.loads(p.stdout)}
+        verdicts = {v["target"]: v for v in json.loads(p.stdout)["verdicts"]}
     return RunOutput(p.returncode, p.stdout, p.stderr, db, verdicts)
 
 
