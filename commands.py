@@ -101,14 +101,16 @@ def _resumable(store: Any, run_id: int | None) -> int:
         live = [r for r in store.runs() if r.source == "live"]
         if not live:
             raise click.ClickException(f"{store.url}: no run to resume (--resume)")
-        unfinished = [r for r in live if r.n_measured < r.n_targets]
+        unfinished = [r for r in live if r.state != "done"]
         info = unfinished[-1] if unfinished else live[-1]
     if info.source != "live":
         raise click.ClickException(f"run {info.id} is a {info.source} import, not a measurement; nothing to resume")
     if info.state == "running":
         raise click.ClickException(f"run {info.id} is still being measured (pid {info.pid}); stop it first")
-    if info.n_measured >= info.n_targets:
-        raise click.ClickException(f"run {info.id} has no target left to measure ({info.state})")
+    if info.state == "done":
+        raise click.ClickException(f"run {info.id} is done: every target was measured")
+    # A run killed after its last measurement but before it was written up has nothing left to
+    # measure; resuming it still classifies it and marks it done.
     return int(info.id)
 
 

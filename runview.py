@@ -63,7 +63,9 @@ def run_verdicts(store: Any, run_id: int) -> list[Verdict]:
         fresh = classify_measured(store, run_id, missing, ctx)
     out = []
     for t, measured in states:
-        if measured is None:
+        if measured is None and t.url in stored and stored[t.url].status != NOT_MEASURED:
+            out.append(stored[t.url])  # a run from before targets were marked (schema 1, migrated)
+        elif measured is None:
             out.append(not_measured(t, state))
         else:
             out.append(fresh.get(t.url) or stored[t.url])

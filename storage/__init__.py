@@ -314,6 +314,8 @@ class Store:
 
     @staticmethod
     def _info(r: RunRow, n: int, measured: int) -> RunInfo:
+        if r.source != "live":  # imports and captures are whole once stored
+            measured = n
         state = r.state
         # "running" is only true while its process lives; otherwise the run was killed (SIGKILL,
         # power loss, OOM) and never got to say so.
@@ -338,10 +340,13 @@ class Store:
     def target_states(self, run_id: int) -> list[tuple[Target, float | None]]:
         """The run's targets in probe order, each with when its measurement completed (or None)."""
         with self._session() as s:
+            run = s.get(RunRow, run_id)
+            # Only a live run measures target by target; an import or a capture is whole once stored.
+            whole = run.started if run is not None and run.source != "live" else None
             rows = s.scalars(select(TargetRow).where(TargetRow.run_id == run_id)
                              .order_by(TargetRow.position, TargetRow.id))
-            return [(Target(url=r.url, category=r.category, claim=Claim(**r.claim) if r.claim else None), r.measured)
-                    for r in rows]
+            return [(Target(url=r.url, category=r.category, claim=Claim(**r.claim) if r.claim else None),
+                     r.measured if r.measured is not None else whole) for r in rows]
 
     def targets(self, run_id: int) -> list[Target]:
         return [t for t, _ in self.target_states(run_id)]
