@@ -52,11 +52,48 @@ class LazyGroup(click.Group):
         command: click.Command = getattr(module, attr)
         return command
 
+    def invoke(self, ctx: click.Context) -> Any:
+        """The one error boundary: whatever a command raises becomes one line on stderr.
+
+        A user's mistake or an environment problem names the file, option or URL; anything
+        else is a bug: one line plus the path of a log holding the traceback (exit 70).  trio
+        wraps exceptions in groups, so the leaf is what is judged.
+        """
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit,
+                KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            raise _boundary(exc) from None
+
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         # Use the static help so that listing commands imports nothing.
         rows = [(name, spec[2]) for name, spec in COMMANDS.items()]
         with formatter.section("Commands"):
             formatter.write_dl(rows)
+
+
+class InternalError(click.ClickException):
+    exit_code = 70
+
+
+def _boundary(exc: BaseException) -> BaseException:
+    from kzprobe import errors
+
+    leaves = [e for e in errors.leaves(exc) if type(e).__name__ != "Cancelled"] or [exc]
+    for leaf in leaves:
+        if isinstance(leaf, KeyboardInterrupt | SystemExit | click.exceptions.ClickException
+                      | click.exceptions.Exit | click.exceptions.Abort):
+            return leaf
+    for leaf in leaves:
+        line = errors.user_error_line(leaf)
+        if line is not None:
+            return click.ClickException(line)
+    leaf = leaves[0]
+    log = errors.write_crash_log(exc, sys.argv[1:])
+    first = (str(leaf).splitlines() or [""])[0][:200]
+    return InternalError(f"internal error: {type(leaf).__name__}: {first} (traceback in {log}; please report it)")
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -197,3 +197,68 @@ def gai_failure(exc: BaseException) -> str:
             if code == socket.EAI_FAIL:
                 return DNS_SERVFAIL
     return failure_string(exc)
+
+
+# --- the command line's error boundary -------------------------------------------------------------
+#: Exit status of an internal error (sysexits' EX_SOFTWARE), apart from 1 (a user's mistake).
+EXIT_INTERNAL = 70
+
+
+def leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions at the bottom of (possibly nested) exception groups, in order."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for e in exc.exceptions for leaf in leaves(e)]
+    return [exc]
+
+
+def crash_log_dir() -> str:
+    import os
+    from pathlib import Path
+
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return str(Path(base) / "kzprobe" / "logs")
+
+
+def write_crash_log(exc: BaseException, argv: list[str]) -> str:
+    """Write the full traceback to a log file; return its path (a temp file if the usual folder
+    cannot be written)."""
+    import datetime
+    import os
+    import tempfile
+    import traceback
+    from pathlib import Path
+
+    text = "kzprobe " + " ".join(argv) + "\n\n" + "".join(traceback.format_exception(exc))
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+    name = f"crash-{stamp}-{os.getpid()}.log"
+    for folder in (crash_log_dir(), tempfile.gettempdir()):
+        try:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            path = Path(folder) / name
+            path.write_text(text, encoding="utf-8")
+            return str(path)
+        except OSError:
+            continue
+    return "(no writable folder for the log)"
+
+
+def user_error_line(exc: BaseException) -> str | None:
+    """One line for a mistake of the user's or a problem of the environment, or None when the
+    exception is a bug (an internal error)."""
+    name = type(exc).__name__
+    # Errors whose message is written for the user, one line, naming the file / option / URL.
+    if name in ("StorageError", "TargetListError", "FingerprintError", "WireError", "OoniFormatError",
+                "ScenarioError", "LabError", "PcapError", "TraceError", "UploadError"):
+        return str(exc).splitlines()[0] if str(exc) else name
+    if isinstance(exc, ModuleNotFoundError):
+        hint = "install kzprobe[postgres]" if (exc.name or "").startswith(("psycopg", "asyncpg")) else \
+            f"install the Python package that provides '{exc.name}'"
+        return f"a module kzprobe needs is missing ({exc.name}): {hint}"
+    if isinstance(exc, PermissionError | FileNotFoundError | IsADirectoryError | NotADirectoryError):
+        where = exc.filename or ""
+        return f"{where}: {exc.strerror}" if where else str(exc)
+    if isinstance(exc, OSError) and exc.errno is not None and exc.filename:
+        return f"{exc.filename}: {exc.strerror}"
+    if isinstance(exc, MemoryError):
+        return "out of memory (an input too large? see the limits in docs/output.md)"
+    return None
