@@ -56,6 +56,8 @@ from kzprobe.probes.engine import ProbeConfig
 PROTOCOL_VERSION = 1
 #: Request headers, in total; the control protocol needs a few hundred bytes.
 MAX_HEAD = 8 * 1024
+#: Longest a 429 is held back before it is sent (s).
+TARPIT = 1.0
 #: How often a running measurement checks that its client is still connected (s).
 GONE_POLL = 0.2
 log = logging.getLogger("kzprobe.helper")
@@ -327,8 +329,15 @@ class HelperApp:
         raise busy
 
     async def _control(self, scope: Scope, receive: Receive) -> tuple[int, dict[str, Any], dict[str, str]]:
-        key = self._authorize(scope)
-        self._limit(key)
+        try:
+            key = self._authorize(scope)
+            self._limit(key)
+        except HttpError as exc:
+            if exc.status == 429:
+                # Tarpit: a client that ignores Retry-After and asks again at once would otherwise
+                # make the helper spend its time answering 429s.  Waiting costs a sleeping task.
+                await trio.sleep(min(TARPIT, float(exc.headers.get("Retry-After", "1"))))
+            raise
         try:
             status, payload, headers = await self._limited_control(scope, receive, key)
         finally:

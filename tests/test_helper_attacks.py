@@ -237,7 +237,7 @@ def test_wrong_tokens_are_rate_limited(lab: L.AttackLab) -> None:
         codes = []
         with client(guesser) as c:
             t0 = time.monotonic()
-            for i in range(40):
+            for i in range(12):
                 codes.append(c.post(f"{lab.helper}/v1/control", json={"url": "http://honest.lab.example/"},
                                     headers={"Authorization": f"Bearer guess-{i:032d}"}).status_code)
             assert time.monotonic() - t0 < 20
@@ -247,7 +247,8 @@ def test_wrong_tokens_are_rate_limited(lab: L.AttackLab) -> None:
         return codes, right, elsewhere
 
     codes, right, elsewhere = in_world(lab, go)
-    # A handful of tries are answered (401); then the guesser is locked out (429) -- even with the right token.
+    # A handful of tries are answered (401); then the guesser is locked out (429, each held back a
+    # second) -- even with the right token.
     assert codes[:5] == [401] * 5 and set(codes[6:]) == {429}, codes
     assert right.status_code == 429 and int(right.headers["retry-after"]) >= 1
     assert elsewhere.status_code == 200
@@ -272,17 +273,21 @@ def test_client_concurrency_and_rate_limits(lab: L.AttackLab) -> None:
 
     rs = in_world(lab, lambda: trio.run(main))
     limited = [r for r in rs if r.status_code == 429]
-    # 4 at once per client; the burst of a 1/s bucket is 10, so these 8 are all about concurrency.
+    # 4 at once per client (the bucket's burst of 5 is not what stops these 8).
     assert len(limited) == 4 and all(r.headers.get("retry-after") for r in limited), [r.status_code for r in rs]
 
-    def burst() -> list[int]:
+    def burst() -> tuple[list[int], float]:
         with client(L.CLIENTS[21]) as c:
-            return [c.post(f"{base}/v1/control", json={"url": f"http://honest.{L.DOMAIN}/"},
-                           headers=AUTH).status_code for _ in range(14)]
+            t = time.monotonic()
+            codes = [c.post(f"{base}/v1/control", json={"url": f"http://honest.{L.DOMAIN}/"},
+                            headers=AUTH).status_code for _ in range(14)]
+            return codes, time.monotonic() - t
 
-    codes = in_world(lab, burst)
-    # The 4 concurrent ones above spent 4 of the token's 10; 6 more pass, then 429.
-    assert codes.count(200) <= 7 and codes[-1] == 429, codes
+    codes, took = in_world(lab, burst)
+    # The token is one client wherever it connects from: at most the burst (5) plus 1/s get through;
+    # the rest are 429 (each held back up to a second, which is what paces a client that ignores
+    # Retry-After).
+    assert 429 in codes and codes.count(200) <= 5 + took * 1.0 + 1, (codes, took)
 
 
 def test_measurement_is_cancelled_when_the_http1_client_leaves(lab: L.AttackLab) -> None:
