@@ -31,6 +31,7 @@ from kzprobe import __version__
 from kzprobe.collector.ingest import Ingest, Refused
 from kzprobe.collector.tokens import Verifier
 from kzprobe.collector.wire import API_VERSION, BadBody, parse_batch, parse_close, parse_open
+from kzprobe.hardening.limits import RateLimiter, client_key, retry_after_header
 
 log = logging.getLogger("kzprobe.collector")
 
@@ -53,7 +54,7 @@ class Limits:
     queue: int = 64
     body_timeout: float = 30.0
     header_timeout: float = 10.0
-    #: Wrong tokens per client (memory only) before answering 401 without checking for a while.
+    #: Wrong tokens per client (memory only) before answering 401 unchecked; refilled over auth_lockout s.
     auth_failures: int = 10
     auth_lockout: float = 60.0
 
@@ -78,7 +79,10 @@ class CollectorApp:
     def __post_init__(self) -> None:
         self.writers = trio.CapacityLimiter(self.limits.writers)
         self.waiting = 0
-        self._failures: dict[str, tuple[int, float]] = {}
+        # The helper's hardening layer: wrong tokens cost a client (by address, /64 for IPv6) from a
+        # bucket of `auth_failures` refilled over `auth_lockout` s; empty, it is refused unchecked.
+        self._failures = RateLimiter(rate=self.limits.auth_failures / self.limits.auth_lockout,
+                                     burst=self.limits.auth_failures)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope.get("type")
@@ -122,12 +126,10 @@ class CollectorApp:
         return None
 
     async def _authorize(self, scope: Scope) -> str:
-        client = str((scope.get("client") or ("?", 0))[0])  # in memory only, for the lockout
-        count, until = self._failures.get(client, (0, 0.0))
-        now = trio.current_time()
+        client = client_key(str((scope.get("client") or ("?", 0))[0]))  # in memory only, for the lockout
         unauthorized = HttpError(401, "unauthorized", "missing, unknown or revoked token",
                                  {"WWW-Authenticate": 'Bearer realm="kzprobe-collector"'})
-        if count >= self.limits.auth_failures and now < until:
+        if self._failures.peek(client) > 0:
             raise unauthorized
         scheme, _, given = (self._header(scope, b"authorization") or "").partition(" ")
         if scheme.lower() != "bearer" or not given.strip():
@@ -135,11 +137,8 @@ class CollectorApp:
         # scrypt takes tens of ms: never on the event loop.
         name = await trio.to_thread.run_sync(self.verifier.name_of, given.strip())
         if name is None:
-            self._failures[client] = (count + 1, now + self.limits.auth_lockout)
-            if len(self._failures) > 10_000:  # bounded memory under a spray of addresses
-                self._failures.clear()
+            self._failures.take(client)  # only a wrong guess costs; the table is LRU-bounded
             raise unauthorized
-        self._failures.pop(client, None)
         return name
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
@@ -179,7 +178,7 @@ class CollectorApp:
         """Parse ``body`` in a worker thread (CPU on untrusted bytes never runs on the event loop),
         then ``write(parsed)`` in another, at most ``writers`` at once."""
         if self.waiting >= self.limits.queue:
-            raise HttpError(503, "busy", "collector busy; retry later", {"Retry-After": "2"})
+            raise HttpError(503, "busy", "collector busy; retry later", {"Retry-After": retry_after_header(2)})
         self.waiting += 1
         try:
             parsed = await trio.to_thread.run_sync(parse, body) if parse is not None else None
