@@ -13,6 +13,7 @@ client's handshake TTL that no one answers did not reach the server -- that is n
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, NamedTuple
+from urllib.parse import urljoin
 
 from kzprobe import errors as E
 from kzprobe.analysis.features import host_of, http_features
@@ -200,6 +201,8 @@ def _transfer(st: FileState, fl: Flow, domain: str, address: str, sni: str | Non
             "in the capture")
 
 
+#: The statuses httpx (the live probe) follows as redirects.
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 #: The same ratio and floor the rules use for HTTP bodies (analysis.rules.THROTTLE_RATIO,
 #: analysis.facts.MIN_SAMPLE_SPAN): a transfer shorter than the floor is rated as if it took it.
 THROTTLE_RATIO = 4.0
@@ -250,6 +253,16 @@ def _http_reply(st: FileState, fl: Flow, domain: str, what: str, body: bytes, in
     cut = not complete or (fl.srv_overflow and not injected)
     feats = http_features(status, headers, raw, truncated_on_wire=cut, fingerprints=st.fingerprints)
     data.update(status=status, headers=headers, **feats)
+    # Where a redirect sends, as the live probe records it: the rules compare a redirect by its
+    # target, not by its (tiny) page, so an http->https 301 is not "a different page" than control's.
+    location = headers.get("location")
+    if status in REDIRECT_STATUSES and location:
+        try:
+            data["redirect_to"] = urljoin(str(data.get("url") or ""), location)
+        except ValueError:  # a hostile Location that is no URL: the redirect stays unfollowed
+            pass
+        else:
+            data["redirects"] = [data["redirect_to"]]
     bp = feats["blockpage"]
     if bp:
         st.find(domain, "blockpage", [sig.number], f"packet {sig.number}: blockpage '{bp}' served for {what} "

@@ -78,13 +78,15 @@ LOST_IN_CAPTURE: dict[tuple[str, str], str] = {
 #:   - dns.blockpage: the live probe found the blockpage by fetching it behind the certificate
 #:     that failed validation (an HTTPS GET); in the capture that page is ciphertext, so the
 #:     wrong DNS answer is all replay can show: dns.poisoned.
-#:   - dpi.throttled: the rule compares the HTTP body's wire rate with the benign-SNI
-#:     follow-up's; over HTTPS a capture has no HTTP response to rate (TLS records only).
+#:   - dpi.throttled, ok.slow: the rules rate the HTTP body (and compare it with the benign-SNI
+#:     follow-up's); over HTTPS a capture has no HTTP response to rate, only TLS records (replay
+#:     reports their rates as findings: tls_throttled).
 ENCRYPTED_IN_CAPTURE: dict[tuple[str, str], tuple[str, str]] = {
     # (scenario, host): ("live label detail", "replay label detail")
     ("kz2014", "avaaz.org"): ("blocked/dns dns.blockpage", "blocked/dns dns.poisoned"),
     ("method-dns-redirect", "avaaz.org"): ("blocked/dns dns.blockpage", "blocked/dns dns.poisoned"),
     ("method-sni-throttle", "kiwi.kz"): ("blocked/dpi dpi.throttled", "ok None"),
+    ("method-throttle", "kolesa.kz"): ("ok ok.slow", "ok None"),
 }
 
 
