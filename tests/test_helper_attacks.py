@@ -117,7 +117,7 @@ def test_redirect_to_a_forbidden_address_is_not_followed(lab: L.AttackLab, kind:
 
 # --- exceptions a server can trigger -----------------------------------------------------------------------
 @pytest.mark.parametrize(("kind", "failure"), [
-    ("scheme-only-ip", INVALID_REDIRECT), ("scheme-only-host", INVALID_REDIRECT), ("port", INVALID_REDIRECT),
+    ("scheme-only-ip", INVALID_REDIRECT), ("scheme-only-host", INVALID_REDIRECT),
     ("idna", INVALID_REDIRECT), ("ipv6-broken", INVALID_REDIRECT),
     # A Location line without a colon: h11 cannot parse the head.  Not an eof_error (which reads as
     # interference): the redirect's own failure string.
@@ -129,6 +129,18 @@ def test_malformed_redirects_are_failure_strings(lab: L.AttackLab, kind: str, fa
     # The chain ends with the failure: at the 3xx itself when the Location does not parse, or at
     # the hop that cannot be fetched (a port of 99999).
     assert http_obs(r)[-1]["failure"] == failure, http_obs(r)
+
+
+def test_redirect_to_port_99999_ends_the_chain(lab: L.AttackLab) -> None:
+    """Before: ValueError, a 500.  The engine's chain does not follow a Location whose port does not
+    parse (probes/chain.py): the 3xx is the last step, and nothing was connected for it."""
+    t0 = time.time()
+    r = control(lab, f"http://hostile.{L.DOMAIN}/loc/port")
+    assert r.status_code == 200, r.text
+    last = http_obs(r)[-1]
+    assert last["data"]["status"] == 302 and last["data"]["redirect_to"].endswith(":99999/")
+    assert not [o for o in r.json()["observations"] if o["data"].get("hop")]
+    assert lab.requests(t0, "/") == [x for x in lab.requests(t0, "/") if x[3] == "/loc/port"]
 
 
 @pytest.mark.parametrize("url", ["http://honest.lab.example:99999/", "http:127.0.0.1/", "https:host",
