@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from kzprobe.model import Observation, Target, Verdict
+from kzprobe.model import SOURCE_PCAP, Observation, Target, Verdict
 
 
 def _classify(observations: list[Observation]) -> tuple[list[Verdict] | None, str | None]:
@@ -187,7 +187,7 @@ def _store(db: str | None, files: tuple[str, ...], results: list[Any]) -> int:
         raise click.ClickException(str(exc)) from None
     run_id: int | None = None
     try:
-        run_id = st.new_run(source="pcap", options={"files": list(files)})
+        run_id = st.new_run(source=SOURCE_PCAP, options={"files": list(files)})
         targets = list(dict.fromkeys(o.target for o in observations))
         st.add_targets(run_id, [Target(url=t, notes="pcap replay") for t in targets])
         # Storage assigns the ids; verdicts are computed afterwards so that their evidence points

@@ -11,7 +11,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from kzprobe.model import Observation
+from kzprobe.model import SOURCE_PCAP, Observation
 from kzprobe.replay.pcapio import ReadResult
 
 if TYPE_CHECKING:
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from kzprobe.replay.flows import Flow
 
 #: The ``source`` of every observation replay makes.
-SOURCE = "pcap"
+SOURCE = SOURCE_PCAP
 #: A packet that answers a trigger is injected when its IP TTL differs from the server's own
 #: handshake packet by this much (routers on one path do not change hop counts mid-flow).
 TTL_MARGIN = 5

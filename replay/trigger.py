@@ -17,7 +17,7 @@ from urllib.parse import urljoin
 
 from kzprobe import errors as E
 from kzprobe.analysis.features import host_of, http_features
-from kzprobe.model import FOLLOWUP, STEP_HTTP, STEP_TLS, Observation
+from kzprobe.model import FOLLOWUP, PROBE, STEP_HTTP, STEP_TLS, Observation
 from kzprobe.replay import parsers
 from kzprobe.replay.pcapio import ACK, FIN, RST
 from kzprobe.replay.state import END_GRACE, SOURCE, TTL_MARGIN, FileState, seq_ge
@@ -227,7 +227,7 @@ def throttle_findings(st: FileState) -> None:
     benign: dict[tuple[str, str | None], list[tuple[float, Observation]]] = {}
     for o in st.out.observations:
         r = rate(o)
-        if r is not None and o.vantage == "probe":
+        if r is not None and o.vantage == PROBE:
             (benign if o.purpose == FOLLOWUP else measured).setdefault((o.target, o.address), []).append((r, o))
     for key, got in measured.items():
         fu = benign.get(key)

@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 
 import click
 
+from kzprobe.model import SOURCE_LIVE, SOURCE_PCAP
 from kzprobe.trace.decide import HopResult, TraceResult, consolidate, decide
 
 
@@ -156,7 +157,7 @@ def trace(
         if not (from_pcap and control_pcap):
             raise click.UsageError("--from-pcap and --control go together (the test and the control capture)")
         res = _from_pcaps(from_pcap, control_pcap, target)
-        source = "pcap"
+        source = SOURCE_PCAP
     else:
         if not target:
             raise click.UsageError("TARGET is required (or --from-pcap TEST.pcap --control CONTROL.pcap)")
@@ -183,7 +184,7 @@ def trace(
             )
         except live.TraceError as exc:
             raise click.ClickException(str(exc)) from None
-        source = "live"
+        source = SOURCE_LIVE
     _emit(res, fmt)
     if store:
         options = {"trace": True, "trigger": res.trigger, "control_domain": control_domain, "address": res.address}
