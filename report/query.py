@@ -35,9 +35,10 @@ from kzprobe.report.filters import Filters, iso, norm_asn
 from kzprobe.storage.models import RunRow, TargetRow, VerdictRow
 
 DAY = 86400
-#: rank * RANK_SHIFT + verdict id: one integer whose MAX is the latest verdict of a group.
+#: A latest key is rank * 16 * RANK_SHIFT + state * RANK_SHIFT + verdict id: one integer whose
+#: MAX is the latest verdict of a group, with its state (see _latest_key).  Verdict ids < 2**40.
 RANK_SHIFT = 1 << 40
-
+#: The matrix code of a (target, network) pair that has no verdict.
 NO_DATA = "."
 
 
