@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -125,9 +126,8 @@ def _live(addr: str, port: int, path: str) -> tuple[dict[str, Any], dict[str, st
             return http_features(resp.status_code, headers, raw), headers
 
 
-def test_live_and_capture_give_identical_features(nginx: tuple[str, int], tmp_path: Path) -> None:
-    addr, port = nginx
-    pcap = tmp_path / "live.pcap"
+def _fetch_all(addr: str, port: int, pcap: Path) -> tuple[dict[str, dict[str, Any]], dict[str, str | None], int]:
+    """Fetch every page while tcpdump records: (features, transfer-encodings, packets dropped)."""
     dump = _record(pcap)
     live: dict[str, dict[str, Any]] = {}
     encodings: dict[str, str | None] = {}
@@ -140,7 +140,22 @@ def test_live_and_capture_give_identical_features(nginx: tuple[str, int], tmp_pa
         time.sleep(1.0)
     finally:
         dump.send_signal(signal.SIGINT)
-        dump.wait(10)
+        _out, err = dump.communicate(timeout=10)
+    m = re.search(rb"(\d+) packets? dropped by kernel", err or b"")
+    return live, encodings, int(m.group(1)) if m else 0
+
+
+def test_live_and_capture_give_identical_features(nginx: tuple[str, int], tmp_path: Path) -> None:
+    addr, port = nginx
+    pcap = tmp_path / "live.pcap"
+    # lo carries every other test's traffic too: a capture the kernel dropped packets from is
+    # retaken (a missing segment would make replay's body shorter, rightly, and prove nothing).
+    for _ in range(3):
+        live, encodings, dropped = _fetch_all(addr, port, pcap)
+        if not dropped:
+            break
+    else:
+        pytest.fail(f"tcpdump dropped {dropped} packets on lo three times: the machine is too loaded")
     # The world is what the test means it to be (else the comparison proves little).
     assert live["/index.html"]["content_encoding"] == "gzip" and encodings["/index.html"] == "chunked"
     assert live["/index.html"]["title"] == "Главная страница Казахстан"
