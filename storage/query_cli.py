@@ -60,6 +60,10 @@ def emit_runs(store: Any, flt: Any, fmt: str) -> None:
     if fmt == "json":
         click.echo(json.dumps([r.to_dict() for r in rows], indent=2, ensure_ascii=False))
         return
+    if fmt == "jsonl":
+        for r in rows:
+            click.echo(json.dumps(r.to_dict(), ensure_ascii=False))
+        return
     if fmt == "csv":
         buf = io.StringIO()
         w = csv.writer(buf)
@@ -112,11 +116,15 @@ def emit_grouped(store: Any, flt: Any, fmt: str, domains: frozenset[str] | None 
         groups = [g for g in groups if g.verdicts]
     if not groups:
         raise click.ClickException(f"{store.url}: no verdicts in the matching runs")
-    if fmt == "json":
+    if fmt in ("json", "jsonl"):
         out = [{**v.to_dict(), "vantage": g.vantage.to_dict(), "run": rid, "run_started": started,
                 "classifier_version": cv}
                for g in groups for v, rid, started, cv in g.verdicts.values()]
-        click.echo(json.dumps(out, indent=2, ensure_ascii=False))
+        if fmt == "jsonl":
+            for item in out:
+                click.echo(json.dumps(item, ensure_ascii=False))
+        else:
+            click.echo(json.dumps(out, indent=2, ensure_ascii=False))
     elif fmt == "csv":
         buf = io.StringIO()
         w = csv.writer(buf)

@@ -104,7 +104,8 @@ def test_filters_and_grouping_on_sqlite(tmp_path: Path) -> None:
     check_queries(db)
     # Without filters, `verdicts` is still the latest run's, as before.
     p = kz("verdicts", "--db", db, "--format", "json")
-    assert {v["domain"]: v["status"] for v in json.loads(p.stdout)} == {"news.example": "ok", "gov.example": "ok"}
+    single = json.loads(p.stdout)  # cli-durable's envelope: {"command", "run", "counts", "verdicts", ...}
+    assert {v["domain"]: v["status"] for v in single["verdicts"]} == {"news.example": "ok", "gov.example": "ok"}
 
 
 @pytest.mark.postgres
