@@ -52,7 +52,9 @@ def measure(scenario: str, db: Path, network: str, asn: str) -> dict[str, tuple[
         argv = [*probe_argv(lab, db=db), "--network-name", network, "--asn", asn, "--country", "KZ"]
         p = lab.exec("volunteer", argv, capture_output=True, text=True, timeout=300)
         assert p.returncode == 0, p.stderr[-2000:]
-        return {v["target"]: (v["status"], v["mechanism"], v["detail"]) for v in json.loads(p.stdout)}
+        out = json.loads(p.stdout)
+        verdicts = out["verdicts"] if isinstance(out, dict) else out  # cli-durable's envelope, or a list
+        return {v["target"]: (v["status"], v["mechanism"], v["detail"]) for v in verdicts}
     finally:
         lab.down()
 
