@@ -6,8 +6,9 @@ classifier (:mod:`kzprobe.analysis`) turns them into one :class:`Verdict` per ta
 model this small and flat is deliberate: it is what gets stored in SQLite, exported to OONI's
 format and compared in tests, so every field must mean the same thing for every source.
 
-Per-step details live in ``data`` (a JSON-able dict).  The keys each step uses are documented on
-the ``STEP_*`` constants below; the classifier reads only those keys.
+Per-step details live in ``data`` (a JSON-able dict).  The keys each step uses are summarised on
+the ``STEP_*`` constants below; :mod:`kzprobe.contract` holds them as TypedDicts (the classifier
+reads only those keys) and checks them on everything that arrives as JSON (``from_wire``).
 """
 
 from __future__ import annotations
@@ -31,8 +32,11 @@ STEP_TCP = "tcp"
 #: "not_before", "not_after", "der_b64"}] (leaf first), cert_valid (bool | None),
 #: cert_failure (OONI string | None), issuer (str).
 STEP_TLS = "tls"
-#: HTTP(S) GET.  data: url, host, status, headers {name: value}, title, body_length, body_sha256,
-#: body_head (first bytes, text), truncated, redirects [url], blockpage (fingerprint name | None).
+#: HTTP(S) GET.  data: url, host, status, headers {name: value}, redirect_to (a 3xx's Location),
+#: and from analysis.features.http_features (over the DECODED body): title, body_length,
+#: body_sha256, body_head, truncated, content_encoding, wire_bytes, blockpage; speed_samples
+#: [[t, n], ...] (wire bytes every 250 ms).  Hop k >= 1 of a redirect chain: purpose REDIRECT,
+#: data["hop"] = k.  Every step may carry "injected" (pcap evidence) and "hop".
 STEP_HTTP = "http"
 
 STEPS = (STEP_DNS, STEP_TCP, STEP_TLS, STEP_HTTP)

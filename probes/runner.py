@@ -9,6 +9,7 @@ classified only after its observations are committed, so verdict evidence carrie
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import signal
@@ -20,6 +21,7 @@ import trio
 
 from kzprobe import errors as E
 from kzprobe.analysis import Context, classify_target
+from kzprobe.analysis.fingerprints import Fingerprints
 from kzprobe.model import BLOCKED, INCONCLUSIVE, OK, Observation, Target, Verdict
 from kzprobe.probes.control import ControlClient
 from kzprobe.probes.engine import Engine, ProbeConfig
@@ -52,6 +54,13 @@ def vantage_has_route() -> bool:
     except OSError:
         pass
     return False
+
+
+
+@functools.lru_cache(maxsize=4)
+def _fingerprints(paths: tuple[str, ...]) -> Fingerprints:
+    """The run's fingerprints, parsed once (the context is built for every target)."""
+    return Fingerprints.default(paths)
 
 
 @dataclass
@@ -211,7 +220,10 @@ class Runner:
                          self.internal_errors, state, missing)
 
     def _context(self) -> Context:
-        return Context(no_network=self.no_network, control_configured=bool(self.helpers or self.doh))
+        # --fingerprints rows located at "dns" are matched against DNS answers by the classifier.
+        fps = _fingerprints(tuple(self.config.fingerprints)) if self.config.fingerprints else None
+        return Context(no_network=self.no_network, control_configured=bool(self.helpers or self.doh),
+                       fingerprints=fps)
 
     def _final_verdicts(self, state: str) -> list[Verdict]:
         """Every target of the run (earlier sessions' too, after a resume), in probe order."""
