@@ -52,6 +52,29 @@ class LazyGroup(click.Group):
         command: click.Command = getattr(module, attr)
         return command
 
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        """click's standalone mode, except that every error is one line on stderr (click prints
+        the usage block and a hint before a usage error: four lines for one mistake)."""
+        base: Any = super().main
+        if not kwargs.pop("standalone_mode", True):
+            return base(*args, standalone_mode=False, **kwargs)
+        try:
+            rv = base(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.ClickException as exc:
+            msg = exc.format_message().replace("\n", " ")
+            if isinstance(exc, click.exceptions.UsageError) and exc.ctx is not None:
+                msg += f" (see '{exc.ctx.command_path} --help')"
+            click.echo(f"Error: {msg}", err=True)
+            sys.exit(exc.exit_code)
+        except click.exceptions.Abort:
+            click.echo("Aborted.", err=True)
+            sys.exit(130)
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+        if isinstance(rv, int) and not isinstance(rv, bool):
+            sys.exit(rv)
+        sys.exit(0)
+
     def invoke(self, ctx: click.Context) -> Any:
         """The one error boundary: whatever a command raises becomes one line on stderr.
 

@@ -142,6 +142,15 @@ class Store:
         except SQLAlchemyError as exc:
             raise StorageError(f"{self.url}: cannot open the database: {exc.__class__.__name__}: "
                                f"{str(exc).splitlines()[0]}") from None
+        except ImportError as exc:  # the URL names a driver that is not installed
+            name = getattr(exc, "name", None) or str(exc)
+            hint = ("install kzprobe[postgres]" if self.url.startswith("postgres")
+                    else f"install the Python package that provides {name!r}")
+            from sqlalchemy.engine import make_url
+
+            shown = make_url(self.url).render_as_string(hide_password=True)
+            raise StorageError(f"{shown}: the database driver ({name}) is not installed: "
+                               f"{hint}") from None
 
     def _check_schema(self) -> None:
         """Create a new database at the current schema; refuse an older or newer one."""

@@ -132,6 +132,8 @@ def load(spec: str | Path) -> LoadResult:
     directory is still loadable.
     """
     path = Path(spec)
+    if str(spec) == "-":  # standard input
+        return load_file("-")
     if str(spec) in BUILTIN_LISTS and not path.exists():
         return LoadResult(targets=load_builtin(str(spec)), errors=[], duplicates=0, format="builtin")
     return load_file(path)

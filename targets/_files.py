@@ -61,12 +61,21 @@ _OLD_CATEGORY_CODES = {
 
 # A NUL byte never occurs in a text list; a few of them mean a binary file was passed by mistake.
 _BINARY_PROBE = 8192
+#: The largest list read (Citizen Lab's global list is ~200 KiB; 64 MiB is millions of URLs).
+MAX_FILE_BYTES = 64 * 1024 * 1024
+#: The longest line kept; a URL that long is not a target (browsers stop near 2 KiB).
+MAX_LINE_CHARS = 8192
+#: How much of a bad entry a warning quotes.
+_QUOTE = 120
 
 
-def _read_text(path: Path) -> str:
-    label = str(path)
+def _read_bytes(path: Path, label: str) -> bytes:
+    """Read at most MAX_FILE_BYTES (+1 to notice more), checking the head for binary data first,
+    so ``/dev/zero`` or a disk image fails at once instead of filling memory."""
+    import sys
+
     try:
-        data = path.read_bytes()
+        fh = sys.stdin.buffer if label == "-" else path.open("rb")
     except FileNotFoundError:
         raise TargetListError(f"{label}: no such file") from None
     except IsADirectoryError:
@@ -75,15 +84,41 @@ def _read_text(path: Path) -> str:
         raise TargetListError(f"{label}: permission denied") from None
     except OSError as exc:
         raise TargetListError(f"{label}: cannot read ({exc.strerror or exc})") from None
-    nul = data.find(b"\x00", 0, _BINARY_PROBE)
-    if nul >= 0:
-        raise TargetListError(f"{label}: binary file (NUL byte at offset {nul}), not a target list")
     try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise TargetListError(
-            f"{label}: not UTF-8 text (invalid byte 0x{data[exc.start]:02x} at offset {exc.start})"
-        ) from None
+        head = fh.read(_BINARY_PROBE)
+        nul = head.find(b"\x00")
+        if nul >= 0:
+            raise TargetListError(f"{label}: binary file (NUL byte at offset {nul}), not a target list")
+        rest = fh.read(MAX_FILE_BYTES + 1 - len(head)) if len(head) == _BINARY_PROBE else b""
+    except OSError as exc:
+        raise TargetListError(f"{label}: cannot read ({exc.strerror or exc})") from None
+    finally:
+        if fh is not sys.stdin.buffer:
+            fh.close()
+    data = head + rest
+    if len(data) > MAX_FILE_BYTES:
+        raise TargetListError(f"{label}: larger than {MAX_FILE_BYTES >> 20} MiB; split the list")
+    return data
+
+
+def _read_text(path: Path, label: str | None = None) -> tuple[str, list[tuple[int, str]]]:
+    """The file's text, and (line, reason) for each line that is not UTF-8 (replaced by an empty
+    line, so line numbers stay right and the other lines are kept)."""
+    label = label or str(path)
+    data = _read_bytes(path, label)
+    try:
+        return data.decode("utf-8-sig"), []
+    except UnicodeDecodeError:
+        pass
+    bad: list[tuple[int, str]] = []
+    lines = []
+    for n, raw in enumerate(re.split(rb"\r\n|\r|\n", data), start=1):
+        try:
+            lines.append(raw.decode("utf-8-sig" if n == 1 else "utf-8"))
+        except UnicodeDecodeError as exc:
+            bad.append((n, f"not UTF-8 (invalid byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); line skipped"))
+            lines.append("")
+    return "\n".join(lines), bad
 
 
 def _is_citizenlab_header(first_line: str) -> bool:
@@ -102,6 +137,9 @@ class _Collector:
         self._seen: set[str] = set()
 
     def error(self, line: int, reason: str) -> None:
+        # A warning quotes at most a little of the entry: a 1 MB bad line is one short line.
+        if len(reason) > 2 * _QUOTE:
+            reason = reason[:_QUOTE] + f"… ({len(reason)} characters)"
         self.errors.append(f"{self.label}:{line}: {reason}")
 
     def add(self, line: int, url: str, category: str = "", notes: str = "") -> None:
@@ -142,6 +180,9 @@ def _load_csv(text: str, out: _Collector) -> None:
         line, start = start, reader.line_num + 1
         if not row or all(not c.strip() for c in row):
             continue
+        if sum(len(c) for c in row) > MAX_LINE_CHARS:
+            out.error(line, f"line longer than {MAX_LINE_CHARS} characters; skipped")
+            continue
         if len(row) != len(header):
             out.error(line, f"expected {len(header)} CSV fields, got {len(row)}")
             continue
@@ -170,6 +211,9 @@ _LINE_END = re.compile(r"\r\n|\r|\n")
 
 def _load_text(text: str, out: _Collector) -> None:
     for lineno, raw in enumerate(_LINE_END.split(text), start=1):
+        if len(raw) > MAX_LINE_CHARS:
+            out.error(lineno, f"line longer than {MAX_LINE_CHARS} characters; skipped")
+            continue
         entry = _strip_comment(raw.strip()).strip()
         if not entry:
             continue
@@ -183,13 +227,23 @@ def load_file(path: str | Path) -> LoadResult:
     and counted.  Raises :class:`TargetListError` when the file cannot be used at all.
     """
     p = Path(path)
-    text = _read_text(p)
-    out = _Collector(str(path))
+    label = str(path)
+    text, bad = _read_text(p, label)
+    out = _Collector(label)
+    for line, reason in bad:
+        out.error(line, reason)
     first = next((line for line in _LINE_END.split(text) if line.strip()), "")
     if _is_citizenlab_header(first):
         _load_csv(text, out)
         fmt = "csv"
+    elif "," in first and not first.lstrip().startswith("#"):
+        # Comma-separated but not a header we know: reading it as plain text would turn
+        # "https://a.example/,NEWS,News" into a target.  Say what is expected instead.
+        shown = first.strip()[:_QUOTE]
+        raise TargetListError(f"{label}:1: unknown CSV header {shown!r}; a Citizen Lab test list starts with "
+                              "'url,category_code,...' (a plain list has one URL or host per line)")
     else:
         _load_text(text, out)
         fmt = "text"
+    out.errors.sort(key=lambda e: int(e[len(label) + 1:].split(":", 1)[0]))
     return LoadResult(targets=out.targets, errors=out.errors, duplicates=out.duplicates, format=fmt)

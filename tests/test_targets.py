@@ -362,8 +362,30 @@ def test_binary_garbage(tmp_path: Path) -> None:
 
 def test_not_utf8(tmp_path: Path) -> None:
     p = tmp_path / "latin1.txt"
-    p.write_bytes("example.com\ncafé.example\n".encode("latin-1"))
-    with pytest.raises(TargetListError, match=r"not UTF-8 text \(invalid byte 0xe9 at offset 15\)"):
+    p.write_bytes("example.com\ncafé.example\nexample.org\n".encode("latin-1"))
+    res = load_file(p)  # the bad line is skipped with its location; the good ones are kept
+    assert [t.url for t in res.targets] == ["https://example.com/", "https://example.org/"]
+    assert res.errors == [f"{p}:2: not UTF-8 (invalid byte 0xe9 at column 4); line skipped"]
+
+
+def test_bounded_reading(tmp_path: Path) -> None:
+    with pytest.raises(TargetListError, match=r"/dev/zero: binary file \(NUL byte at offset 0\)"):
+        load_file("/dev/zero")
+    big = tmp_path / "big.txt"
+    big.write_bytes(b"a.example\n" * (64 * 1024 * 1024 // 10 + 1))
+    with pytest.raises(TargetListError, match=r"larger than 64 MiB"):
+        load_file(big)
+    long = tmp_path / "long.txt"
+    long.write_text("ok.example\nhttps://x.example/" + "a" * 1_000_000 + "\n", encoding="utf-8")
+    res = load_file(long)
+    assert [t.url for t in res.targets] == ["https://ok.example/"]
+    assert res.errors == [f"{long}:2: line longer than 8192 characters; skipped"]
+
+
+def test_unknown_csv_header_is_an_error(tmp_path: Path) -> None:
+    p = tmp_path / "news.csv"
+    p.write_text("https://a.example/,NEWS,News\n", encoding="utf-8")
+    with pytest.raises(TargetListError, match=r"news.csv:1: unknown CSV header"):
         load_file(p)
 
 
