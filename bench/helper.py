@@ -33,10 +33,10 @@ import trio
 from kzprobe.helper import attacklab as L
 
 PORT = 8790
-#: The honest site by address: the lab's one dnsmasq answers every lookup (the helper's resolver
-#: and the 2,000-record name's server at once), and with names the 2,000-A-record phase measures
-#: dnsmasq building 32 KB answers, not the helper.  ``--honest-by-name`` measures with names.
-HONEST = f"http://{L.HONEST}/"
+#: The honest site by name: every honest request includes the helper's DNS lookup (through the
+#: lab's resolver, which relays the 2,000-record name to its own server as a real resolver would).
+#: ``--honest-by-address`` leaves DNS out.
+HONEST = f"http://honest.{L.DOMAIN}/"
 ATTACKS: dict[str, list[str]] = {
     "title flood": [f"http://hostile.{L.DOMAIN}/title"],
     "endless body": [f"http://hostile.{L.DOMAIN}/endless"],
@@ -165,11 +165,11 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10.0, help="length of each phase")
     ap.add_argument("--honest", type=int, default=4, help="honest clients, one request at a time each")
     ap.add_argument("--attackers", type=int, default=3, help="attacking client addresses, 4 requests each")
-    ap.add_argument("--honest-by-name", action="store_true", help=f"ask for http://honest.{L.DOMAIN}/ instead")
+    ap.add_argument("--honest-by-address", action="store_true", help=f"ask for http://{L.HONEST}/ instead")
     args = ap.parse_args()
-    if args.honest_by_name:
+    if args.honest_by_address:
         global HONEST
-        HONEST = f"http://honest.{L.DOMAIN}/"
+        HONEST = f"http://{L.HONEST}/"
     run(args.seconds, args.honest, args.attackers)
 
 

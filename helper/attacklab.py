@@ -5,7 +5,8 @@ Topology (no link to the root namespace, no default route anywhere)::
     H "helper host"                                W "the internet"
     veth 203.0.113.1/24  <── veth ──>  203.0.113.100/24
     lo   127.0.0.1, 203.0.113.2/32                 lo: 198.51.100.10 honest site
-    helper(s) on 203.0.113.1:8780/8781                 198.51.100.53 dnsmasq (A records below)
+    helper(s) on 203.0.113.1:8780/8781                 198.51.100.53 dnsmasq, the helper's resolver
+                                                      198.51.100.54 dnsmasq with the 2,000 A records
     "admin pages" on 203.0.113.1:80,                   198.51.100.66-73 hostile servers
        203.0.113.2:80 and 127.0.0.1:80                 198.51.100.99 "internal" (the helper's --deny)
     route 198.51.100.0/24 via 203.0.113.100            198.51.100.12 shop.y.corp.lan (search domain)
@@ -51,6 +52,7 @@ WORLD_GW = "203.0.113.100"
 HONEST = "198.51.100.10"
 SHOP = "198.51.100.12"
 DNS = "198.51.100.53"
+MANY_DNS = "198.51.100.54"
 HOSTILE = [f"198.51.100.{i}" for i in range(66, 74)]
 INTERNAL = "198.51.100.99"
 DENY = "198.51.100.96/28"
@@ -174,7 +176,7 @@ class AttackLab:
                          (w, [["link", "set", "lo", "up"], ["link", "set", vb, "up"],
                               ["addr", "add", f"{WORLD_GW}/24", "dev", vb],
                               *[["addr", "add", f"{a}/32", "dev", "lo"]
-                                for a in [HONEST, SHOP, DNS, INTERNAL, *HOSTILE, *CLIENTS]]])):
+                                for a in [HONEST, SHOP, DNS, MANY_DNS, INTERNAL, *HOSTILE, *CLIENTS]]])):
             for c in cmds:
                 _run(["ip", "-n", ns, *c])
         # The helper host's resolver configuration (ip netns exec bind-mounts these files):
@@ -186,24 +188,35 @@ class AttackLab:
         hosts = [f"{HONEST} honest.{DOMAIN}", f"{HOSTILE[0]} hostile.{DOMAIN}", f"{HOST_SECOND} admin.{DOMAIN}",
                  f"{HOST_PUBLIC} self.{DOMAIN}", f"{INTERNAL} internal.{DOMAIN}", "10.0.0.5 db.corp.lan",
                  f"{SHOP} shop.y.corp.lan", f"{HONEST} shop.{DOMAIN}"]
-        hosts += [f"100.64.{i // 250}.{i % 250 + 1} many.{DOMAIN}" for i in range(MANY)]
         (self.state / "hosts").write_text("\n".join(hosts) + "\n")
+        # The 2,000 A records live on their own server, as an attacker's zone would: the helper's
+        # resolver relays to it.  (Served, and logged, by the resolver itself, every query for them
+        # stalled the resolver for everybody: the bench then measured dnsmasq, not the helper.)
+        many = [f"100.64.{i // 250}.{i % 250 + 1} many.{DOMAIN}" for i in range(MANY)]
+        (self.state / "many").write_text("\n".join(many) + "\n")
+        (self.state / "many.conf").write_text("\n".join([
+            "no-resolv", "no-hosts", "no-poll", "bind-interfaces", f"listen-address={MANY_DNS}",
+            "except-interface=nonexistent", "local-ttl=60", f"addn-hosts={self.state}/many",
+            f"local=/many.{DOMAIN}/", "edns-packet-max=1232",
+        ]) + "\n")
         (self.state / "dnsmasq.conf").write_text("\n".join([
             "no-resolv", "no-hosts", "no-poll", "bind-interfaces", f"listen-address={DNS}",
             "except-interface=nonexistent", "local-ttl=60", f"addn-hosts={self.state}/hosts",
             f"log-facility={self.state}/dnsmasq.log", "log-queries", "edns-packet-max=1232",
             # Authoritative for the lab's zones: unknown names are NXDOMAIN, not REFUSED.
-            "local=/lab.example/", "local=/corp.lan/", "local=/y/",
+            "local=/lab.example/", "local=/corp.lan/", "local=/y/", f"server=/many.{DOMAIN}/{MANY_DNS}",
         ]) + "\n")
         self.tcpdump = self.popen(h, "tcpdump", ["tcpdump", "-i", "any", "-nn", "-U", "-s", "128",
                                                  "-w", str(self.state / "helper.pcap")])
-        self.popen(w, "dnsmasq", ["dnsmasq", "--keep-in-foreground", "--user=root", "--pid-file=",
-                                  "-C", str(self.state / "dnsmasq.conf")])
+        for name in ("dnsmasq", "many"):
+            self.popen(w, name, ["dnsmasq", "--keep-in-foreground", "--user=root", "--pid-file=",
+                                 "-C", str(self.state / f"{name}.conf")])
         exe = [sys.executable, "-m", "kzprobe.helper.attacklab", "serve"]
         self.popen(w, "world-servers", [*exe, "world", str(self.state)], wait="ready")
         self.popen(h, "admin-servers", [*exe, "admin", str(self.state)], wait="ready")
         self.world = NetnsThread(w)
-        self.world.call(lambda: _wait_tcp(DNS, 53))
+        for server in (DNS, MANY_DNS):
+            self.world.call(lambda a=server: _wait_tcp(a, 53))  # type: ignore[misc]
         self.helper = self.start_helper(HELPER_PORT, self.helper_args)
 
     def start_helper(self, port: int, extra: list[str], name: str | None = None,
