@@ -204,9 +204,9 @@ def _want(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-#: Lists longer than this are not walked element by element past it (a hostile answer must not
-#: cost more to check than to send); the classifier never reads that far.
-_MAX_ITEMS = 10_000
+#: Lists longer than this are refused: the classifier reads every element (so every element must
+#: be checked), and no real observation comes near it (replay cites a few packets per step).
+_MAX_ITEMS = 100_000
 
 
 def _errors(v: Any, tp: Any, path: str) -> Iterator[str]:
@@ -248,8 +248,11 @@ def _errors(v: Any, tp: Any, path: str) -> Iterator[str]:
         if not isinstance(v, list):
             yield f"{path} must be a list, not {_kind(v)}"
             return
+        if len(v) > _MAX_ITEMS:
+            yield f"{path} has more than {_MAX_ITEMS} items"
+            return
         (item,) = get_args(tp)
-        for i, x in enumerate(v[:_MAX_ITEMS]):
+        for i, x in enumerate(v):
             for e in _errors(x, item, f"{path}[{i}]"):
                 yield e
                 return

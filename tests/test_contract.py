@@ -114,6 +114,17 @@ def test_a_stored_rejection_mark_travels_through_from_wire() -> None:
     assert o.purpose == REJECTED and o.data["wire_error"] == mark.data["wire_error"]
 
 
+def test_a_long_list_is_checked_to_its_end_or_refused() -> None:
+    """The classifier sorts every address: one wrong item at the end must be found, not skipped."""
+    answer = _helper_answer()
+    answer["observations"][0]["data"]["addresses"] = [A] * 50_000 + [5]
+    with pytest.raises(WireError, match=r"addresses\[50000\] must be a string, not a number$"):
+        observations_from_wire(answer, source=SOURCE_LIVE, vantage=CONTROL)
+    answer["observations"][0]["data"]["addresses"] = [A] * 100_001
+    with pytest.raises(WireError, match=r"addresses has more than 100000 items$"):
+        observations_from_wire(answer, source=SOURCE_LIVE, vantage=CONTROL)
+
+
 def test_missing_and_top_level_shapes() -> None:
     with pytest.raises(WireError, match=r"^observations\[0\]\.target is missing$"):
         observations_from_wire({"observations": [{"step": "dns", "domain": DOMAIN}]}, source="live", vantage=CONTROL)
