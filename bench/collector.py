@@ -140,6 +140,8 @@ def via_collector(url: str, dbs: list[Path], batch: int, tmp: Path,
             t0 = time.perf_counter()
             done = pool.map(_upload_one, [(str(db), c.url, token, batch) for db in dbs])
             elapsed = time.perf_counter() - t0
+            print(f"  ingest through the collector: {sum(n for n, _ in done) / elapsed:.0f} obs/s "
+                  f"({elapsed:.1f} s; collector peak RSS so far {vm_hwm_kib(c.proc.pid) / 1024:.0f} MiB)", flush=True)
             for db in dbs:
                 with sqlite3.connect(db) as conn:
                     conn.execute("UPDATE runs SET state = 'done', ended = started + 60")
@@ -198,6 +200,7 @@ def main() -> None:
                 rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
                 d_s = direct(d_url, dbs, args.batch)
                 d_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                print(f"  {backend}: direct insert {args.n / d_s:.0f} obs/s ({d_s:.1f} s)", flush=True)
                 assert count_rows(d_url) == args.n
                 c_url = fresh("collector")
                 c_s, stored, c_rss, u_rss, close_s = via_collector(c_url, dbs, args.batch, tmp, args.writers)

@@ -119,7 +119,8 @@ class Uploader:
         self.http.close()
 
     # --- HTTP with retries ---------------------------------------------------------------------
-    def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    def request(self, method: str, path: str, body: dict[str, Any] | None = None,
+                timeout: float | None = None) -> dict[str, Any]:
         import httpx
 
         content = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode() if body is not None else None
@@ -127,7 +128,7 @@ class Uploader:
         for attempt in range(self.opts.max_tries):
             delay: float | None = None
             try:
-                r = self.http.request(method, path, content=content)
+                r = self.http.request(method, path, content=content, timeout=timeout or self.opts.timeout)
             except httpx.TransportError as exc:  # refused, reset, timeout: the collector may be restarting
                 reason = f"{exc.__class__.__name__}: {' '.join(str(exc).split())[:120] or 'no answer'}"
             else:
@@ -223,7 +224,9 @@ class Uploader:
             acked = new_acked
             self._record(run.id, acked_seq=acked)
         if run.state in FINAL_STATES:
-            self.request("POST", f"/v1/runs/{run.uid}/close", {"ended": run.ended or run.started, "state": run.state})
+            # Closing makes the collector classify the whole run: minutes for a very large one.
+            self.request("POST", f"/v1/runs/{run.uid}/close", {"ended": run.ended or run.started, "state": run.state},
+                         timeout=max(self.opts.timeout, 900.0))
             self._record(run.id, closed=True)
             report.closed += 1
 

@@ -141,6 +141,12 @@ class Ingest:
             ref = self._run(s, uid, submitter)
             run = s.get(RunRow, ref.id)
             assert run is not None
+            version = classifier_version()
+            if run.state != "running" and run.classifier_version == version:
+                # A retried close (the answer to the first was lost, or the client timed out while
+                # a big run was classified): the verdicts are there already; do not classify again.
+                n_done = int(s.scalar(select(func.count()).where(VerdictRow.run_id == ref.id)) or 0)
+                return Ack(uid, self._acked(s, ref.id), state=run.state), n_done
             ctx = Context(no_network=bool(run.vantage.get("no_network")),
                           control_configured=bool(run.vantage.get("control_configured")))
             listed = [t for t, in s.execute(select(TargetRow.url).where(TargetRow.run_id == ref.id)
@@ -149,7 +155,6 @@ class Ingest:
             observed = [t for t, in s.execute(select(ObservationRow.target).where(ObservationRow.run_id == ref.id)
                                                .distinct())]
             targets = listed + sorted(t for t in observed if t not in seen)
-            version = classifier_version()
             s.query(VerdictRow).filter(VerdictRow.run_id == ref.id).delete()
             n = 0
             for k in range(0, len(targets), CLASSIFY_CHUNK):

@@ -100,7 +100,13 @@ def test_retried_batch_is_not_stored_twice(tmp_path: Path, collector: Collector)
         assert (first.json()["stored"], second.json()["stored"], second.json()["duplicates"]) == (3, 0, 3)
         reopened = c.post("/v1/runs", json={"uid": uid, "software_version": "0.1.0", "started": 1.0})
         assert reopened.json()["acked"] == 3
+        closed = [c.post(f"/v1/runs/{uid}/close", json={"ended": 2.0, "state": "done"}) for _ in range(2)]
+        assert [r.json()["verdicts"] for r in closed] == [1, 1]  # one target; a retried close is not a second set
+        late = c.post(f"/v1/runs/{uid}/observations", json={"observations": [_obs_json(4)]})
+        assert late.status_code == 409  # a closed run takes no new observations ...
+        assert c.post(f"/v1/runs/{uid}/observations", json=batch).json()["duplicates"] == 3  # ... but retries pass
     assert count(collector.db, "observations") == 3 and count(collector.db, "runs") == 1
+    assert count(collector.db, "verdicts") == 1
 
 
 # --- bad input: 401 / 413 / 400, nothing stored -------------------------------------------------
