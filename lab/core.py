@@ -332,8 +332,11 @@ def run_probe(lab: Lab, timeout: float = 3.0, db: Path | None = None) -> list[di
     except json.JSONDecodeError:
         last = (p.stderr.strip().splitlines() or ["no output"])[-1]
         raise LabError(f"kzprobe run failed (exit {p.returncode}): {last}") from None
-    if not isinstance(verdicts, list):
-        raise LabError("kzprobe run printed JSON that is not a list of verdicts")
+    # A list of verdicts, or cli-durable's envelope {"command", "verdicts": [...], ...}.
+    if isinstance(verdicts, dict) and isinstance(verdicts.get("verdicts"), list):
+        verdicts = verdicts["verdicts"]
+    if not isinstance(verdicts, list) or not all(isinstance(v, dict) for v in verdicts):
+        raise LabError("kzprobe run printed JSON that is neither a list of verdicts nor an envelope holding one")
     return verdicts
 
 

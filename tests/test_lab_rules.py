@@ -3,6 +3,7 @@ iptables, tc), DNS (dnsmasq lines), nginx (text, and ``nginx -t`` when nginx is 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -153,3 +154,22 @@ def test_nginx_accepts_the_generated_world(tmp_path: Path) -> None:
     # A slow site is not nginx's: its address is the Python server's.
     for s in services.slow_sites(sc):
         assert s.address not in text
+
+
+def test_run_probe_reads_a_list_or_an_envelope(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from kzprobe.lab.core import LabError, run_probe
+
+    def fake(stdout: str) -> SimpleNamespace:
+        def exec_(role: str, argv: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
+            assert role == "volunteer" and "run" in argv
+            return subprocess.CompletedProcess(argv, 0, stdout, "")
+        return SimpleNamespace(exec=exec_, state_dir=tmp_path, targets_file=tmp_path / "t", public_resolver="x",
+                               ca_path=tmp_path / "ca", helper_url=None)
+
+    v = [{"target": "https://a.kz/", "status": "ok"}]
+    assert run_probe(fake(json.dumps(v))) == v  # type: ignore[arg-type]
+    assert run_probe(fake(json.dumps({"command": "run", "verdicts": v, "problems": []}))) == v  # type: ignore[arg-type]
+    with pytest.raises(LabError, match="neither a list"):
+        run_probe(fake(json.dumps({"command": "run"})))  # type: ignore[arg-type]
