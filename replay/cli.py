@@ -99,13 +99,16 @@ def replay(files: tuple[str, ...], fmt: str, store: bool, db: str | None, finger
         per_file.append((fr, verdicts))
 
     if fmt == "json":
-        doc: dict[str, Any] = {"files": [_file_doc(fr, vs) for fr, vs in per_file]}
-        if failed:
-            doc["errors"] = [{"path": e.path, "reason": e.reason} for e in failed]
-        if note:
-            doc["classifier"] = note
-        if run_id is not None:
-            doc["run_id"] = run_id
+        # The one envelope (docs/output.md): every file's verdicts in "verdicts", each naming its
+        # capture; files that could not be replayed in "problems"; the per-file detail in "files".
+        from kzprobe import output
+
+        objects = [output.verdict_object(v, run_id, capture={"file": fr.read.path})
+                   for fr, vs in per_file for v in (vs or [])]
+        doc: dict[str, Any] = output.envelope(
+            "replay", objects, problems=[{"where": e.path, "reason": e.reason} for e in failed],
+            run_id=run_id, classifier=note,
+            files=[{k: v for k, v in _file_doc(fr, vs).items() if k != "verdicts"} for fr, vs in per_file])
         json.dump(doc, sys.stdout, ensure_ascii=False, indent=1, default=str)
         sys.stdout.write("\n")
     else:
