@@ -223,7 +223,7 @@ def record(out: Path, scenario: str, timeout: float) -> None:
             {k: r[k] for k in ("target", "domain", "expect", "methods", "hop", "reason")}
             | ({"detail": r["expect_detail"]} if r.get("expect_detail") else {})
             | {"address": lab_.scenario.site(r["domain"]).address, "live_verdict": r["got"],
-               "live_detail": r.get("got_detail")}
+               "live_detail": _classifier_detail(r)}
             for r in rows
         ],
     }
@@ -237,6 +237,15 @@ def record(out: Path, scenario: str, timeout: float) -> None:
                    f"kzprobe said {r['got']} {r.get('got_detail') or ''}", err=True)
     if bad:
         sys.exit(1)
+
+
+def _classifier_detail(row: dict[str, Any]) -> str | None:
+    """The verdict's detail as the classifier gives it (what replay's verdicts carry): the JSON
+    output repeats the status as the detail where the classifier has none, for ok and
+    inconclusive (docs/output.md); "down" is the classifier's own detail."""
+    v = row.get("verdict") or {}
+    detail, status = v.get("detail"), v.get("status")
+    return None if status in ("ok", "inconclusive") and detail == status else detail
 
 
 def _capture(lab_: Lab, out: Path, timeout: float) -> tuple[list[dict[str, Any]], int]:
