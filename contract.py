@@ -16,7 +16,7 @@ Keys not listed are kept as they are (JSON-able extras such as ``queries`` from 
 from __future__ import annotations
 
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Literal, TypedDict, Union, get_args, get_origin, get_type_hints, is_typeddict
 
 from kzprobe.model import (
@@ -209,79 +209,114 @@ def _want(tp: Any) -> str:
 _MAX_ITEMS = 100_000
 
 
-def _errors(v: Any, tp: Any, path: str) -> Iterator[str]:
-    """The first mismatch (as a one-line reason) of ``v`` against ``tp``, if any."""
+#: A compiled check: None when the value fits, else the reason without its leading path, e.g.
+#: ``".answers[3].ttl must be an integer, not str"`` (containers prepend their part on the way out,
+#: so no path string is built for values that fit).
+Checker = Callable[[Any], str | None]
+_CHECKERS: dict[Any, Checker] = {}
+
+
+def _checker(tp: Any) -> Checker:
+    """The check for ``tp``, built once per type: the OONI importer checks every step of millions
+    of measurements, and walking ``typing`` introspection per value cost more than the mapping."""
+    found = _CHECKERS.get(tp)
+    if found is None:
+        found = _CHECKERS[tp] = _compile(tp)
+    return found
+
+
+def _ok(_v: Any) -> str | None:
+    return None
+
+
+def _compile(tp: Any) -> Checker:
     if tp is Any:
-        return
+        return _ok
     origin = get_origin(tp)
     if origin in (Union, types.UnionType):
-        for arm in get_args(tp):
-            if next(_errors(v, arm, path), None) is None:
-                return
-        yield f"{path} must be {_want(tp)}, not {_kind(v)}"
-        return
+        arms = [_checker(a) for a in get_args(tp)]
+        want = _want(tp)
+
+        def union(v: Any) -> str | None:
+            for arm in arms:
+                if arm(v) is None:
+                    return None
+            return f" must be {want}, not {_kind(v)}"
+        return union
     if tp is type(None):
-        if v is not None:
-            yield f"{path} must be null, not {_kind(v)}"
-        return
+        return lambda v: None if v is None else f" must be null, not {_kind(v)}"
     if tp is bool:
-        if not isinstance(v, bool):
-            yield f"{path} must be a boolean, not {_kind(v)}"
-        return
+        return lambda v: None if isinstance(v, bool) else f" must be a boolean, not {_kind(v)}"
     if tp is int:
-        if isinstance(v, bool) or not isinstance(v, int):
-            yield f"{path} must be an integer, not {_kind(v)}"
-        return
+        return lambda v: (None if isinstance(v, int) and not isinstance(v, bool)
+                          else f" must be an integer, not {_kind(v)}")
     if tp is float:
-        if isinstance(v, bool) or not isinstance(v, int | float) or v != v or v in (float("inf"), float("-inf")):
-            yield f"{path} must be a finite number, not {_kind(v)}"
-        return
+        def number(v: Any) -> str | None:
+            if isinstance(v, bool) or not isinstance(v, int | float) or v != v or v in (_INF, -_INF):
+                return f" must be a finite number, not {_kind(v)}"
+            return None
+        return number
     if tp is str:
-        if not isinstance(v, str):
-            yield f"{path} must be a string, not {_kind(v)}"
-        return
+        return lambda v: None if isinstance(v, str) else f" must be a string, not {_kind(v)}"
     if origin is Literal:
-        if v not in get_args(tp):
-            yield f"{path} must be {_want(tp)}"
-        return
+        allowed, want = get_args(tp), _want(tp)
+        return lambda v: None if v in allowed else f" must be {want}"
     if origin is list:
-        if not isinstance(v, list):
-            yield f"{path} must be a list, not {_kind(v)}"
-            return
-        if len(v) > _MAX_ITEMS:
-            yield f"{path} has more than {_MAX_ITEMS} items"
-            return
-        (item,) = get_args(tp)
-        for i, x in enumerate(v):
-            for e in _errors(x, item, f"{path}[{i}]"):
-                yield e
-                return
-        return
+        (item_tp,) = get_args(tp)
+        item = _checker(item_tp)
+
+        def listed(v: Any) -> str | None:
+            if not isinstance(v, list):
+                return f" must be a list, not {_kind(v)}"
+            if len(v) > _MAX_ITEMS:
+                return f" has more than {_MAX_ITEMS} items"
+            if item is _ok:
+                return None
+            for i, x in enumerate(v):
+                e = item(x)
+                if e is not None:
+                    return f"[{i}]{e}"
+            return None
+        return listed
     if origin is dict or tp is dict:
-        if not isinstance(v, dict):
-            yield f"{path} must be an object, not {_kind(v)}"
-            return
         args = get_args(tp)
-        value_tp = args[1] if args else Any
-        for k, x in v.items():
-            if not isinstance(k, str):
-                yield f"{path} has a key that is not a string"
-                return
-            for e in _errors(x, value_tp, f"{path}.{k}"):
-                yield e
-                return
-        return
+        value = _checker(args[1] if args else Any)
+
+        def mapping(v: Any) -> str | None:
+            if not isinstance(v, dict):
+                return f" must be an object, not {_kind(v)}"
+            for k, x in v.items():
+                if not isinstance(k, str):
+                    return " has a key that is not a string"
+                e = value(x)
+                if e is not None:
+                    return f".{k}{e}"
+            return None
+        return mapping
     if is_typeddict(tp):
-        if not isinstance(v, dict):
-            yield f"{path} must be an object, not {_kind(v)}"
-            return
-        for k, k_tp in _hints(tp).items():
-            if k in v:
-                for e in _errors(v[k], k_tp, f"{path}.{k}"):
-                    yield e
-                    return
-        return
+        fields = [(k, _checker(k_tp)) for k, k_tp in _hints(tp).items()]
+
+        def typed(v: Any) -> str | None:
+            if not isinstance(v, dict):
+                return f" must be an object, not {_kind(v)}"
+            for k, chk in fields:
+                if k in v:
+                    e = chk(v[k])
+                    if e is not None:
+                        return f".{k}{e}"
+            return None
+        return typed
     raise TypeError(f"contract: no checker for {tp!r}")  # pragma: no cover - a bug in this file
+
+
+_INF = float("inf")
+
+
+def _errors(v: Any, tp: Any, path: str) -> Iterator[str]:
+    """The first mismatch (as a one-line reason) of ``v`` against ``tp``, if any."""
+    e = _checker(tp)(v)
+    if e is not None:
+        yield path + e
 
 
 _HINTS: dict[type, dict[str, Any]] = {}
