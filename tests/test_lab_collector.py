@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -52,9 +53,14 @@ def measure(scenario: str, db: Path, network: str, asn: str) -> dict[str, tuple[
         argv = [*probe_argv(lab, db=db), "--network-name", network, "--asn", asn, "--country", "KZ"]
         p = lab.exec("volunteer", argv, capture_output=True, text=True, timeout=300)
         assert p.returncode == 0, p.stderr[-2000:]
-        out = json.loads(p.stdout)
-        verdicts = out["verdicts"] if isinstance(out, dict) else out  # cli-durable's envelope, or a list
-        return {v["target"]: (v["status"], v["mechanism"], v["detail"]) for v in verdicts}
+        printed = json.loads(p.stdout)
+        printed = printed["verdicts"] if isinstance(printed, dict) else printed  # cli-durable's envelope
+        # The volunteer's verdicts as stored (the printed form may render an empty detail as "ok").
+        with sqlite3.connect(db) as c:
+            stored = {t: (st, m, d) for t, st, m, d in c.execute("SELECT target, status, mechanism, detail "
+                                                                  "FROM verdicts")}
+        assert {v["target"]: v["status"] for v in printed} == {t: v[0] for t, v in stored.items()}
+        return stored
     finally:
         lab.down()
 
