@@ -163,6 +163,7 @@ class Runner:
         self.internal_errors: list[str] = []
         #: "deadline" when --deadline stopped the measuring.
         self.stopped: str | None = None
+        self._writer_dead = False
 
     def run(self, targets: list[Target], *, resume: int | None = None) -> RunResult:
         """Measure ``targets`` in their order as a new run; or, with ``resume``, measure the
@@ -266,8 +267,9 @@ class Runner:
             finally:
                 flush = _Flush()
                 send.send_nowait(flush)
-                with trio.CancelScope(shield=True):
-                    await flush.event.wait()
+                if not self._writer_dead:  # a dead writer releases every flush it left (no deadlock)
+                    with trio.CancelScope(shield=True):
+                        await flush.event.wait()
                 root.cancel_scope.cancel()
 
     async def _heartbeat(self, send: trio.MemorySendChannel[_Item]) -> None:
@@ -306,24 +308,38 @@ class Runner:
             self.progress(len(self.verdicts), 0, dict(self.counts))
 
     async def _writer(self, recv: trio.MemoryReceiveChannel[_Item]) -> None:
-        async with recv:
+        try:
+            await self._write_loop(recv)
+        finally:
+            # Whatever ended the writer (a broken database, cancellation), nobody may wait for it
+            # for ever: release every flush still queued.
+            self._writer_dead = True
             while True:
-                item = await recv.receive()
-                batch = [item]
-                while True:
-                    try:
-                        batch.append(recv.receive_nowait())
-                    except trio.WouldBlock:
-                        break
-                obs = [i for i in batch if isinstance(i, Observation)]
-                done = [i.url for i in batch if isinstance(i, _Measured)]
-                # Not abandoned on cancel: an in-flight commit always completes.
-                if obs:
-                    await trio.to_thread.run_sync(self.store.add_observations, self.run_id, obs)
-                if done:
-                    await trio.to_thread.run_sync(self.store.mark_measured, self.run_id, done)
-                if any(isinstance(i, _Beat) for i in batch):
-                    await trio.to_thread.run_sync(self.store.heartbeat, self.run_id)
-                for i in batch:
-                    if isinstance(i, _Flush):
-                        i.event.set()
+                try:
+                    item = recv.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                    break
+                if isinstance(item, _Flush):
+                    item.event.set()
+
+    async def _write_loop(self, recv: trio.MemoryReceiveChannel[_Item]) -> None:
+        while True:
+            item = await recv.receive()
+            batch = [item]
+            while True:
+                try:
+                    batch.append(recv.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            obs = [i for i in batch if isinstance(i, Observation)]
+            done = [i.url for i in batch if isinstance(i, _Measured)]
+            # Not abandoned on cancel: an in-flight commit always completes.
+            if obs:
+                await trio.to_thread.run_sync(self.store.add_observations, self.run_id, obs)
+            if done:
+                await trio.to_thread.run_sync(self.store.mark_measured, self.run_id, done)
+            if any(isinstance(i, _Beat) for i in batch):
+                await trio.to_thread.run_sync(self.store.heartbeat, self.run_id)
+            for i in batch:
+                if isinstance(i, _Flush):
+                    i.event.set()

@@ -13,6 +13,7 @@ import random
 import signal
 import sqlite3
 import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -196,3 +197,28 @@ def test_order_is_the_list_order_or_the_seed(tmp_path: Path) -> None:
         rid = store.latest_run_id()
         assert rid is not None
         assert [t.url for t in store.targets(rid)] == want
+
+
+def test_internal_error_is_one_line_with_a_log_and_the_run_failed(tmp_path: Path) -> None:
+    """A bug (here: the store breaking under the writer) is one line naming a log that holds the
+    traceback; the run is marked failed, not left running."""
+    f = tmp_path / "t.txt"
+    f.write_text("https://a.example/\n", encoding="utf-8")
+    db = tmp_path / "f.db"
+    code = ("import sys\nfrom kzprobe.storage import Store\n"
+            "def broken(self, run_id, urls):\n    raise RuntimeError('simulated bug in the writer')\n"
+            "Store.mark_measured = broken\nfrom kzprobe.cli import main\nmain()\n")
+    p = subprocess.run([sys.executable, "-c", code, "run", "--targets", str(f), "--db", str(db), "--no-progress",
+                        "--no-system-resolver", "--timeout", "0.2", "--format", "jsonl"], capture_output=True,
+                       text=True, timeout=60, env={**_env(), "XDG_STATE_HOME": str(tmp_path / "state")})
+    assert p.returncode == 70, p.stderr
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "internal error: RuntimeError: simulated bug in the writer" in lines[0], lines
+    log = Path(lines[0].split("traceback in ", 1)[1].split(";", 1)[0])
+    assert log.is_file() and log.is_relative_to(tmp_path / "state")
+    assert "Traceback" in log.read_text("utf-8") and "simulated bug" in log.read_text("utf-8")
+    store = Store(db)
+    rid = store.latest_run_id()
+    assert rid is not None
+    info = store.run(rid)
+    assert info is not None and info.state == "failed"

@@ -114,7 +114,8 @@ def _store(res: TraceResult, db: str | None, run_id: int | None, source: str, op
     type=click.Choice(["http", "tls", "dns"]),
     help="What to send with a limited TTL (default: tls, or http for an http:// URL).",
 )
-@click.option("--control-domain", default="example.com", show_default=True, help="Domain of the control sweep.")
+@click.option("--control-sni", "--control-domain", "control_domain", default="example.com", show_default=True,
+              help="Benign name of the control sweep (the same option as run's; --control-domain is its old name).")
 @click.option("--max-hops", type=click.IntRange(1, 64), default=30, show_default=True)
 @click.option("--repeat", type=click.IntRange(1, 20), default=3, show_default=True, help="Repetitions per TTL.")
 @click.option("--port", type=click.IntRange(1, 65535), help="Server port (default 80 / 443 / 53).")
