@@ -60,6 +60,8 @@ class Row:
     observations: list[tuple[Any, ...]]
     #: Verdict column values; ``observations`` holds 1-based positions in the list above.
     verdicts: list[dict[str, Any]]
+    #: The input's host (the target's ``domain``), computed in the worker.
+    domain: str = ""
 
 
 @dataclass(slots=True)
@@ -101,6 +103,7 @@ def _obs_values(o: Any) -> tuple[Any, ...]:
 def process_batch(lines: list[tuple[str, int, bytes]], filters: Filters) -> BatchResult:
     """Parse, filter, map and classify one batch of ``(file, line number, raw line)``."""
     from kzprobe.analysis import Context, classify
+    from kzprobe.model import Target
     from kzprobe.ooni.importer import OoniFormatError, measurement_to_observations
 
     out = BatchResult()
@@ -143,6 +146,7 @@ def process_batch(lines: list[tuple[str, int, bytes]], filters: Filters) -> Batc
                 software=imp.software, software_version=imp.software_version,
                 observations=[_obs_values(o) for o in imp.observations],
                 verdicts=[{c: getattr(v, c) for c in VERDICT_COLUMNS} for v in verdicts],
+                domain=Target(url=imp.input).host,
             ))
     return out
 

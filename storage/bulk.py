@@ -64,7 +64,8 @@ class OoniWriter:
                  "started": r.started, "ended": r.ended, "state": "done", "vantage": r.vantage,
                  "options": r.options, "uid": _run_uid(r.key), **_vantage(r.vantage)} for r in fresh])
             conn.execute(insert(TargetRow), [
-                {"run_id": rid, "url": r.input, "domain": Target(url=r.input).host, "category": "", "claim": None}
+                {"run_id": rid, "url": r.input, "domain": r.domain or Target(url=r.input).host, "category": "",
+                 "claim": None, "measured": r.ended, "position": 0}
                 for rid, r in zip(run_ids, fresh, strict=True)])
             obs_ids = self._observations(conn, [(rid, o) for rid, r in zip(run_ids, fresh, strict=True)
                                                 for o in r.observations])
