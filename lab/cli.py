@@ -135,7 +135,14 @@ def exec_(instance: str, role: str, command: tuple[str, ...]) -> None:
 
 def _print(rows: list[dict[str, Any]], fmt: str, head: dict[str, Any]) -> None:
     if fmt == "json":
-        click.echo(json.dumps({**head, "results": rows}, indent=2, ensure_ascii=False))
+        # The shared envelope (docs/output.md): kzprobe's verdicts at the top, the lab's comparison
+        # with the scenario (expected vs got per site) under its own key.
+        from kzprobe import __version__
+
+        doc = {"command": "lab run", "kzprobe": __version__,
+               "verdicts": [r["verdict"] for r in rows if r["verdict"]], "problems": [],
+               "lab": {**head, "results": rows}}
+        click.echo(json.dumps(doc, indent=2, ensure_ascii=False))
         return
     from rich.console import Console
     from rich.table import Table

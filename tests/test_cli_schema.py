@@ -116,6 +116,22 @@ def test_replay_json_lists_failed_files(tmp_path: Path) -> None:
     assert [x["where"] for x in doc["problems"]] == [str(bad)]
 
 
+CENTRACE = ROOT.parent / "shared" / "real-pcaps" / "centrace"
+
+
+@pytest.mark.skipif(not CENTRACE.is_dir(), reason="../shared (real-pcaps/centrace) is not available")
+def test_trace_json() -> None:
+    test = CENTRACE / "188.65.24.82_www.nifty.org_www.nifty.org.pcap"
+    control = CENTRACE / "188.65.24.82_www.nifty.org_example.com.pcap"
+    p = _kz("trace", "--from-pcap", str(test), "--control", str(control), "--format", "json")
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    _validator("envelope.schema.json").validate(doc)
+    assert doc["command"] == "trace" and doc["verdicts"] == []
+    # The CenTrace README: nifty.org's censor is at 134.0.217.233.
+    assert doc["trace"]["hop_address"] == "134.0.217.233"
+
+
 @pytest.mark.skipif(not QA.is_dir(), reason="../shared (ooni-qa) is not available")
 def test_import_ooni_jsonl(tmp_path: Path) -> None:
     p = _kz("import-ooni", str(QA / "cloudflareCAPTCHAWithHTTP.json"), "--db", str(tmp_path / "o.db"),

@@ -19,6 +19,7 @@ if os.geteuid() != 0 or not all(shutil.which(t) for t in ("ip", "iptables", "nft
 from kzprobe.lab import destroy  # noqa: E402
 from kzprobe.lab.core import list_namespaces  # noqa: E402
 from kzprobe.lab.scenario import load  # noqa: E402
+from kzprobe.tests.support.schema import validator  # noqa: E402
 
 
 def test_kz2014_end_to_end(request: pytest.FixtureRequest) -> None:
@@ -30,8 +31,13 @@ def test_kz2014_end_to_end(request: pytest.FixtureRequest) -> None:
         capture_output=True, text=True, timeout=600,
     )
     assert p.stdout, p.stderr[-3000:]
-    report = json.loads(p.stdout)
+    doc = json.loads(p.stdout)
+    validator("envelope.schema.json").validate(doc)
+    assert doc["command"] == "lab run" and doc["problems"] == []
+    report = doc["lab"]
     rows = report["results"]
+    # The envelope's verdicts are kzprobe's own, one per site.
+    assert sorted(v["target"] for v in doc["verdicts"]) == sorted(r["target"] for r in rows)
     scenario = load("kz2014")
     assert [r["target"] for r in rows] == [s.url for s in scenario.sites]
     wrong = [(r["target"], r["expect"], r["got"], (r["verdict"] or {}).get("rule")) for r in rows if not r["match"]]

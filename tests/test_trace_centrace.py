@@ -35,7 +35,9 @@ def run_trace(server: str, domain: str) -> dict:
     assert res.exit_code == 0, res.output
     lines = [ln for ln in res.output.splitlines() if ln.strip()]
     assert len(lines) == 1, "one JSON object per trace"
-    out = json.loads(lines[0])
+    doc = json.loads(lines[0])
+    assert doc["command"] == "trace" and doc["verdicts"] == [] and doc["problems"] == []
+    out = doc["trace"]
     assert set(out) == {
         "target", "address", "trigger", "result", "hop_ttl", "hop_address", "placement",
         "triggered_by", "evidence",

@@ -53,7 +53,7 @@ def trace_json(lab: Lab, domain: str, args: list[str]) -> dict:
                                "--repeat", "2", "--timeout", "1", *args],
                  capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    return json.loads(p.stdout.strip().splitlines()[-1])["trace"]
 
 
 def test_trace_names_the_censor_hop(lab: Lab) -> None:

@@ -80,7 +80,12 @@ def print_table(res: TraceResult) -> None:
 
 def _emit(res: TraceResult, fmt: str) -> None:
     if fmt == "json":
-        click.echo(json.dumps(res.to_dict(), sort_keys=False))
+        # The shared envelope (docs/output.md): a trace has no verdicts of its own; the result
+        # is under its own key.
+        from kzprobe import __version__
+
+        click.echo(json.dumps({"command": "trace", "kzprobe": __version__, "verdicts": [], "problems": [],
+                               "trace": res.to_dict()}, sort_keys=False))
     else:
         print_table(res)
 
