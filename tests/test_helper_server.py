@@ -220,8 +220,11 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
 
 @pytest.fixture(scope="module")
 def lab_helper(net: Net) -> Iterator[Helper]:
+    # A generous per-client rate: every test of this module asks from the same address, and the
+    # per-client limits are tested on helpers of their own (test_helper_attacks).  With the default
+    # (4/s, burst 20) an unloaded machine runs the module fast enough to be answered 429.
     h = start_helper("--listen", f"{HELPER_ADDR}:0", "--allow-private", "--resolver", net.resolver,
-                     "--ca-bundle", str(net.ca_path), "--token", LAB_TOKEN)
+                     "--ca-bundle", str(net.ca_path), "--token", LAB_TOKEN, "--client-rate", "1000")
     yield h
     h.stop()
 
@@ -229,7 +232,7 @@ def lab_helper(net: Net) -> Iterator[Helper]:
 @pytest.fixture(scope="module")
 def strict_helper(net: Net) -> Iterator[Helper]:
     h = start_helper("--listen", f"{HELPER_ADDR}:0", "--resolver", net.resolver, "--ca-bundle", str(net.ca_path),
-                     "--token", STRICT_TOKEN, "--io-timeout", "1")
+                     "--token", STRICT_TOKEN, "--io-timeout", "1", "--client-rate", "1000")
     yield h
     h.stop()
 
