@@ -22,6 +22,7 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 
 from kzprobe import __version__
 from kzprobe.storage import Store
@@ -157,15 +158,25 @@ class Uploader:
 
     # --- the queue -----------------------------------------------------------------------------
     def _record(self, run_id: int, **fields: Any) -> None:
-        with self.store.session() as s, s.begin():
-            row = s.scalars(select(UploadRow).where(UploadRow.run_id == run_id,
-                                                    UploadRow.collector == self.key)).first()
-            if row is None:
-                row = UploadRow(run_id=run_id, collector=self.key, acked_seq=0, opened=False, closed=False)
-                s.add(row)
-            for k, v in fields.items():
-                setattr(row, k, v)
-            row.updated = time.time()
+        for attempt in range(2):
+            try:
+                with self.store.session() as s, s.begin():
+                    row = s.scalars(select(UploadRow).where(UploadRow.run_id == run_id,
+                                                            UploadRow.collector == self.key)).first()
+                    if row is None:
+                        row = UploadRow(run_id=run_id, collector=self.key, acked_seq=0, opened=False,
+                                        closed=False)
+                        s.add(row)
+                    for k, v in fields.items():
+                        setattr(row, k, v)
+                    row.updated = time.time()
+                return
+            except IntegrityError:
+                # Another uploader of this database (run --upload's background upload, still
+                # retrying, and a `kzprobe upload` started by hand) created the queue row between
+                # our read and our insert: read it again and update it.  Seen in CI as a crash.
+                if attempt:
+                    raise
 
     def _open_body(self, run: RunRow) -> dict[str, Any]:
         with self.store.session() as s:
