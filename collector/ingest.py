@@ -13,7 +13,6 @@ lets the database skip the rows a retry sends again.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -26,9 +25,10 @@ from kzprobe.collector.wire import CloseRun, OpenRun
 from kzprobe.model import Observation
 from kzprobe.storage import Store
 from kzprobe.storage.classifier import classifier_version
+from kzprobe.storage.columns import OBS_COLUMNS
 from kzprobe.storage.models import ObservationRow, RunRow, TargetRow, VerdictRow
 
-_OBS_COLUMNS = tuple(f.name for f in dataclasses.fields(Observation) if f.name != "id")
+_OBS_COLUMNS = OBS_COLUMNS
 # Core tables: the ORM's bulk path splits a batch wherever the set of None columns changes (a dns
 # row after a tcp row), i.e. nearly row by row; Core sends the list as multi-row VALUES pages.
 _OBS = cast(Table, ObservationRow.__table__)

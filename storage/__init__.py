@@ -11,7 +11,6 @@ Default database: ``$KZPROBE_DB`` if set, else ``$XDG_DATA_HOME/kzprobe/kzprobe.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from kzprobe import __version__
 from kzprobe.model import Claim, Observation, Target, Verdict, now
 from kzprobe.storage.classifier import classifier_version
+from kzprobe.storage.columns import OBS_COLUMNS, VERDICT_COLUMNS
 from kzprobe.storage.liveness import is_alive, process_identity
 from kzprobe.storage.models import (
     HEAD_REVISION,
@@ -91,8 +91,8 @@ class RunInfo:
 
 # The model's dataclasses are the contract; the rows mirror them field for field (plus run_id),
 # so the columns are derived rather than listed again in each direction.
-_OBS_COLUMNS = tuple(f.name for f in dataclasses.fields(Observation) if f.name != "id")
-_VERDICT_COLUMNS = tuple(f.name for f in dataclasses.fields(Verdict))
+_OBS_COLUMNS = OBS_COLUMNS
+_VERDICT_COLUMNS = VERDICT_COLUMNS
 
 
 def _observation(r: ObservationRow) -> Observation:
