@@ -27,12 +27,10 @@ import argparse
 import datetime as dt
 import os
 import re
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -177,39 +175,14 @@ http {{
         shutil.rmtree(self.etc, ignore_errors=True)
 
 
-def timed(cmd: list[str]) -> tuple[float, float, int, subprocess.CompletedProcess[str]]:
-    """(wall s, CPU s of the process and its children, peak RSS of the tree in bytes, result)."""
-    sys.path.insert(0, str(HERE))
-    from ooni_import import tree_rss
-
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peak = 0
-    stop = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not stop.is_set():
-            peak = max(peak, tree_rss(proc.pid))
-            time.sleep(0.05)
-
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
-    out, err = proc.communicate()
-    wall = time.perf_counter() - t0
-    stop.set()
-    th.join()
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return wall, cpu, peak, subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1000,5000")
     ap.add_argument("--concurrency", type=int, default=100)
     args = ap.parse_args()
+    sys.path.insert(0, str(HERE))
+    from ooni_import import timed
+
     if os.geteuid() != 0:
         sys.exit("bench/engine.py needs root (network namespaces)")
     sizes = [int(s) for s in args.sizes.split(",")]

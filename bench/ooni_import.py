@@ -23,6 +23,7 @@ import gzip
 import importlib.util
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -66,10 +67,15 @@ def tree_rss(pid: int) -> int:
     return total
 
 
-def run_import(kzprobe: list[str], archive: Path, db: Path) -> tuple[float, int, str]:
-    """(seconds, peak tree RSS, kzprobe's summary line)."""
-    proc = subprocess.Popen([*kzprobe, "import-ooni", str(archive), "--db", str(db), "--format", "jsonl",
-                             "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def timed(cmd: list[str], stdout: int = subprocess.PIPE
+          ) -> tuple[float, float, int, subprocess.CompletedProcess[str]]:
+    """(wall s, CPU s of the process and its children, peak RSS of its process tree in bytes, result).
+
+    The tree is sampled from /proc every 50 ms; CPU comes from RUSAGE_CHILDREN (waited-for
+    descendants included, so curl's processes under xargs count too)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.PIPE, text=True)
     peak = 0
     stop = threading.Event()
 
@@ -79,16 +85,25 @@ def run_import(kzprobe: list[str], archive: Path, db: Path) -> tuple[float, int,
             peak = max(peak, tree_rss(proc.pid))
             time.sleep(0.05)
 
-    t0 = time.perf_counter()
     th = threading.Thread(target=sample, daemon=True)
     th.start()
-    _, err = proc.communicate()
-    elapsed = time.perf_counter() - t0
+    out, err = proc.communicate()
+    wall = time.perf_counter() - t0
     stop.set()
     th.join()
-    if proc.returncode != 0:
-        sys.exit(f"kzprobe import-ooni failed ({proc.returncode}): {err.strip()[-500:]}")
-    return elapsed, peak, err.strip().splitlines()[-1] if err.strip() else ""
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, cpu, peak, subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def run_import(kzprobe: list[str], archive: Path, db: Path) -> tuple[float, int, str]:
+    """(seconds, peak tree RSS, kzprobe's summary line)."""
+    elapsed, _, peak, p = timed([*kzprobe, "import-ooni", str(archive), "--db", str(db), "--format", "jsonl",
+                                 "--no-progress"], stdout=subprocess.DEVNULL)
+    err = p.stderr.strip()
+    if p.returncode != 0:
+        sys.exit(f"kzprobe import-ooni failed ({p.returncode}): {err[-500:]}")
+    return elapsed, peak, err.splitlines()[-1] if err else ""
 
 
 def parse_floor(archive: Path) -> tuple[int, float]:
