@@ -333,13 +333,18 @@ class Runner:
                     break
             obs = [i for i in batch if isinstance(i, Observation)]
             done = [i.url for i in batch if isinstance(i, _Measured)]
-            # Not abandoned on cancel: an in-flight commit always completes.
-            if obs:
-                await trio.to_thread.run_sync(self.store.add_observations, self.run_id, obs)
-            if done:
-                await trio.to_thread.run_sync(self.store.mark_measured, self.run_id, done)
-            if any(isinstance(i, _Beat) for i in batch):
-                await trio.to_thread.run_sync(self.store.heartbeat, self.run_id)
-            for i in batch:
-                if isinstance(i, _Flush):
-                    i.event.set()
+            try:
+                # Not abandoned on cancel: an in-flight commit always completes.
+                if obs:
+                    await trio.to_thread.run_sync(self.store.add_observations, self.run_id, obs)
+                if done:
+                    await trio.to_thread.run_sync(self.store.mark_measured, self.run_id, done)
+                if any(isinstance(i, _Beat) for i in batch):
+                    await trio.to_thread.run_sync(self.store.heartbeat, self.run_id)
+            finally:
+                # Released even when the commit raised: a flush taken off the channel in this
+                # batch is no longer seen by _writer's drain, and its waiter (shielded, in
+                # _main's finally) would otherwise wait for ever.
+                for i in batch:
+                    if isinstance(i, _Flush):
+                        i.event.set()
