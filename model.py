@@ -83,6 +83,21 @@ STATUSES = (OK, BLOCKED, DOWN, INCONCLUSIVE)
 MECHANISMS = ("dns", "ip", "dpi")
 
 
+# --- target kinds beyond web URLs (issue 15) -----------------------------------------------------
+#: The non-web target schemes, as written in a target URL (CONTRACTS.md, "Target URLs"):
+#: ``tor-or://IP:PORT`` a relay's OR port (TCP, then TLS as a Tor client makes it);
+#: ``tor-dir://IP:PORT`` a directory (GET /tor/status-vote/current/consensus, first bytes);
+#: ``obfs4://IP:PORT`` a bridge's TCP reachability; ``tcp://HOST:PORT`` a messaging endpoint;
+#: ``udp-dns://NAME`` DNS only, over UDP; ``proxy+http://HOST:PORT`` an HTTP proxy's CONNECT.
+KINDS: tuple[str, ...] = ("tor-or", "tor-dir", "obfs4", "tcp", "udp-dns", "proxy+http")
+#: Kinds whose host may be a DNS name (the others take an IP address only).
+NAME_KINDS: frozenset[str] = frozenset({"tcp", "udp-dns", "proxy+http"})
+#: Kinds without a port (every other kind must write one).
+PORTLESS_KINDS: frozenset[str] = frozenset({"udp-dns"})
+#: Target.kind of an http:// or https:// target.
+KIND_URL: Final = "url"
+
+
 def now() -> float:
     """Wall-clock time, as stored in observations (seconds since the epoch)."""
     return time.time()
@@ -119,14 +134,23 @@ class Target:
 
     @property
     def scheme(self) -> str:
+        """The scheme as written, lowercased: "https", "tor-or", "proxy+http", ..."""
         return urlsplit(self.url).scheme or "https"
 
     @property
+    def kind(self) -> str:
+        """``url`` for an http(s) target, else its scheme (one of :data:`KINDS`)."""
+        scheme = self.scheme
+        return scheme if scheme in KINDS else KIND_URL
+
+    @property
     def port(self) -> int:
+        """The port written in the URL; else 443 for https, 53 for udp-dns (the resolvers'
+        usual port: the probe's resolvers carry their own), 80 otherwise."""
         parts = urlsplit(self.url)
         if parts.port:
             return parts.port
-        return 443 if parts.scheme == "https" else 80
+        return {"https": 443, "udp-dns": 53}.get(parts.scheme, 80)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -3,7 +3,9 @@
 Two kinds of lists:
 
 * built-in lists shipped with the package (``kz2014``: seeded from Freedom House's "Freedom on
-  the Net 2014: Kazakhstan", each entry citing the report's words); see :func:`load_builtin`;
+  the Net 2014: Kazakhstan", each entry citing the report's words; ``tor``, ``messaging`` and
+  ``circumvention``: the non-web kinds of issue 15, citing the report where it speaks of them);
+  see :func:`load_builtin`;
 * user files: a Citizen Lab test-list CSV or a plain-text list; see :func:`load_file`.
 
 Nothing here touches the network: names are validated syntactically and never resolved.
@@ -23,9 +25,11 @@ from kzprobe.targets._urls import URLProblem, check_url
 __all__ = [
     "BUILTIN_LISTS",
     "CATEGORY_CODES",
+    "CLAIMED_ROLES",
     "ROLES",
     "LoadResult",
     "TargetListError",
+    "builtin_info",
     "load",
     "load_builtin",
     "load_builtin_roles",
@@ -33,7 +37,7 @@ __all__ = [
 ]
 
 #: Names of the lists shipped in this package (``NAME.toml`` next to this file).
-BUILTIN_LISTS: tuple[str, ...] = ("kz2014",)
+BUILTIN_LISTS: tuple[str, ...] = ("kz2014", "tor")
 
 #: Citizen Lab NEW category codes (test-lists 00-LEGEND-new_category_codes.csv).
 CATEGORY_CODES: frozenset[str] = frozenset(
@@ -41,28 +45,66 @@ CATEGORY_CODES: frozenset[str] = frozenset(
     "COMT MMED HOST SRCH GAME CULTR ECON GOVT COMM CTRL IGO MISC".split()
 )
 
-#: ``censored``: the source says it was blocked; ``control``: named as popular / accessible.
-ROLES: tuple[str, ...] = ("censored", "control")
+#: ``censored``: the source says it was blocked; ``control``: named as popular / accessible;
+#: ``listed``: the report does not speak of it (no claim): it is on the list for its subject (e.g.
+#: Signal, which OONI measures with WhatsApp and Telegram), and its notes say where it comes from.
+ROLES: tuple[str, ...] = ("censored", "control", "listed")
+#: The roles that need a claim (the report's words); ``listed`` entries must have none.
+CLAIMED_ROLES = ("censored", "control")
 
 _CLAIM_KEYS = ("quote", "section", "footnote", "dates", "mechanism")
-_TARGET_KEYS = {"url", "category", "claim", "notes", "role"}
+#: ``source``: where the entry's address comes from when that is not the report (e.g. Tor's
+#: auth_dirs.inc, an OONI spec); it is appended to the target's notes.
+_TARGET_KEYS = {"url", "category", "claim", "notes", "role", "source"}
 
 
-def _read_builtin(name: str) -> list[dict[str, Any]]:
+def _read_toml(name: str) -> dict[str, Any]:
     if name not in BUILTIN_LISTS:
         raise TargetListError(f"unknown built-in target list {name!r} (available: {', '.join(BUILTIN_LISTS)})")
     res = resources.files(__name__).joinpath(f"{name}.toml")
     try:
-        data = tomllib.loads(res.read_text(encoding="utf-8"))
+        return tomllib.loads(res.read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise TargetListError(f"{name}.toml: {exc}") from None
+
+
+def _read_builtin(name: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The list's [[target]] entries, and its shared claims ([claims.KEY] tables that an entry
+    names with ``claim = "KEY"``: one outage or one sentence cited by fifty endpoints)."""
+    data = _read_toml(name)
     entries = data.get("target")
     if not isinstance(entries, list) or not entries:
         raise TargetListError(f"{name}.toml: no [[target]] entries")
-    return entries
+    shared = data.get("claims", {})
+    if not isinstance(shared, dict):
+        raise TargetListError(f"{name}.toml: [claims] must be a table of claims")
+    return entries, shared
 
 
-def _parse_entry(name: str, index: int, entry: Any) -> tuple[Target, str]:
+def builtin_info(name: str) -> dict[str, str]:
+    """A built-in list's own metadata: name, source, date (of the data it was taken from)."""
+    data = _read_toml(name)
+    return {k: str(data.get(k, "")) for k in ("name", "source", "date")}
+
+
+def _parse_claim(where: str, raw_claim: Any) -> Claim:
+    if not isinstance(raw_claim, dict):
+        raise TargetListError(f"{where}: missing [target.claim]")
+    bad = set(raw_claim) - set(_CLAIM_KEYS)
+    if bad:
+        raise TargetListError(f"{where}: unknown claim key(s) {', '.join(sorted(bad))}")
+    fields: dict[str, str] = {}
+    for key in _CLAIM_KEYS:
+        value = raw_claim.get(key)
+        if not isinstance(value, str):
+            raise TargetListError(f"{where}: claim.{key} must be a string")
+        fields[key] = value
+    if not fields["quote"].strip():
+        raise TargetListError(f"{where}: claim.quote is empty")
+    return Claim(**fields)
+
+
+def _parse_entry(name: str, index: int, entry: Any, shared: dict[str, Any] | None = None) -> tuple[Target, str]:
     where = f"{name}.toml: target #{index}"
     if not isinstance(entry, dict):
         raise TargetListError(f"{where}: not a table")
@@ -83,29 +125,34 @@ def _parse_entry(name: str, index: int, entry: Any) -> tuple[Target, str]:
     role = entry.get("role")
     if role not in ROLES:
         raise TargetListError(f"{where}: role must be one of {', '.join(ROLES)}, not {role!r}")
-    raw_claim = entry.get("claim")
-    if not isinstance(raw_claim, dict):
-        raise TargetListError(f"{where}: missing [target.claim]")
-    bad = set(raw_claim) - set(_CLAIM_KEYS)
-    if bad:
-        raise TargetListError(f"{where}: unknown claim key(s) {', '.join(sorted(bad))}")
-    fields: dict[str, str] = {}
-    for key in _CLAIM_KEYS:
-        value = raw_claim.get(key)
-        if not isinstance(value, str):
-            raise TargetListError(f"{where}: claim.{key} must be a string")
-        fields[key] = value
-    if not fields["quote"].strip():
-        raise TargetListError(f"{where}: claim.quote is empty")
     notes = entry.get("notes", "")
     if not isinstance(notes, str):
         raise TargetListError(f"{where}: notes must be a string")
-    return Target(url=url, category=category, claim=Claim(**fields), notes=notes), role
+    source = entry.get("source", "")
+    if not isinstance(source, str):
+        raise TargetListError(f"{where}: source must be a string")
+    raw_claim = entry.get("claim")
+    claim: Claim | None = None
+    if role in CLAIMED_ROLES:
+        if isinstance(raw_claim, str):
+            if raw_claim not in (shared or {}):
+                raise TargetListError(f"{where}: claim {raw_claim!r} is not one of the list's [claims.*] tables")
+            raw_claim = (shared or {})[raw_claim]
+        claim = _parse_claim(where, raw_claim)
+    else:
+        # The report does not speak of it: no claim, and the notes must say so and why it is here.
+        if raw_claim is not None:
+            raise TargetListError(f"{where}: role 'listed' means the report does not speak of it: no claim")
+        if not notes.strip() or not source.strip():
+            raise TargetListError(f"{where}: a 'listed' entry needs notes (why it is listed) and a source")
+    if source:
+        notes = f"{notes} Source: {source}." if notes else f"Source: {source}."
+    return Target(url=url, category=category, claim=claim, notes=notes), role
 
 
 def _load_builtin_entries(name: str) -> list[tuple[Target, str]]:
-    entries = _read_builtin(name)
-    parsed = [_parse_entry(name, i, e) for i, e in enumerate(entries, start=1)]
+    entries, shared = _read_builtin(name)
+    parsed = [_parse_entry(name, i, e, shared) for i, e in enumerate(entries, start=1)]
     seen: set[str] = set()
     for target, _ in parsed:
         key = check_url(target.url)

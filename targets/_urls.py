@@ -13,7 +13,11 @@ from urllib.parse import urlsplit, urlunsplit
 
 import idna
 
+from kzprobe.model import KINDS, NAME_KINDS, PORTLESS_KINDS
+
 SCHEMES = ("http", "https")
+#: Every scheme a target may have: web URLs, then the non-web kinds (model.KINDS).
+ALL_SCHEMES = SCHEMES + KINDS
 
 # Underscores are not legal in hostnames (RFC 952/1123) but do occur in real DNS names that
 # browsers load, so rejecting them would drop measurable targets.
@@ -108,8 +112,8 @@ def check_url(url: str) -> str:
     scheme = parts.scheme.lower()
     if not scheme or "://" not in url:
         raise URLProblem(f"not a URL {url!r}: expected scheme://host/...")
-    if scheme not in SCHEMES:
-        raise URLProblem(f"unsupported scheme {parts.scheme!r} (only http and https)")
+    if scheme not in ALL_SCHEMES:
+        raise URLProblem(f"unsupported scheme {parts.scheme!r} (one of {', '.join(ALL_SCHEMES)})")
     netloc = parts.netloc
     if not netloc:
         raise URLProblem(f"no host in URL {url!r}")
@@ -138,10 +142,45 @@ def check_url(url: str) -> str:
         port = int(port_text)
         if not 1 <= port <= 65535:
             raise URLProblem(f"port {port} out of range (1-65535) in {url!r}")
+    if scheme in KINDS:
+        return _kind_key(url, scheme, host, port, parts.path, parts.query, parts.fragment)
     default = 443 if scheme == "https" else 80
     host_part = f"[{host}]" if ":" in host else host
     netloc_key = host_part if port in (None, default) else f"{host_part}:{port}"
     return urlunsplit((scheme, netloc_key, parts.path or "/", parts.query, parts.fragment))
+
+
+def _kind_key(url: str, scheme: str, host: str, port: int | None, path: str, query: str,
+              fragment: str) -> str:
+    """The canonical key of a non-web target (``scheme://host:port``, ``udp-dns://name``).
+
+    These are endpoints, not documents: a path, query or fragment would be silently ignored by
+    the probe, so it is an error rather than a surprise.
+    """
+    if path not in ("", "/") or query or fragment:
+        raise URLProblem(f"{scheme}:// takes no path, query or fragment: {url!r}")
+    is_ip = _is_ip(host)
+    if scheme in PORTLESS_KINDS:
+        if port is not None:
+            raise URLProblem(f"{scheme}:// takes a name and no port (the resolvers' port is used): {url!r}")
+        if is_ip:
+            raise URLProblem(f"{scheme}:// needs a DNS name, not an IP address: {url!r}")
+        return f"{scheme}://{host.rstrip('.')}"
+    if port is None:
+        raise URLProblem(f"{scheme}:// needs a port ({scheme}://HOST:PORT): {url!r}")
+    if scheme not in NAME_KINDS and not is_ip:
+        # A relay or bridge is an address; resolving a name first would measure DNS instead.
+        raise URLProblem(f"{scheme}:// needs an IP address, not a name: {url!r}")
+    host_part = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{host_part}:{port}"
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def url_from_line(text: str) -> str:
