@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 #: Names of the lists shipped in this package (``NAME.toml`` next to this file).
-BUILTIN_LISTS: tuple[str, ...] = ("kz2014", "tor")
+BUILTIN_LISTS: tuple[str, ...] = ("kz2014", "tor", "messaging", "circumvention")
 
 #: Citizen Lab NEW category codes (test-lists 00-LEGEND-new_category_codes.csv).
 CATEGORY_CODES: frozenset[str] = frozenset(

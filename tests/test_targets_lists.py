@@ -26,6 +26,7 @@ from kzprobe.targets import (
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 REPORT = SHARED / "report" / "freedom-on-the-net-2014-kazakhstan.txt"
+SECTIONS = ("Introduction", "Obstacles to Access", "Limits on Content", "Violations of User Rights")
 needs_shared = pytest.mark.skipif(not REPORT.exists(), reason="../shared is not available")
 
 NEW_LISTS = [n for n in ("tor", "messaging", "circumvention") if n in BUILTIN_LISTS]
@@ -33,6 +34,14 @@ NEW_LISTS = [n for n in ("tor", "messaging", "circumvention") if n in BUILTIN_LI
 
 def _norm(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
+
+
+def _sections(text: str) -> dict[str, str]:
+    """Normalised text of each top-level section, cut at its heading line."""
+    lines = text.splitlines()
+    starts = sorted((i, line.strip()) for i, line in enumerate(lines) if line.strip() in SECTIONS)
+    return {name: _norm("\n".join(lines[i:(starts[k + 1][0] if k + 1 < len(starts) else len(lines))]))
+            for k, (i, name) in enumerate(starts)}
 
 
 def test_tor_is_built_in() -> None:
@@ -43,6 +52,8 @@ def test_tor_is_built_in() -> None:
 @pytest.mark.parametrize("name", NEW_LISTS)
 def test_every_claim_is_quoted_from_the_report(name: str) -> None:
     report = _norm(REPORT.read_text(encoding="utf-8"))
+    sections = _sections(REPORT.read_text(encoding="utf-8"))
+    assert set(sections) == set(SECTIONS)
     notes = {int(m.group(1)) for m in re.finditer(r"^\s*(\d{1,3})\s{2,}\S", REPORT.read_text(encoding="utf-8"), re.M)}
     roles = load_builtin_roles(name)
     for t in load_builtin(name):
@@ -50,6 +61,7 @@ def test_every_claim_is_quoted_from_the_report(name: str) -> None:
         if role in CLAIMED_ROLES:
             assert t.claim is not None, t.url
             assert _norm(t.claim.quote) in report, f"{name}: {t.url}: quote not in the report: {t.claim.quote!r}"
+            assert _norm(t.claim.quote) in sections[t.claim.section], f"{name}: {t.url}: not in {t.claim.section}"
             for part in filter(None, (p.strip() for p in t.claim.footnote.split(","))):
                 assert int(part) in notes, f"{name}: {t.url}: no footnote {part}"
         else:
@@ -107,3 +119,34 @@ def test_listed_entries_carry_no_claim_and_say_where_they_come_from() -> None:
     assert role == "listed" and t.claim is None and t.notes == "Not in the report. Source: ooni/spec."
     with pytest.raises(TargetListError, match=r"missing \[target.claim\]"):
         _parse_entry("x", 1, {**base, "role": "censored"}, {})
+
+
+def test_messaging_has_oonis_endpoints() -> None:
+    targets = load_builtin("messaging")
+    urls = {t.url for t in targets}
+    roles = load_builtin_roles("messaging")
+    # ts-018: e1..e16.whatsapp.net on 443 and 5222; ts-020: five DCs on 80 and 443; ts-029: six backends.
+    for n in range(1, 17):
+        assert {f"tcp://e{n}.whatsapp.net:443", f"tcp://e{n}.whatsapp.net:5222", f"udp-dns://e{n}.whatsapp.net"} <= urls
+    for ip in ("149.154.175.50", "149.154.167.51", "149.154.175.100", "149.154.167.91", "149.154.171.5"):
+        assert {f"tcp://{ip}:80", f"tcp://{ip}:443"} <= urls
+        assert roles[f"tcp://{ip}:443"] == "listed"  # the report does not speak of Telegram
+    assert {"tcp://cdn.signal.org:443", "udp-dns://sfu.voip.signal.org", "tcp://www.viber.com:443"} <= urls
+    wa = next(t for t in targets if t.url == "tcp://e1.whatsapp.net:5222")
+    assert wa.claim is not None and wa.claim.footnote == "32" and wa.claim.dates == "2014-02-13"
+    assert roles["tcp://www.viber.com:443"] == "censored"  # the report names Viber in the outage
+    assert all(t.kind in ("tcp", "udp-dns") for t in targets)
+
+
+def test_circumvention_cites_proxies_vpns_and_opera() -> None:
+    targets = load_builtin("circumvention")
+    roles = load_builtin_roles("circumvention")
+    by_url = {t.url: t for t in targets}
+    assert "https://psiphon.ca/" in by_url
+    opera = [t for t in targets if "sec-tunnel.com" in t.host]
+    assert opera and all(roles[t.url] == "control" and t.claim and t.claim.footnote == "92" for t in opera)
+    proxies = [t for t in targets if t.claim and "proxy sites" in t.claim.quote]
+    assert len(proxies) >= 5 and all(roles[t.url] == "censored" for t in proxies)
+    vpns = [t for t in targets if t.claim and t.claim.quote.startswith("VPNs")]
+    assert vpns and all(roles[t.url] == "control" for t in vpns)
+    assert all("Source: " in t.notes for t in targets)
