@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 from kzprobe import errors as E
@@ -110,6 +110,8 @@ class Facts:
     domain: str
     observations: list[Observation]
     context: Context = field(default_factory=Context)
+    #: The redirect hop these facts are about (0: the target URL; see :meth:`at_hop`).
+    hop: int = 0
 
     # --- selections --------------------------------------------------------------------------
     def _sel(self, step: str, vantage: str, purposes: Iterable[str] = (MEASURE,)) -> list[Observation]:
@@ -233,7 +235,19 @@ class Facts:
         reference = self.reference_addresses
         if not reference:
             return set()
-        return self.probe_addresses - reference
+        suspect = self.probe_addresses - reference
+        if self.hop:
+            # A hop is measured at one address only (the first resolver's): another resolver's
+            # answer that was never tried is no evidence either way (a geo-DNS edge would look
+            # poisoned).  At hop 0 every resolved address is measured, so every one had its chance.
+            suspect &= self.flow_addresses
+        return suspect
+
+    @cached_property
+    def flow_addresses(self) -> set[str]:
+        """Addresses the probe connected to (or tried to) at this hop."""
+        return {o.address for o in self.observations
+                if o.vantage == PROBE and o.step != STEP_DNS and o.address}
 
     def dns_obs_for(self, addresses: set[str]) -> list[Observation]:
         return [o for o in self.probe_dns if set(o.data.get("addresses", [])) & addresses]
@@ -349,6 +363,21 @@ class Facts:
                 out[hop_of(o)].append(o)
         return dict(sorted(out.items()))
 
+    def at_hop(self, k: int) -> Facts:
+        """Hop ``k`` >= 1 of the redirect chain as a measurement of its own name: its REDIRECT
+        steps (both vantages) read as MEASURE, with the peeks made at that hop.
+
+        The DNS rules then judge a hop as they judge the target URL (DNS precedence, an answer
+        leading to a blockpage, a resolver failing while control resolves), instead of only
+        asking whether the chain as a whole got through: a chain completed through the public
+        resolver's answer does not clear the ISP resolver's NXDOMAIN for that hop's name.
+        """
+        own = [o for o in self.observations if o.purpose == REDIRECT and hop_of(o) == k]
+        name = next((o.domain for o in own if o.vantage == PROBE), None) or next((o.domain for o in own), "")
+        peeks = [o for o in self.observations if o.purpose == PEEK and hop_of(o) == k and o.domain == name]
+        obs = [replace(o, purpose=MEASURE) for o in own] + peeks
+        return Facts(self.target, name, obs, self.context, hop=k)
+
     @cached_property
     def redirect_break(self) -> tuple[int, list[Observation]] | None:
         """(k, failed steps) for the first hop k >= 1 of the probe's chain where a step failed, when
@@ -376,6 +405,11 @@ class Facts:
         ends = [o for obs in self.hops(vantage).values() for o in obs
                 if o.step == STEP_HTTP and o.ok and not o.data.get("redirect_to") and not o.data.get("blockpage")]
         return ends or base
+
+    def control_page_at(self, hop: int) -> Observation | None:
+        """Control's fetched response at redirect hop ``hop`` (0: the target URL), if it has one."""
+        return next((o for o in self.observations if o.vantage == CONTROL and o.step == STEP_HTTP and o.ok
+                     and o.purpose in (MEASURE, REDIRECT) and hop_of(o) == hop), None)
 
     def control_completes_chain(self, k: int) -> bool:
         """Control fetched the final page, and (where it recorded hops) got past hop ``k``."""

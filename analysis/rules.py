@@ -21,15 +21,16 @@ from urllib.parse import urlsplit
 
 from kzprobe import errors as E
 from kzprobe.analysis.bogons import is_bogon
-from kzprobe.analysis.facts import DNS_FAILURES, INTERFERENCE, Facts, dominant_failure
+from kzprobe.analysis.facts import DNS_FAILURES, INTERFERENCE, Facts, dominant_failure, hop_of
 from kzprobe.model import (
     BLOCKED,
     CONTROL,
     DOWN,
     INCONCLUSIVE,
+    MEASURE,
     OK,
+    PEEK,
     PROBE,
-    REDIRECT,
     SOURCE_LIVE,
     STEP_DNS,
     STEP_HTTP,
@@ -173,9 +174,11 @@ def _dns_blockpage(f: Facts) -> Hit | None:
     reached by a redirect that such an address answered."""
     for o in f.blockpages:
         start: Observation | None = o
-        if o.purpose == REDIRECT:
-            # Another name's address: DNS led there only if the chain began at a DNS-led address.
-            start = next((h for h in f.probe_http if h.ok and h.data.get("redirect_to")
+        if hop_of(o) >= 1 and not f.hop:
+            # Another name's address (a redirect, or a peek that followed one): DNS led there
+            # only if the chain began at a DNS-led address.
+            start = next((h for h in f.observations if h.vantage == PROBE and h.step == STEP_HTTP and h.ok
+                          and h.purpose in (MEASURE, PEEK) and hop_of(h) == 0 and h.data.get("redirect_to")
                           and _dns_led(f, h.address or "")), None)
         if start is None:
             continue
@@ -320,6 +323,37 @@ def _mitm(f: Facts) -> Hit | None:
 # --- redirect chains ------------------------------------------------------------------------------
 #: The step whose failure broke a chain -> the mechanism that failure points to.
 _CHAIN_MECHANISM = {STEP_DNS: "dns", STEP_TCP: "ip", STEP_TLS: "dpi", STEP_HTTP: "dpi"}
+
+
+#: The DNS rules a redirect hop is judged by, as the target URL is (in the same order).
+def _hop_dns_checks() -> tuple[tuple[Callable[[Facts], Hit | None], str], ...]:
+    return ((_dns_blockpage, "dns.blockpage"), (_dns_fingerprint, "dns.blockpage"), (_dns_failure, "dns.nxdomain"),
+            (_dns_bogon, "dns.bogon"), (_dns_poisoned, "dns.poisoned"))
+
+
+def _redirect_dns(f: Facts) -> Hit | None:
+    """DNS at a later hop, judged as at the target URL: a resolver that fails, or whose answer
+    leads to a blockpage or to an address unlike control's, for the name the page redirects to.
+
+    The chain may still have completed through another resolver's answer (a hop is fetched at
+    the first answer given): the ISP resolver's lie about that hop's name is blocking all the
+    same, as it is at hop 0.  Needs control's lookups of the hop's name (an OONI control that
+    reports only the chain's outcome falls back to where the chain broke)."""
+    start = next((o for o in f.probe_http if o.data.get("redirect_to")), None)
+    for k in f.hops(PROBE):
+        if k < 1:
+            continue
+        h = f.at_hop(k)
+        if not h.control_dns:
+            continue
+        for check, detail in _hop_dns_checks():
+            hit = check(h)
+            if hit is None:
+                continue
+            return Hit([*([start] if start else []), *hit.observations],
+                       f"{f.domain} redirects to {h.domain} (hop {k}): {hit.sentence}",
+                       detail=hit.detail or detail, confidence=hit.confidence)
+    return _redirect("dns")(f)
 
 
 def _redirect(mechanism: str) -> Callable[[Facts], Hit | None]:
@@ -637,12 +671,21 @@ def _http_diff(f: Facts) -> Hit | None:
         return None
     if not (f.probe_addresses & f.control_addresses) and not f.valid_addresses:
         return None
-    ctl = f.final_pages(CONTROL)[0]
+    final = f.final_pages(CONTROL)[0]
     # Pages from suspect addresses are DNS's doing (dns.poisoned comes first); judge the others.
     pages = [o for o in f.final_pages(PROBE) if o.address not in f.suspect_addresses]
-    if not pages or any(same_page(o, ctl) for o in pages):
+    if not pages:
         return None
-    o = pages[0]
+    differ = []
+    for o in pages:
+        # Like with like: a probe whose chain ends at a redirect (a capture, where the next hop is
+        # ciphertext or absent) is compared with control's response at that same hop, not with
+        # the page control's chain ended on.
+        ctl = (f.control_page_at(hop_of(o)) if o.data.get("redirect_to") else None) or final
+        if same_page(o, ctl):
+            return None
+        differ.append((o, ctl))
+    o, ctl = differ[0]
     return Hit([o, ctl], f"The page at {o.address} ({_page(o)}) differs from control's ({_page(ctl)}).",
                confidence=0.5)
 
@@ -736,8 +779,9 @@ RULES: tuple[Rule, ...] = (
          "The name resolves neither at the probe nor at control."),
     Rule("tls.mitm", BLOCKED, "dpi", "dpi.tls_mitm", 0.9, _mitm,
          "The certificate does not validate while control's does, or a national interception CA issued it."),
-    Rule("redirect.dns", BLOCKED, "dns", "dns.nxdomain", 0.8, _redirect("dns"),
-         "The page redirects; the lookup of a later hop's name fails while control follows the chain."),
+    Rule("redirect.dns", BLOCKED, "dns", "dns.nxdomain", 0.8, _redirect_dns,
+         "The page redirects; DNS for a later hop's name fails, or leads elsewhere than control's, "
+         "judged as for the target's own name."),
     Rule("redirect.ip", BLOCKED, "ip", "ip.tcp_timeout", 0.8, _redirect("ip"),
          "The page redirects; TCP to a later hop fails while control follows the chain."),
     Rule("redirect.dpi", BLOCKED, "dpi", "dpi.tls_reset", 0.8, _redirect("dpi"),

@@ -21,9 +21,10 @@ from urllib.parse import urlsplit
 
 import trio
 
+from kzprobe import errors as E
 from kzprobe.analysis.bogons import is_ip
 from kzprobe.analysis.facts import INTERFERENCE
-from kzprobe.model import REDIRECT, STEP_DNS, STEP_HTTP, Observation, Target
+from kzprobe.model import PEEK, REDIRECT, STEP_DNS, STEP_HTTP, Observation, Target
 from kzprobe.probes import tcp as tcpprobe
 from kzprobe.probes import tls as tlsprobe
 
@@ -34,8 +35,8 @@ if TYPE_CHECKING:
 MAX_HOPS = 10
 
 
-def _mark(o: Observation, hop: int) -> Observation:
-    o.purpose = REDIRECT
+def _mark(o: Observation, hop: int, purpose: str = REDIRECT) -> Observation:
+    o.purpose = purpose
     o.data["hop"] = hop
     return o
 
@@ -56,7 +57,8 @@ def _hop_url(url: object) -> tuple[str, str, int] | None:
     return parts.scheme, host, port
 
 
-async def resolve(engine: Engine, target: Target, url: str, host: str, hop: int) -> str | None:
+async def resolve(engine: Engine, target: Target, url: str, host: str, hop: int, purpose: str = REDIRECT
+                  ) -> str | None:
     """Look ``host`` up at every resolver of the run (recorded); the first resolver's first address."""
     if is_ip(host):
         return host
@@ -66,7 +68,7 @@ async def resolve(engine: Engine, target: Target, url: str, host: str, hop: int)
     async def one(i: int, coro: Awaitable[Observation]) -> None:
         o = await coro
         o.target, o.domain = target.url, host
-        answers[i] = await engine._emit(_mark(o, hop))
+        answers[i] = await engine._emit(_mark(o, hop, purpose))
 
     async with trio.open_nursery() as n:
         for i, coro in enumerate(lookups):
@@ -123,6 +125,43 @@ async def follow(engine: Engine, target: Target, first: Observation, *, followup
             if last.ok or last.failure not in INTERFERENCE:
                 break
             last = await _once(engine, target, url, scheme, host, address, port, hop, i + 1)
+        if last.step == STEP_HTTP and last.failure in CERT_FAILURES and followups:
+            # What is served behind the bad certificate (a blockpage?), as at hop 0.
+            await peek(engine, target, url, host, address, hop)
         if not last.ok or last.step != STEP_HTTP:
             return
         url = last.data.get("redirect_to")
+
+
+#: Certificate validation failures: the GET is made again without validation (a PEEK).
+CERT_FAILURES = frozenset({E.SSL_INVALID_HOSTNAME, E.SSL_UNKNOWN_AUTHORITY, E.SSL_INVALID_CERTIFICATE})
+
+
+async def peek(engine: Engine, target: Target, url: str, host: str, address: str, hop: int) -> None:
+    """GET ``url`` from ``address`` without validating the certificate, and follow its redirects
+    the same way (purpose PEEK throughout, ``data["hop"]`` counting on from ``hop``).
+
+    An ISP's blockpage is often a redirect to the blockpage host, served behind a certificate
+    that is not the site's: a peek that stopped at the 302 would miss the page itself.  Each hop
+    is one unvalidated GET (its DNS recorded when the name changes); nothing here counts as the
+    site being reachable.
+    """
+    seen: set[str] = set()
+    for k in range(hop, MAX_HOPS + 1):
+        seen.add(url)
+        o = await engine._fetch(target, url, address, host=host if k else None, purpose=PEEK,
+                                hop=k or None)
+        nxt = o.data.get("redirect_to")
+        where = _hop_url(nxt)
+        if not o.ok or where is None or nxt in seen or k == MAX_HOPS:
+            return
+        assert isinstance(nxt, str)
+        _scheme, nhost, port = where
+        if nhost != host:
+            found = await resolve(engine, target, nxt, nhost, k + 1, PEEK)
+            if found is None:
+                return
+            address = found
+        if engine.endpoint_refusal(address, port):
+            return
+        url, host = nxt, nhost

@@ -20,11 +20,10 @@ from urllib.parse import urlsplit
 
 import trio
 
-from kzprobe import errors as E
 from kzprobe.analysis.bogons import is_ip
 from kzprobe.analysis.facts import DNSCHECK, INTERFERENCE
 from kzprobe.analysis.fingerprints import Fingerprints
-from kzprobe.model import FOLLOWUP, MEASURE, PEEK, PROBE, Observation, Target
+from kzprobe.model import FOLLOWUP, MEASURE, PROBE, Observation, Target
 from kzprobe.probes import chain
 from kzprobe.probes import dns as dnsprobe
 from kzprobe.probes import http as httpprobe
@@ -37,7 +36,6 @@ Sink = Callable[[Observation], Awaitable[None]]
 #: The redirect Locations already followed in the current Engine.measure call (see Engine._follow).
 _followed: contextvars.ContextVar[set[str] | None] = contextvars.ContextVar("kzprobe_followed", default=None)
 
-_CERT_FAILURES = frozenset({E.SSL_INVALID_HOSTNAME, E.SSL_UNKNOWN_AUTHORITY, E.SSL_INVALID_CERTIFICATE})
 
 
 @dataclass
@@ -200,8 +198,8 @@ class Engine:
                     return
             await trio.aclose_forcefully(stream)
         http = await self._http(target, address, None, MEASURE, 0)
-        if followups and http.failure in _CERT_FAILURES:
-            await self._http(target, address, None, PEEK, 0)
+        if followups and http.failure in chain.CERT_FAILURES:
+            await chain.peek(self, target, target.url, target.host, address, 0)
         if followups and httpprobe.is_slow(http):
             # A stalled or slow body: is it the name (throttling) or the path?
             await self._throttle_followup(target, address)

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from kzprobe.model import CONTROL, FOLLOWUP, MEASURE, PROBE, REDIRECT, Observation
+from kzprobe.model import CONTROL, FOLLOWUP, MEASURE, PEEK, PROBE, REDIRECT, Observation
 from kzprobe.storage import Store
 
 HELPER_ADDR = "127.0.0.61"
@@ -38,6 +38,9 @@ CASES: dict[tuple[str, str], tuple[str, str | None, str | None]] = {
     ("slowpath.test", "https"): ("ok", None, None),
     # The middlebox answers this Host with a 302 to the ISP's (gzip-served) notice page.
     ("redirinject.test", "http"): ("blocked", "dpi", "dpi.blockpage"),
+    # The ISP points the name at its redirector: behind a certificate for another name, a 301 to
+    # the blockpage host.  The peek must follow that redirect to see the blockpage.
+    ("peekredirect.test", "https"): ("blocked", "dns", "dns.blockpage"),
 }
 
 
@@ -122,6 +125,22 @@ def test_redirect_chain_fails_at_hop_2(observations: list[Observation], loopnet:
     # Control followed the same chain to the page.
     ctl = [o for o in _of(observations, url, vantage=CONTROL, purpose=REDIRECT, step="http") if o.data.get("hop") == 2]
     assert ctl and ctl[0].ok and ctl[0].data["title"] == "www.redirect.test home"
+
+
+def test_peek_follows_the_redirect_behind_a_bad_certificate(observations: list[Observation], loopnet: Any,
+                                                              loopnet_lib: Any) -> None:
+    """The GET without validation (PEEK) follows a redirect as the chain does: its next hop is looked
+    up and fetched as a PEEK too, and that is where the blockpage is."""
+    url = loopnet.url("peekredirect.test")
+    peeks = sorted(_of(observations, url, vantage=PROBE, purpose=PEEK, step="http"),
+                   key=lambda o: o.data.get("hop") or 0)
+    assert [o.data.get("hop") for o in peeks] == [None, 1], peeks
+    assert peeks[0].address == loopnet_lib.REDIRECTOR and peeks[0].data["status"] == 301
+    assert peeks[0].data["redirect_to"] == f"http://blocked.isp.test:{loopnet.http_port}/"
+    assert peeks[1].address == loopnet_lib.BLOCKPAGE_SERVER and peeks[1].domain == "blocked.isp.test"
+    assert peeks[1].data["blockpage"] and loopnet_lib.BLOCKPAGE_TEXT in peeks[1].data["body_head"]
+    dns = _of(observations, url, vantage=PROBE, purpose=PEEK, step="dns")
+    assert dns and all(o.domain == "blocked.isp.test" and o.data["hop"] == 1 for o in dns)
 
 
 def _rate(o: Observation) -> float:

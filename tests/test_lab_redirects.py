@@ -27,16 +27,7 @@ CURL_FAILURE = {"sni-reset": (35,), "sni-drop": (28,), "dns-nxdomain": (6,)}
 
 #: Targets kzprobe still gets wrong, with the reason; the test fails when one of them changes (then
 #: update or delete its line), so the list cannot rot.
-KNOWN_WRONG: dict[str, tuple[str, str]] = {
-    "https://livejournal.com/": ("ok", "analysis/facts.py Facts.redirect_break: a hop whose later steps fetched "
-                                 "the page is no break, so the ISP resolver's NXDOMAIN for www.livejournal.com "
-                                 "(hop 1) is ignored once the public resolver's answer worked; at hop 0 the same "
-                                 "NXDOMAIN is dns.nxdomain"),
-    "https://avaaz.org/": ("inconclusive", "hop 1's ISP answer (198.51.100.80, the blockpage server, unlike "
-                           "control's) is fetched with a certificate for another name (ssl_invalid_hostname) and "
-                           "the rules apply DNS precedence and the blockpage peek only at hop 0: expected "
-                           "blocked/dns (dns.blockpage or dns.poisoned)"),
-}
+KNOWN_WRONG: dict[str, tuple[str, str]] = {}
 
 
 @pytest.fixture(scope="module")

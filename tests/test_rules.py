@@ -108,6 +108,26 @@ def _ctl_redirect(to: str = WWW) -> Observation:
     return o
 
 
+def ctl_chain(address: str = A, to: str = WWW, at: str = CDN) -> list[Observation]:
+    """Control: the target answers 301 to https://``to``/, whose name resolves to ``at``; fetched."""
+    return [dns([address], vantage=CONTROL, resolver="helper"), tcp(address, vantage=CONTROL),
+            tls(address, vantage=CONTROL), _ctl_redirect(to),
+            hop(dns([at], vantage=CONTROL, resolver="helper"), domain=to), hop(tcp(at, vantage=CONTROL), domain=to),
+            hop(tls(at, vantage=CONTROL), domain=to), hop(http(at, vantage=CONTROL), domain=to)]
+
+
+def hop_fetched(address: str = CDN) -> list[Observation]:
+    """The probe's hop 1 fetched from ``address``, validated."""
+    return [hop(tcp(address)), hop(tls(address)), hop(http(address))]
+
+
+def _plain_redirect(o: Observation, to: str) -> Observation:
+    """A plain-HTTP 301 (as a capture sees the target URL's first answer)."""
+    o.data.update(url="http://site.example/", status=301, title="301 Moved Permanently", body_length=169,
+                  redirect_to=to)
+    return o
+
+
 def _titled(o: Observation, title: str, length: int) -> Observation:
     o.data.update(title=title, body_length=length)
     return o
@@ -239,9 +259,28 @@ POSITIVE: list[Case] = [
     Case("redirect: the next hop's name does not resolve while control follows the chain",
          [*redirecting(), hop(dns(failure=E.DNS_NXDOMAIN)), *ctl_site()],
          "redirect.dns", "blocked", "dns", "dns.nxdomain"),
+    Case("redirect: the ISP resolver says NXDOMAIN for the next hop's name; the public one's answer completes it",
+         [*redirecting(), hop(dns(failure=E.DNS_NXDOMAIN)), hop(dns([CDN], resolver=PUB)), *hop_fetched(),
+          *ctl_chain()],
+         "redirect.dns", "blocked", "dns", "dns.nxdomain"),
+    Case("redirect: the ISP answer for the next hop's name serves a blockpage behind a bad certificate",
+         [*redirecting(), hop(dns([PARKED])), hop(dns([CDN], resolver=PUB)), hop(tcp(PARKED)),
+          hop(tls(PARKED, valid=False, issuer="ISP notice")), hop(http(PARKED, E.SSL_INVALID_HOSTNAME)),
+          hop(http(PARKED, purpose="peek", blockpage="kz_block")), *ctl_chain()],
+         "redirect.dns", "blocked", "dns", "dns.blockpage"),
+    Case("redirect: the ISP answer for the next hop's name is unlike control's and does not validate",
+         [*redirecting(), hop(dns([PARKED])), hop(dns([CDN], resolver=PUB)), hop(tcp(PARKED)),
+          hop(tls(PARKED, valid=False, issuer="ISP notice")), hop(http(PARKED, E.SSL_INVALID_HOSTNAME)),
+          *ctl_chain()],
+         "redirect.dns", "blocked", "dns", "dns.poisoned"),
     Case("redirect: TCP to the next hop times out twice while control follows the chain",
          [*redirecting(), hop(dns([CDN])), hop(tcp(CDN, TIMEOUT)), hop(tcp(CDN, TIMEOUT, attempt=1)), *ctl_site()],
          "redirect.ip", "blocked", "ip", "ip.tcp_timeout"),
+    Case("the probe's plain-HTTP answer redirects elsewhere than control's does at that hop",
+         [dns([A]), tcp(A), _plain_redirect(http(A), "http://block.isp.example/"), *ctl_site()[:3],
+          _plain_redirect(http(A, vantage=CONTROL), "https://site.example/"),
+          hop(http(A, vantage=CONTROL), domain=DOMAIN)],
+         "dpi.http_diff", "blocked", "dpi", "dpi.http_diff"),
     Case("tcp: timeout twice while control connects", [dns([A]), tcp(A, TIMEOUT), tcp(A, TIMEOUT, attempt=1),
                                                        *ctl_site()],
          "ip.tcp", "blocked", "ip", "ip.tcp_timeout"),
@@ -340,6 +379,14 @@ NEAR_MISS: list[Case] = [
     Case("invalid chain from an ordinary issuer, no control",
          [dns([A]), tcp(A), tls(A, valid=False, issuer="Evil CA"), http(A, E.SSL_UNKNOWN_AUTHORITY)],
          "inconclusive", "inconclusive", near="tls.mitm"),
+    Case("redirect: another resolver's answer for the next hop is unlike control's but never tried (geo-DNS)",
+         [*redirecting(), hop(dns([CDN])), hop(dns([PARKED], resolver=PUB)), *hop_fetched(), *ctl_chain(at=A)],
+         "ok.http", "ok", near="redirect.dns"),
+    Case("a capture: the probe's chain ends at the http->https 301, control's at the page (same hop agrees)",
+         [dns([A]), tcp(A), _plain_redirect(http(A), "https://site.example/"), *ctl_site()[:3],
+          _plain_redirect(http(A, vantage=CONTROL), "https://site.example/"),
+          hop(http(A, vantage=CONTROL), domain=DOMAIN)],
+         "ok.http", "ok", near="dpi.http_diff"),
     Case("redirect: TLS to the next hop reset, control fails at that hop too",
          [*redirecting(), hop(dns([CDN])), hop(tcp(CDN)), hop(tls(CDN, RESET)), *ctl_site(),
           hop(tls(CDN, RESET, vantage=CONTROL))],

@@ -27,6 +27,7 @@ holds whichever address a resolver hands out):
 127.0.10.12        a blockpage server that compresses as nginx does (gzip on, chunked)
 127.0.10.14        a slow path: a second middlebox that shapes every name for the censored source
 127.0.10.13        a CDN edge whose valid chain has an intermediate and a leaf without SKI/AKI (gzip on)
+127.0.10.15        an ISP redirector: certificate for another name, a 301 to the blockpage host
 127.0.10.250       the address an injector forges (nothing listens)
 =================  ==========================================================================
 
@@ -82,6 +83,7 @@ BADCERT = "127.0.10.11"
 GZIP_BLOCKPAGE = "127.0.10.12"
 CDN_NOAKI = "127.0.10.13"
 SLOWPATH = "127.0.10.14"
+REDIRECTOR = "127.0.10.15"
 FORGED = "127.0.10.250"
 #: A bogon answer that is still safe to connect to: Linux routes 0.0.0.0 to the local host.
 #: (10.x would be a real private address: a connect would leave loopback.)
@@ -132,6 +134,10 @@ SITES: dict[str, tuple[str, tuple[str, ...]]] = {
     # The middlebox answers this Host with a 302 to the ISP's notice page, served by nginx.
     "redirinject.test": (MIDDLEBOX, ("a", MIDDLEBOX)),
     "warning.test": (GZIP_BLOCKPAGE, ("a", GZIP_BLOCKPAGE)),
+    # The ISP points this name at its redirector, which answers (behind a certificate for another
+    # name) with a 301 to its blockpage host: only a peek that follows the redirect sees the page.
+    "peekredirect.test": (ORIGIN, ("a", REDIRECTOR)),
+    "blocked.isp.test": (BLOCKPAGE_SERVER, ("a", BLOCKPAGE_SERVER)),
     **{n: (TARPIT, ("a", TARPIT)) for n in TARPIT_NAMES},
 }
 
@@ -156,7 +162,7 @@ REDIRECT_CHAINS: dict[str, tuple[str, str]] = {
 }
 
 SERVER_ADDRESSES = (ORIGIN, CDN_EDGE, PARKED, BLOCKPAGE_SERVER, SLOW, MIDDLEBOX, DROP_ORIGIN, TARPIT, BADCERT,
-                    GZIP_BLOCKPAGE, CDN_NOAKI, SLOWPATH)
+                    GZIP_BLOCKPAGE, CDN_NOAKI, SLOWPATH, REDIRECTOR)
 
 
 # --- small socket helpers ------------------------------------------------------------------------
@@ -748,6 +754,8 @@ def build_loopnet(tmp: Path) -> LoopNet:
         GZIP_BLOCKPAGE: web(WebBehaviour(parked, body=lambda h: blockpage_body(), gzip=True),
                             WebBehaviour(None, body=lambda h: blockpage_body(), gzip=True)),
         CDN_NOAKI: web(WebBehaviour(noaki, gzip=True), WebBehaviour(None, gzip=True)),
+        REDIRECTOR: web(WebBehaviour(parked, redirects={"peekredirect.test": f"http://blocked.isp.test:{http_port}/"}),
+                        WebBehaviour(None, redirects={"peekredirect.test": f"http://blocked.isp.test:{http_port}/"})),
     }
     for (addr, port), s in socks.items():
         if addr == BACKLOG_FULL:
