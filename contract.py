@@ -114,6 +114,8 @@ class TlsData(Common, total=False):
     cert_valid: bool | None
     cert_failure: str | None
     issuer: str | None
+    #: Which ClientHello was sent: "default" (absent), "browser" or "tor" (issue 15).
+    hello: str
 
 
 class HttpData(Common, total=False):
@@ -137,6 +139,11 @@ class HttpData(Common, total=False):
     blockpage: str | None
     #: [[t, n], ...]: seconds since the response headers, cumulative wire bytes of the body.
     speed_samples: list[list[float]]
+    #: Kind targets (issue 15): "tor-dir" on a directory fetch; a proxy's CONNECT step has
+    #: method "CONNECT" and connect_to "HOST:443" (its answer's status in ``status``).
+    kind: str
+    method: str
+    connect_to: str
 
 
 STEP_DATA: dict[str, type] = {STEP_DNS: DnsData, STEP_TCP: TcpData, STEP_TLS: TlsData, STEP_HTTP: HttpData}

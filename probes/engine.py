@@ -24,7 +24,7 @@ from kzprobe.analysis.bogons import is_ip
 from kzprobe.analysis.facts import DNSCHECK, INTERFERENCE
 from kzprobe.analysis.fingerprints import Fingerprints
 from kzprobe.model import FOLLOWUP, MEASURE, PROBE, Observation, Target
-from kzprobe.probes import chain
+from kzprobe.probes import chain, kinds
 from kzprobe.probes import dns as dnsprobe
 from kzprobe.probes import http as httpprobe
 from kzprobe.probes import tcp as tcpprobe
@@ -93,7 +93,7 @@ class Engine:
             out.append(dnsprobe.lookup_system(target.url, domain, cfg.timeout))
         for r in cfg.resolvers:
             out.append(dnsprobe.lookup(target.url, domain, r, "udp", cfg.timeout, cfg.dns_window))
-            if cfg.dns_tcp:
+            if cfg.dns_tcp and target.scheme != kinds.UDP_DNS:
                 out.append(dnsprobe.lookup(target.url, domain, r, "tcp", cfg.timeout))
         return out
 
@@ -159,6 +159,9 @@ class Engine:
         return await self._fetch(target, target.url, address, host=benign, purpose=FOLLOWUP)
 
     async def measure_address(self, target: Target, address: str, *, followups: bool = True) -> None:
+        if kinds.handles(target.scheme):  # tor-dir, obfs4, tcp, udp-dns, proxy+http: probes/kinds.py
+            await kinds.measure(self, target, address, followups=followups)
+            return
         cfg = self.config
         https = target.scheme == "https"
         if https:

@@ -108,7 +108,8 @@ def is_slow(obs: Observation) -> bool:
 class _Body:
     """The raw body as it arrives, with OONI-style speed samples ([[t, n], ...])."""
 
-    def __init__(self) -> None:
+    def __init__(self, cap: int = WIRE_CAP) -> None:
+        self.cap = cap
         self.raw = bytearray()
         self.wire = 0
         self.samples: list[list[float | int]] = []
@@ -137,7 +138,7 @@ class _Body:
                         # what the feature layer was given, as for the same bytes in a capture.
                         self.wire += len(chunk)
                         self.raw += chunk
-                        if len(self.raw) >= WIRE_CAP:
+                        if len(self.raw) >= self.cap:
                             self.cut = True
                             break
             except Exception as exc:  # whatever a server's body makes the stack raise: this step's failure
@@ -151,8 +152,10 @@ class _Body:
 async def fetch(clients: Clients, target: str, domain: str, url: str, address: str, timeout: float,
                 fingerprints: Fingerprints, *, host: str | None = None, sni: str | None = None,
                 purpose: str = MEASURE, attempt: int = 0, vantage: str = "probe",
-                hop: int | None = None) -> Observation:
-    """GET ``url`` from ``address`` with Host = ``host`` and SNI = ``sni`` (both default to the URL's host)."""
+                hop: int | None = None, cap: int = WIRE_CAP) -> Observation:
+    """GET ``url`` from ``address`` with Host = ``host`` and SNI = ``sni`` (both default to the URL's host).
+
+    ``cap``: raw body bytes read at most (a Tor directory fetch reads only the consensus's head)."""
     t0 = now()
     host = host or urlsplit(url).hostname or domain
     sni = sni or host
@@ -173,7 +176,7 @@ async def fetch(clients: Clients, target: str, domain: str, url: str, address: s
         # Recorded before the body: a body that then stalls (throttling) still shows that the
         # server answered.
         data.update(status=resp.status_code, headers=headers, final_url=url)
-        body = _Body()
+        body = _Body(cap)
         try:
             err = await body.read(resp, timeout * BODY_TIMEOUTS)
         finally:

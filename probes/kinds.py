@@ -1,0 +1,208 @@
+"""Probes for the target kinds beyond URLs: a Tor directory, an obfs4 bridge, a messaging endpoint
+(TCP, or DNS only) and an HTTP proxy.  (``tor-or://`` is :mod:`kzprobe.probes.hellos`' business.)
+
+Every kind is measured with the usual steps (dns/tcp/tls/http) and the usual probes, one
+observation per step with its timing and OONI failure string, ``target`` = the kind's URL:
+
+=================== ===========================================================================
+``tor-dir://IP:P``  TCP, then ``GET /tor/status-vote/current/consensus``: status, headers and at
+                    most :data:`DIR_CAP` bytes of body, through the shared feature layer
+                    (``data["kind"] = "tor-dir"``).
+``obfs4://IP:P``    TCP only.  No maintained Python obfs4 implementation exists (PyPI has
+                    obfsproxy 0.2.13 of 2014: Python 2, obfs2/obfs3/ScrambleSuit, no obfs4), and
+                    a half-made handshake would be fingerprintable itself; a completed TCP
+                    connect is what OONI's ``tor`` experiment also calls "reachable" for bridges.
+``tcp://HOST:P``    DNS (when HOST is a name, by the engine), then TCP.
+``udp-dns://NAME``  DNS only, over UDP (the engine's lookups; no connection at all).
+``proxy+http://H:P`` TCP, then ``CONNECT <benign>:443`` (an HTTP step: method, connect_to,
+                    status), then a TLS handshake through the tunnel with SNI = benign (the run's
+                    ``--control-sni``), purpose MEASURE.
+=================== ===========================================================================
+
+Retries are the URLs': a failed TCP connect, or a step failed by interference (reset, timeout,
+EOF), is measured once more (``ProbeConfig.retries``), because a lone timeout is not evidence.
+The helper calls these with ``followups=False``: control measures once.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from kzprobe import errors as E
+from kzprobe.analysis.facts import INTERFERENCE
+from kzprobe.model import MEASURE, STEP_HTTP, Observation, Target, now
+from kzprobe.probes import http as httpprobe
+from kzprobe.probes import tcp as tcpprobe
+from kzprobe.probes import tls as tlsprobe
+
+if TYPE_CHECKING:
+    from kzprobe.probes.engine import Engine
+
+TOR_DIR, OBFS4, TCP, UDP_DNS, PROXY_HTTP = "tor-dir", "obfs4", "tcp", "udp-dns", "proxy+http"
+#: The kinds measured here (``tor-or`` is measured by the TLS-fingerprint code).
+SCHEMES = (TOR_DIR, OBFS4, TCP, UDP_DNS, PROXY_HTTP)
+CONSENSUS_PATH = "/tor/status-vote/current/consensus"
+#: Body bytes a directory fetch reads at most: enough for the consensus's header lines (its
+#: valid-after time, the authorities' keys) without pulling megabytes through a censored link.
+DIR_CAP = 64 * 1024
+#: A CONNECT answer's head (status line and headers) longer than this is not a proxy's.
+CONNECT_HEAD_CAP = 8 * 1024
+CONNECT_PORT = 443
+
+
+def handles(scheme: str) -> bool:
+    return scheme in SCHEMES
+
+
+async def measure(engine: Engine, target: Target, address: str, *, followups: bool = True) -> None:
+    """Measure one address of a kind target (DNS, when the host is a name, was the engine's)."""
+    scheme = target.scheme
+    if scheme == UDP_DNS:
+        return  # DNS only: the lookups the engine made are the whole measurement
+    if scheme in (TCP, OBFS4):
+        stream = await reach(engine, target, address, followups=followups)
+        if stream is not None:
+            await trio.aclose_forcefully(stream)
+    elif scheme == TOR_DIR:
+        await _tor_dir(engine, target, address, followups)
+    elif scheme == PROXY_HTTP:
+        await _proxy(engine, target, address, followups)
+
+
+async def reach(engine: Engine, target: Target, address: str, *, followups: bool = True, attempt: int = 0
+                ) -> trio.SocketStream | None:
+    """TCP to ``address:port``, measured again (up to ``retries`` times) when it fails.
+
+    Returns the open stream (the caller closes it) or None.
+    """
+    cfg = engine.config
+    tries = 1 + (cfg.retries if followups else 0)
+    for i in range(tries):
+        tcp, stream = await tcpprobe.connect(target.url, target.host, address, target.port, cfg.timeout,
+                                             attempt=attempt + i, source=cfg.source_address)
+        await engine._emit(tcp)
+        if stream is not None:
+            return stream
+    return None
+
+
+# --- tor-dir ---------------------------------------------------------------------------------------
+def consensus_url(address: str, port: int) -> str:
+    host = f"[{address}]" if ":" in address else address
+    return f"http://{host}:{port}{CONSENSUS_PATH}"
+
+
+async def _tor_dir(engine: Engine, target: Target, address: str, followups: bool) -> None:
+    stream = await reach(engine, target, address, followups=followups)
+    if stream is None:
+        return
+    await trio.aclose_forcefully(stream)
+    for attempt in range(1 + (engine.config.retries if followups else 0)):
+        obs = await _dir_fetch(engine, target, address, attempt)
+        if obs.failure not in INTERFERENCE:
+            return
+
+
+async def _dir_fetch(engine: Engine, target: Target, address: str, attempt: int) -> Observation:
+    assert engine.clients is not None
+    cfg = engine.config
+    obs = await httpprobe.fetch(engine.clients, target.url, target.host, consensus_url(address, target.port),
+                                address, cfg.timeout, engine.fingerprints, purpose=MEASURE, attempt=attempt,
+                                cap=DIR_CAP)
+    obs.data["kind"] = TOR_DIR
+    return await engine._emit(obs)
+
+
+# --- proxy+http ------------------------------------------------------------------------------------
+async def _proxy(engine: Engine, target: Target, address: str, followups: bool) -> None:
+    tries = 1 + (engine.config.retries if followups else 0)
+    for attempt in range(tries):
+        stream = await reach(engine, target, address, followups=followups and attempt == 0, attempt=attempt)
+        if stream is None:
+            return
+        connect, tunnel = await _connect(engine, target, address, stream, attempt)
+        if tunnel is None:
+            if connect.failure in INTERFERENCE:
+                continue  # measured again: a lone reset or stall is not evidence
+            return
+        tls = await tlsprobe.handshake(tunnel, target.url, target.host, address, target.port,
+                                       engine.config.control_sni, engine.config.timeout, engine.trust,
+                                       purpose=MEASURE, attempt=attempt)
+        await engine._emit(tls)
+        if tls.failure not in INTERFERENCE:
+            return
+
+
+def connect_request(benign: str) -> bytes:
+    authority = f"{benign}:{CONNECT_PORT}"
+    return (f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: {httpprobe.USER_AGENT}\r\n"
+            "Proxy-Connection: keep-alive\r\n\r\n").encode("ascii")
+
+
+def parse_head(head: bytes) -> tuple[int, dict[str, str]] | None:
+    """``(status, headers)`` of an HTTP/1.x response head, or None when it is not one."""
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not (parts[1].isdigit() and len(parts[1]) == 3):
+        return None
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if sep and name.strip():
+            headers[name.strip()] = value.strip()
+    return int(parts[1]), headers
+
+
+async def _read_head(stream: trio.SocketStream) -> bytes:
+    """The response head, byte by byte: nothing past the blank line may be taken from the tunnel
+    (what follows a 200 is the TLS server's).  Raises EOFError on a close, ValueError past the cap."""
+    head = bytearray()
+    while not head.endswith(b"\r\n\r\n"):
+        if len(head) >= CONNECT_HEAD_CAP:
+            raise ValueError("CONNECT answer head too long")
+        b = await stream.receive_some(1)
+        if not b:
+            raise EOFError("proxy closed before the end of its answer")
+        head += b
+    return bytes(head[:-4])
+
+
+async def _connect(engine: Engine, target: Target, address: str, stream: trio.SocketStream, attempt: int
+                   ) -> tuple[Observation, trio.SocketStream | None]:
+    """``CONNECT benign:443`` on an open connection to the proxy; the tunnel when it answered 2xx.
+
+    The stream is closed unless it is returned.
+    """
+    benign = engine.config.control_sni
+    t0 = now()
+    data: dict[str, Any] = {"method": "CONNECT", "connect_to": f"{benign}:{CONNECT_PORT}", "url": target.url,
+                            "host": benign}
+    failure: str | None = None
+    tunnel: trio.SocketStream | None = None
+    try:
+        with trio.fail_after(engine.config.timeout):
+            await stream.send_all(connect_request(benign))
+            head = await _read_head(stream)
+        parsed = parse_head(head)
+        if parsed is None:
+            failure = E.HTTP_MALFORMED
+        else:
+            status, headers = parsed
+            data.update(status=status, headers=headers)
+            if 200 <= status < 300:
+                tunnel = stream
+    except ValueError:
+        failure = E.HTTP_MALFORMED
+    except (OSError, EOFError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        failure = E.failure_string(exc)
+    if tunnel is None:
+        await trio.aclose_forcefully(stream)
+    obs = Observation(step=STEP_HTTP, target=target.url, domain=target.host, address=address, port=target.port,
+                      t_start=t0, t_end=now(), failure=failure, purpose=MEASURE, attempt=attempt, data=data)
+    return await engine._emit(obs), tunnel
+
+
+__all__ = ["CONSENSUS_PATH", "DIR_CAP", "SCHEMES", "connect_request", "consensus_url", "handles", "measure",
+           "parse_head", "reach"]
