@@ -1,7 +1,8 @@
 """Analysis: pure functions from observations to verdicts.
 
 ``classify`` is the one classifier for every source (live probes, pcap replay, OONI import):
-it groups observations by target and applies the rule table (:mod:`kzprobe.analysis.rules`).
+it groups observations by target and applies the rule table (:mod:`kzprobe.analysis.rules`,
+joined with :mod:`kzprobe.analysis.rules_kinds`).
 No I/O happens here.
 """
 
@@ -11,8 +12,14 @@ from collections import defaultdict
 from collections.abc import Iterable
 
 from kzprobe.analysis.facts import Context, Facts
-from kzprobe.analysis.rules import RULES, RULES_BY_ID, Hit, Rule
+from kzprobe.analysis.rules import RULES as _URL_RULES
+from kzprobe.analysis.rules import Hit, Rule
+from kzprobe.analysis.rules_kinds import KIND_RULES, join
 from kzprobe.model import BLOCKED, MEASURE, Observation, Verdict
+
+#: The one rule table: rules.py's, with the kind targets' rules (rules_kinds.py) after ``ip.tcp``.
+RULES: tuple[Rule, ...] = join(_URL_RULES, KIND_RULES)
+RULES_BY_ID = {r.id: r for r in RULES}
 
 __all__ = ["RULES", "RULES_BY_ID", "Context", "Facts", "Hit", "Rule", "classify", "classify_target"]
 
