@@ -1,0 +1,147 @@
+"""The browser-like and Tor-like ClientHellos (probes/hellos.py), on the bytes OpenSSL really emits.
+
+Expected values come from the hellos' definitions (Tor's 2012 cipher list, Chrome's order), read
+off the wire with a parser written here, independent of kzprobe's own ClientHello parsing.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import ssl
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trustme
+
+from kzprobe.probes import hellos
+from kzprobe.probes.certs import TrustStore
+
+
+def client_hello(ctx: ssl.SSLContext, sni: str = "www.example.com") -> bytes:
+    """The first flight OpenSSL writes for ``ctx`` (one TLS record), with no network."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_hostname=sni)
+    with pytest.raises(ssl.SSLWantReadError):
+        obj.do_handshake()
+    return outgoing.read()
+
+
+def cipher_suites(record: bytes) -> list[int]:
+    assert record[0] == 0x16 and record[5] == 0x01, "not a ClientHello record"
+    p = 5 + 4 + 2 + 32  # record header, handshake header, legacy_version, random
+    p += 1 + record[p]  # session id
+    n = int.from_bytes(record[p:p + 2], "big")
+    raw = record[p + 2:p + 2 + n]
+    return [int.from_bytes(raw[i:i + 2], "big") for i in range(0, n, 2)]
+
+
+def suites_bytes(record: bytes) -> bytes:
+    return b"".join(c.to_bytes(2, "big") for c in cipher_suites(record))
+
+
+@pytest.fixture(scope="module")
+def trust() -> TrustStore:
+    return TrustStore()
+
+
+def test_signature_is_in_the_tor_hello_only(trust: TrustStore) -> None:
+    tor = client_hello(hellos.context("tor", trust))
+    browser = client_hello(hellos.context("browser", trust))
+    default = client_hello(ssl.create_default_context())
+    probe_default = client_hello(hellos.context("default", trust))
+    assert hellos.DPI_SIGNATURE in suites_bytes(tor)
+    # Anywhere in the record, as iptables' string match looks: not only in the cipher list.
+    for other in (browser, default, probe_default):
+        assert hellos.DPI_SIGNATURE not in other
+    assert len(hellos.DPI_SIGNATURE) >= 8 and len(hellos.DPI_SIGNATURE) % 2 == 0
+
+
+def test_tor_hello_follows_tors_order(trust: TrustStore) -> None:
+    sent = cipher_suites(client_hello(hellos.context("tor", trust)))
+    assert sent[-1] == 0x00FF  # OpenSSL's renegotiation SCSV
+    wanted = [cid for cid, name in hellos.TOR_CIPHERS if name]
+    assert sent[:-1] == wanted
+    # Tor's list of 2012 began with these (tor-0.2.3.17-beta ciphers.inc).
+    assert sent[:6] == [0xC00A, 0xC014, 0x0088, 0x0087, 0x0039, 0x0038]
+    assert 0x1301 not in sent and 0x1302 not in sent  # no TLS 1.3: Tor of the time had none
+
+
+def test_browser_hello_is_chromes_order_with_alpn(trust: TrustStore) -> None:
+    record = client_hello(hellos.context("browser", trust))
+    sent = cipher_suites(record)
+    tls12 = [c for c in sent if c >> 8 != 0x13 and c != 0x00FF]
+    assert tls12 == [cid for cid, _ in hellos.BROWSER_CIPHERS]
+    assert {0x1301, 0x1302, 0x1303} <= set(sent)
+    assert b"\x02h2\x08http/1.1" in record  # ALPN protocol list
+
+
+def test_unknown_name_is_refused(trust: TrustStore) -> None:
+    with pytest.raises(ValueError, match="unknown ClientHello"):
+        hellos.context("chrome", trust)
+
+
+def test_tor_sni_shape() -> None:
+    import random
+
+    names = {hellos.tor_sni(random.Random(i)) for i in range(50)}
+    assert len(names) > 40
+    for n in names:
+        assert n.startswith("www.") and n.endswith(".com") and 4 <= len(n) - 8 <= 25
+
+
+# --- against a real OpenSSL server ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def s_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Path]]:
+    """``openssl s_server`` on loopback with an RSA trustme chain for relay.test; yields (port, CA PEM)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl binary")
+    tmp = tmp_path_factory.mktemp("s_server")
+    # RSA, as Tor relays' link keys are (trustme's default is ECDSA).
+    ca = trustme.CA(key_type=trustme.KeyType.RSA)
+    leaf = ca.issue_cert("relay.test", key_type=trustme.KeyType.RSA)
+    leaf.private_key_and_cert_chain_pem.write_to_path(str(tmp / "leaf.pem"))
+    ca.cert_pem.write_to_path(str(tmp / "ca.pem"))
+    # s_server's stdout is block-buffered in a pipe, so it cannot tell us its port: pick a free one.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen(["openssl", "s_server", "-accept", f"127.0.0.1:{port}", "-cert", str(tmp / "leaf.pem"),
+                             "-alpn", "h2,http/1.1", "-www", "-quiet"], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            assert proc.poll() is None, "s_server exited"
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "s_server did not listen"
+                time.sleep(0.05)
+        yield port, tmp / "ca.pem"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize("name", ["browser", "tor"])
+def test_both_hellos_complete_against_s_server(name: str, s_server: tuple[int, Path]) -> None:
+    port, ca = s_server
+    ctx = hellos.context(name, TrustStore([ca], include_default=False))
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with ctx.wrap_socket(raw, server_hostname="relay.test") as tls:
+            cipher = tls.cipher()
+            assert cipher is not None
+            if name == "tor":
+                assert tls.version() == "TLSv1.2"
+                # The server (RSA key) picks the first RSA suite in Tor's order.
+                assert cipher[0] == "ECDHE-RSA-AES256-SHA"
+                assert tls.selected_alpn_protocol() is None
+            else:
+                assert tls.version() == "TLSv1.3"
+                assert tls.selected_alpn_protocol() == "h2"
+                assert tls.getpeercert()  # verified against the test CA
