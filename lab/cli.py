@@ -23,6 +23,7 @@ from kzprobe.lab.core import (
     list_namespaces,
     require_root,
     run_probe,
+    run_probe_doc,
 )
 from kzprobe.lab.scenario import ROLES, ScenarioError
 
@@ -156,7 +157,8 @@ def _print(rows: list[dict[str, Any]], fmt: str, head: dict[str, Any]) -> None:
         sentence = (v.get("evidence") or {}).get("sentence", "")
         exp = r["expect"] + (f" ({r['expect_detail']})" if r.get("expect_detail") else "")
         got = r["got"] + (f" ({r['got_detail']})" if r.get("got_detail") else "")
-        table.add_row("✔" if r["match"] else "✘", r["target"], how, exp, got, sentence)
+        target = r["target"] + (f" [{r['round']}]" if r.get("round") else "")
+        table.add_row("✔" if r["match"] else "✘", target, how, exp, got, sentence)
     console = Console()
     if not console.is_terminal:
         console = Console(width=160)  # a log or a pipe: no terminal width to fit, keep rows readable
@@ -177,17 +179,24 @@ def run(scenario: str, fmt: str, instance: str | None, timeout: float, keep: boo
     Exits non-zero when any verdict differs from the scenario's expectation.
     """
     lab_ = _lab(scenario, instance or _fresh_instance())
+    windows: list[dict[str, Any]] = []
     try:
         lab_.up()
-        verdicts = run_probe(lab_, timeout=timeout)
-        rows = compare(lab_.scenario, verdicts)
+        doc = run_probe_doc(lab_, timeout=timeout)
+        rows = compare(lab_.scenario, doc["verdicts"])
+        if lab_.scenario.outages:
+            # Rules that hold for a window only: measured before, during and after (lab/outage.py).
+            from kzprobe.lab.outage import run_windows
+
+            rows, windows = run_windows(lab_, timeout, doc, rows)
     except LabError as exc:
         raise click.ClickException(str(exc)) from None
     finally:
         if not keep:
             lab_.down()
-    _print(rows, fmt, {"scenario": lab_.scenario.name, "instance": lab_.instance,
-                       "helper": lab_.helper_url, "ok": all(r["match"] for r in rows)})
+    head = {"scenario": lab_.scenario.name, "instance": lab_.instance, "helper": lab_.helper_url,
+            "ok": all(r["match"] for r in rows)}
+    _print(rows, fmt, head | ({"windows": windows} if windows else {}))
     if not all(r["match"] for r in rows):
         sys.exit(1)
 
@@ -229,7 +238,7 @@ def record(out: Path, scenario: str, timeout: float) -> None:
         "targets": [
             {k: r[k] for k in ("target", "domain", "expect", "methods", "hop", "reason")}
             | ({"detail": r["expect_detail"]} if r.get("expect_detail") else {})
-            | {"address": lab_.scenario.site(r["domain"]).address, "live_verdict": r["got"],
+            | {"address": r["address"], "live_verdict": r["got"],
                "live_detail": _classifier_detail(r)}
             for r in rows
         ],

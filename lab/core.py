@@ -51,7 +51,7 @@ from kzprobe.lab.topology import (
 __all__ = [
     "AUTH_DNS", "BLOCKPAGE", "DEFAULT_PREFIX", "HELPER", "HELPER_PORT", "ISP_RESOLVER", "NETNS_ETC",
     "PUBLIC_RESOLVER", "ROLES", "SLOW_DNS", "STATE_ROOT", "Lab", "LabError", "compare", "destroy", "down_all",
-    "instances", "list_namespaces", "probe_argv", "require_root", "run_probe", "verdict_label",
+    "instances", "list_namespaces", "probe_argv", "require_root", "run_probe", "run_probe_doc", "verdict_label",
 ]
 
 MITM_PORT = rules.MITM_PORT
@@ -248,7 +248,8 @@ class Lab:
         self.blockpage_cert = pki.issue("site-blockpage", ["blocked.isp.lab"])
 
     def _write_targets(self) -> None:
-        self.targets_file.write_text("".join(f"{s.url}\n" for s in self.scenario.sites))
+        self.targets_file.write_text("".join(f"{s.url}\n" for s in self.scenario.sites)
+                                     + "".join(f"{e.target}\n" for e in self.scenario.endpoints))
         self.expected_file.write_text(json.dumps(self.expected(), indent=2, ensure_ascii=False) + "\n")
 
     def expected(self) -> dict[str, Any]:
@@ -258,6 +259,8 @@ class Lab:
                 {"target": s.url, "domain": s.domain, "expect": s.expect, "methods": list(s.methods),
                  "hop": s.hop, "address": s.address, "reason": s.reason} | ({"detail": s.detail} if s.detail else {})
                 for s in self.scenario.sites
+            ] + [
+                {"domain": e.host, **e.to_dict()} for e in self.scenario.endpoints
             ],
         }
 
@@ -302,6 +305,24 @@ class Lab:
                 self.exec(hop, ["iptables", "-w", *argv], check=True, capture_output=True)
             for argv in rules.tc_rules(self.veth(hop, "down"), here, access):
                 self.exec(hop, ["tc", *argv], check=True, capture_output=True)
+            self._apply_endpoint_rules(hop)
+
+    def _apply_endpoint_rules(self, hop: str) -> None:
+        """The endpoints' methods at ``hop`` (lab/endpoints.py): nftables by address, and the
+        Tor-like ClientHello's string match."""
+        here = [e for e in self.scenario.endpoints if e.hop == hop]
+        nft = rules.endpoint_nft_rules(here)
+        if nft:
+            run(["ip", "netns", "exec", self.ns_name(hop), "nft", "-f", "-"], input=nft)
+        if any("tls-fingerprint" in e.methods for e in here):
+            try:
+                from kzprobe.probes.hellos import DPI_SIGNATURE
+            except ImportError:
+                raise LabError("tls-fingerprint needs kzprobe.probes.hellos (DPI_SIGNATURE)") from None
+            # The hello's copy goes on to the next router toward the world (see tls_fingerprint_rules).
+            gateway = address(ROLES[ROLES.index(hop) + 1], "down")
+            for argv in rules.tls_fingerprint_rules(here, DPI_SIGNATURE, gateway):
+                self.exec(hop, ["iptables", "-w", *argv], check=True, capture_output=True)
 
 
 # -- probing the lab ------------------------------------------------------------------------------
@@ -309,11 +330,12 @@ def verdict_label(v: dict[str, Any]) -> str:
     return f"{v.get('status')}/{v['mechanism']}" if v.get("mechanism") else str(v.get("status"))
 
 
-def probe_argv(lab: Lab, timeout: float = 3.0, db: Path | None = None) -> list[str]:
-    """``kzprobe run`` as the lab runs it: the scenario's targets, the system resolver (the ISP's,
-    through /etc/netns) plus the world's public resolver, the lab CA, and the helper if up."""
+def probe_argv(lab: Lab, timeout: float = 3.0, db: Path | None = None, targets: Path | None = None) -> list[str]:
+    """``kzprobe run`` as the lab runs it: the scenario's targets (or ``targets``), the system
+    resolver (the ISP's, through /etc/netns) plus the world's public resolver, the lab CA, and the
+    helper if up."""
     argv = [
-        sys.executable, "-m", "kzprobe.cli", "run", "--targets", str(lab.targets_file),
+        sys.executable, "-m", "kzprobe.cli", "run", "--targets", str(targets or lab.targets_file),
         "--resolver", lab.public_resolver, "--ca-bundle", str(lab.ca_path),
         "--db", str(db or lab.state_dir / "run.db"), "--format", "json", "--no-progress",
         "--timeout", str(timeout),
@@ -325,19 +347,28 @@ def probe_argv(lab: Lab, timeout: float = 3.0, db: Path | None = None) -> list[s
 
 def run_probe(lab: Lab, timeout: float = 3.0, db: Path | None = None) -> list[dict[str, Any]]:
     """Run ``kzprobe run`` in the volunteer namespace; return its verdicts (JSON objects)."""
-    p = lab.exec("volunteer", probe_argv(lab, timeout, db), capture_output=True, text=True)
+    verdicts: list[dict[str, Any]] = run_probe_doc(lab, timeout, db)["verdicts"]
+    return verdicts
+
+
+def run_probe_doc(lab: Lab, timeout: float = 3.0, db: Path | None = None,
+                  targets: Path | None = None) -> dict[str, Any]:
+    """Run ``kzprobe run`` in the volunteer namespace; return its JSON envelope (``verdicts``
+    always a list of objects; ``run`` as kzprobe printed it, when it did)."""
+    p = lab.exec("volunteer", probe_argv(lab, timeout, db, targets), capture_output=True, text=True)
     (lab.state_dir / "probe.stderr").write_text(p.stderr)
     try:
-        verdicts = json.loads(p.stdout)
+        doc = json.loads(p.stdout)
     except json.JSONDecodeError:
         last = (p.stderr.strip().splitlines() or ["no output"])[-1]
         raise LabError(f"kzprobe run failed (exit {p.returncode}): {last}") from None
     # A list of verdicts, or cli-durable's envelope {"command", "verdicts": [...], ...}.
-    if isinstance(verdicts, dict) and isinstance(verdicts.get("verdicts"), list):
-        verdicts = verdicts["verdicts"]
+    if isinstance(doc, list):
+        doc = {"verdicts": doc}
+    verdicts = doc.get("verdicts") if isinstance(doc, dict) else None
     if not isinstance(verdicts, list) or not all(isinstance(v, dict) for v in verdicts):
         raise LabError("kzprobe run printed JSON that is neither a list of verdicts nor an envelope holding one")
-    return verdicts
+    return doc
 
 
 def compare(scenario: Scenario, verdicts: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -349,9 +380,19 @@ def compare(scenario: Scenario, verdicts: list[dict[str, Any]]) -> list[dict[str
         got = verdict_label(v) if v else "missing"
         detail = (v or {}).get("detail")
         rows.append({
-            "target": s.url, "domain": s.domain, "methods": list(s.methods), "hop": s.hop,
+            "target": s.url, "domain": s.domain, "address": s.address, "methods": list(s.methods), "hop": s.hop,
             "expect": s.expect, "expect_detail": s.detail or None, "got": got, "got_detail": detail,
             "match": got == s.expect and (not s.detail or detail == s.detail), "reason": s.reason,
+            "verdict": v,
+        })
+    for e in scenario.endpoints:
+        v = by_target.get(e.target)
+        got = verdict_label(v) if v else "missing"
+        detail = (v or {}).get("detail")
+        rows.append({
+            "target": e.target, "domain": e.host, "address": e.address, "methods": list(e.methods), "hop": e.hop,
+            "expect": e.expect, "expect_detail": e.detail or None, "got": got, "got_detail": detail,
+            "match": got == e.expect and (not e.detail or detail == e.detail), "reason": e.reason,
             "verdict": v,
         })
     return rows

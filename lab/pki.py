@@ -21,13 +21,14 @@ EC P-256 keys: a scenario of 100+ sites issues 100+ leaves, and RSA key generati
 from __future__ import annotations
 
 import datetime as dt
+import random
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 #: Leaf profiles a scenario may ask for (Site.cert).
@@ -116,7 +117,7 @@ def pem(*certs: x509.Certificate) -> bytes:
     return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
 
 
-def key_pem(key: _Key) -> bytes:
+def key_pem(key: _Key | rsa.RSAPrivateKey) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
 
@@ -160,3 +161,48 @@ class LabPki:
         key_p.write_bytes(key_pem(key))
         key_p.chmod(0o600)
         return [str(cert_p), str(key_p)]
+
+
+# -- Tor relays' link certificates ------------------------------------------------------------------
+def _tor_hostname(rng: random.Random, tld: str) -> str:
+    # Tor's crypto_random_hostname(8, 20, "www.", tld): base32 letters and digits.
+    alphabet = "abcdefghijklmnopqrstuvwxyz234567"
+    return "www." + "".join(rng.choice(alphabet) for _ in range(rng.randint(8, 20))) + tld
+
+
+def tor_link(directory: Path, label: str, rng: random.Random | None = None) -> list[str]:
+    """A relay's TLS certificates as Tor makes them (tortls.c/x509.c): the link certificate's
+    subject is a random ``www.<random>.net``, issued by a random ``www.<random>.com`` that is the
+    relay's identity certificate (self-signed by the identity key); no extensions, a random 8-byte
+    serial, validity starting on a day boundary in the past and short (Tor picks 5 days to a
+    year; the lab takes 5 to 30 days).  Neither name is in any DNS and no CA is involved, which is
+    what a TLS fingerprint of Tor's handshake keys on besides the ClientHello.
+
+    Keys are RSA-2048 for both (Tor's identity key is RSA-1024, which OpenSSL 3's default security
+    level refuses to use in a server's chain).  Writes ``label.pem`` (the link certificate),
+    ``label.key`` and ``label-chain.pem`` (the identity certificate, sent after the link one);
+    returns the three paths in that order."""
+    rng = rng or random.Random()
+    identity_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    link_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    issuer = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, _tor_hostname(rng, ".com"))])
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, _tor_hostname(rng, ".net"))])
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    lifetime = dt.timedelta(days=rng.randint(5, 30))
+    start = now - dt.timedelta(seconds=rng.randint(0, int(lifetime.total_seconds()) - 2 * 86400))
+    start = start.replace(hour=0, minute=0, second=0)
+
+    def cert(name: x509.Name, key: rsa.RSAPrivateKey) -> x509.Certificate:
+        b = x509.CertificateBuilder().subject_name(name).issuer_name(issuer).public_key(key.public_key())
+        b = b.serial_number(int.from_bytes(rng.randbytes(8), "big") >> 1 or 1)
+        return b.not_valid_before(start).not_valid_after(start + lifetime).sign(identity_key, hashes.SHA256())
+
+    link = cert(subject, link_key)
+    identity = cert(issuer, identity_key)
+    directory.mkdir(parents=True, exist_ok=True)
+    cert_p, key_p, chain_p = directory / f"{label}.pem", directory / f"{label}.key", directory / f"{label}-chain.pem"
+    cert_p.write_bytes(pem(link))
+    chain_p.write_bytes(pem(identity))
+    key_p.write_bytes(key_pem(link_key))
+    key_p.chmod(0o600)
+    return [str(cert_p), str(key_p), str(chain_p)]

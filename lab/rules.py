@@ -17,12 +17,17 @@ Where each method lives:
   ``match mark`` is compiled out (it then matches every packet); there is no netem either.
   Another SNI on the same address is not marked, so it downloads at full rate: the follow-up's
   comparison point.
+* Endpoints (lab/endpoints.py): ``ip-drop`` / ``ip-reject`` in their own nftables table;
+  ``tls-fingerprint``, an iptables string match on the Tor-like ClientHello's cipher-suite bytes
+  (see :func:`tls_fingerprint_rules`); an outage's rule in a table of its own, added and deleted
+  during ``lab run`` (lab/outage.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+from kzprobe.lab.endpoints import Endpoint, Outage
 from kzprobe.lab.scenario import Site
 
 #: Port of the interception proxy on the hop (nat REDIRECT target).
@@ -145,4 +150,80 @@ def tc_rules(dev: str, sites: Sequence[Site], access_rate: str = "") -> list[lis
             for addr in s.addresses:
                 rules.append(["filter", "add", "dev", dev, "parent", "1:", "protocol", "ip", "prio", "1",
                               "u32", "match", "ip", "src", f"{addr}/32", "flowid", classid])
+    return rules
+
+
+# -- endpoints of the other kinds (lab/endpoints.py) ----------------------------------------------
+#: nftables tables for endpoints and for outage windows, apart from the sites' ``kzlab`` table so
+#: that an outage is added and removed as a whole (``nft delete table inet kzlab_outage``).
+ENDPOINT_TABLE = "kzlab_ep"
+OUTAGE_TABLE = "kzlab_outage"
+#: iptables' string match takes patterns of at most 128 bytes (XT_STRING_MAX_PATTERN_SIZE).
+MAX_PATTERN = 128
+
+
+def _nft_table(name: str, rules: list[str]) -> str:
+    if not rules:
+        return ""
+    body = "\n".join(f"    {r}" for r in rules)
+    return (
+        f"table inet {name} {{\n  chain forward {{\n    type filter hook forward priority 0; policy accept;\n"
+        f"{body}\n  }}\n}}\n"
+    )
+
+
+def _address_rules(address: str, method: str) -> list[str]:
+    if method == "ip-drop":
+        return [f"ip daddr {address} counter drop"]
+    if method == "ip-reject":
+        return [f"ip daddr {address} meta l4proto tcp counter reject with tcp reset",
+                f"ip daddr {address} counter reject with icmp type admin-prohibited"]
+    return []
+
+
+def endpoint_nft_rules(endpoints: Iterable[Endpoint]) -> str:
+    """IP blocking of endpoints (every port of the address), one table; "" when none."""
+    rules: list[str] = []
+    done: set[tuple[str, str]] = set()
+    for e in endpoints:
+        for m in ("ip-drop", "ip-reject"):
+            if m in e.methods and (e.address, m) not in done:
+                done.add((e.address, m))
+                rules += _address_rules(e.address, m)
+    return _nft_table(ENDPOINT_TABLE, rules)
+
+
+def outage_nft_rules(outage: Outage, endpoints: Iterable[Endpoint]) -> str:
+    """The outage's table: its method on each of its targets' addresses (added, then deleted)."""
+    by_target = {e.target: e for e in endpoints}
+    addresses = sorted({by_target[t].address for t in outage.targets})
+    return _nft_table(OUTAGE_TABLE, [r for a in addresses for r in _address_rules(a, outage.method)])
+
+
+def dpi_hex(signature: bytes) -> str:
+    """iptables ``--hex-string`` for raw bytes: ``|c0 2b ...|``."""
+    if not 0 < len(signature) <= MAX_PATTERN:
+        raise ValueError(f"a string-match pattern must be 1-{MAX_PATTERN} bytes, got {len(signature)}")
+    return "|" + " ".join(f"{b:02x}" for b in signature) + "|"
+
+
+def tls_fingerprint_rules(endpoints: Iterable[Endpoint], signature: bytes, gateway: str) -> list[list[str]]:
+    """``tls-fingerprint``: the Tor-like ClientHello (the only hello carrying ``signature``, its
+    cipher-suite bytes) to an endpoint's OR port is reset; every other hello passes.
+
+    Two rules per endpoint, both on the same match: TEE first sends a copy of the hello on to
+    the server (``gateway``: the next router toward the world), then REJECT drops the original
+    and resets the client.  The server answers the copy, the client's kernel (its socket is gone)
+    answers that with a reset, and the server's handshake ends: as with a DPI box that resets
+    both ends.  Without the copy ``openssl s_server`` (one connection at a time) would wait for
+    ever for a hello that never comes, and every later client of that relay would hang behind it."""
+    rules: list[list[str]] = []
+    pattern = dpi_hex(signature)
+    for e in endpoints:
+        if "tls-fingerprint" not in e.methods:
+            continue
+        match = ["-d", e.address, "-p", "tcp", "--dport", str(e.port), "-m", "string", "--algo", "bm",
+                 "--hex-string", pattern]
+        rules.append(["-A", "FORWARD", *match, "-j", "TEE", "--gateway", gateway])
+        rules.append(["-A", "FORWARD", *match, "-j", "REJECT", "--reject-with", "tcp-reset"])
     return rules

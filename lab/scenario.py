@@ -13,8 +13,11 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    from kzprobe.lab.endpoints import Endpoint, Outage
 
 SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
 
@@ -144,6 +147,10 @@ class Scenario:
     #: "" = unshaped.  A real subscriber line has one, and a throttling verdict needs the benign
     #: follow-up's download to last long enough to have a rate.
     access_rate: str = ""
+    #: Targets of the other kinds (tor-or://, tcp://, ...) and their servers (lab/endpoints.py).
+    endpoints: tuple[Endpoint, ...] = ()
+    #: Rules that hold only for a window of ``lab run`` (lab/endpoints.py, lab/outage.py).
+    outages: tuple[Outage, ...] = ()
 
     def site(self, domain: str) -> Site:
         for s in self.sites:
@@ -160,7 +167,7 @@ class Scenario:
 
     def expected(self) -> dict[str, str]:
         """target URL -> expected "status/mechanism" (or plain status); details are in Site.detail."""
-        return {s.url: s.expect for s in self.sites}
+        return {s.url: s.expect for s in self.sites} | {e.target: e.expect for e in self.endpoints}
 
 
 def scenario_path(name_or_path: str | Path) -> Path:
@@ -197,6 +204,9 @@ def parse(raw: dict[str, Any], path: Path) -> Scenario:
     entries = raw.get("site", [])
     if not isinstance(entries, list) or not entries:
         raise ScenarioError(f"{path}: needs at least one [[site]]")
+    unknown = set(raw) - {"scenario", "site", "endpoint", "outage"}
+    if unknown:
+        raise ScenarioError(f"{path}: unknown table(s) {', '.join(sorted(unknown))}")
     sites: list[Site] = []
     seen_domains: set[str] = set()
     seen_addresses: set[str] = set()
@@ -215,6 +225,10 @@ def parse(raw: dict[str, Any], path: Path) -> Scenario:
                 raise ScenarioError(f"{where}: address {addr} appears twice")
             seen_addresses.add(addr)
         sites.append(site)
+    from kzprobe.lab.endpoints import parse_endpoints, parse_outages
+
+    endpoints = parse_endpoints(raw.get("endpoint"), path, seen_addresses)
+    outages = parse_outages(raw.get("outage"), path, endpoints)
     return Scenario(
         name=str(head.get("name", path.stem)),
         description=str(head.get("description", "")).strip(),
@@ -222,6 +236,8 @@ def parse(raw: dict[str, Any], path: Path) -> Scenario:
         sites=tuple(sites),
         blockpage_title=str(head.get("blockpage_title", "Страница заблокирована")),
         access_rate=_rate(head.get("access_rate", ""), f"{path}: [scenario] access_rate"),
+        endpoints=endpoints,
+        outages=outages,
     )
 
 

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kzprobe.lab import nginx, pages
+from kzprobe.lab import endpoint_servers, nginx, pages
 from kzprobe.lab.rules import MITM_PORT, site_names
 from kzprobe.lab.scenario import Scenario, Site
 from kzprobe.lab.topology import AUTH_DNS, BLOCKPAGE, HELPER, HELPER_PORT, ISP_RESOLVER, PUBLIC_RESOLVER, SLOW_DNS
@@ -86,6 +86,7 @@ def auth_dns_lines(scenario: Scenario) -> list[str]:
         for n in site_names(s):
             lines += [f"host-record={n},{a}" for a in s.public_addresses]
         lines.append(f"local=/{s.domain}/")
+    lines += endpoint_servers.auth_dns_lines(scenario)
     lines.append(f"host-record={DEFAULT_NAME},{DEFAULT_ADDRESS}")
     return lines
 
@@ -112,7 +113,7 @@ def isp_dns_lines(scenario: Scenario) -> list[str]:
                 lines.append(f"address=/{n}/{BLOCKPAGE}")
             elif "dns-bogon" in s.methods:
                 lines.append(f"address=/{n}/{s.bogon}")
-    return lines
+    return lines + endpoint_servers.isp_dns_lines(scenario)
 
 
 def dnsmasq_conf(address: str, log: Path, lines: Sequence[str]) -> str:
@@ -259,4 +260,6 @@ def start(lab: Lab) -> dict[str, list[str]]:
             })
             lab.popen(hop, [py, "-m", "kzprobe.lab.mitm", cfg], f"mitm-{hop}")
             waits["files"].append(ready)
+    # Tor relays and directories, proxies, messaging endpoints (scenarios with [[endpoint]]).
+    endpoint_servers.start(lab, waits)
     return waits

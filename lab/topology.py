@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from kzprobe.lab.endpoints import world_addresses
 from kzprobe.lab.scenario import ROLES, Scenario
 
 STATE_ROOT = Path("/run/kzprobe-lab")
@@ -167,7 +168,8 @@ def lo_addresses(role: str, scenario: Scenario) -> list[str]:
     if role == "isp":
         return [ISP_RESOLVER, BLOCKPAGE]
     if role == "world":
-        return [AUTH_DNS, SLOW_DNS, PUBLIC_RESOLVER, HELPER, *(a for s in scenario.sites for a in s.addresses)]
+        return [AUTH_DNS, SLOW_DNS, PUBLIC_RESOLVER, HELPER, *(a for s in scenario.sites for a in s.addresses),
+                *world_addresses(scenario.endpoints)]
     return []
 
 
