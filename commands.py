@@ -53,6 +53,33 @@ def _load_targets(list_name: str | None, targets_file: str | None, strict: bool)
         raise click.ClickException(str(exc)) from None
 
 
+def _check_tor_options(list_name: str | None, targets_file: str | None, tor_consensus: str | None,
+                       tor_sample: int | None) -> None:
+    if tor_sample is not None and not tor_consensus:
+        raise click.UsageError("--tor-sample needs --tor-consensus FILE")
+    if tor_consensus and (list_name != "tor" or targets_file):
+        raise click.UsageError("--tor-consensus goes with --list tor (the guards join the directory authorities)")
+
+
+def _add_tor_guards(targets: list[Target], consensus: str, sample: int, seed: int | None) -> list[Target]:
+    """The tor list plus N guards sampled (with SEED) from a consensus file, de-duplicated."""
+    from kzprobe.targets import TargetListError, shared_claim
+    from kzprobe.targets._urls import check_url
+    from kzprobe.targets.consensus import ConsensusError, guard_targets, parse
+
+    try:
+        doc = parse(consensus)
+        guards = guard_targets(doc, sample, seed, shared_claim("tor", "tor-dpi"))
+    except (ConsensusError, TargetListError) as exc:
+        raise click.ClickException(str(exc)) from None
+    seen = {check_url(t.url) for t in targets}
+    added = [g for g in guards if check_url(g.url) not in seen]
+    err.print(f"tor: {sum(g.kind == 'tor-or' for g in guards)} guard(s) sampled from {consensus} (valid after "
+              f"{doc.valid_after or '?'}; {len(doc.guards)} guards of {len(doc.relays)} relays)"
+              + (f", seed {seed}" if seed is not None else ""), highlight=False)
+    return targets + added
+
+
 def _open_store(db: str | None, *, must_exist: bool = False) -> Any:
     """Open the database; ``must_exist``: a reading command refuses to create one (a typo in
     --db would otherwise show an empty new database instead of an error)."""
@@ -124,7 +151,11 @@ def _resumable(store: Any, run_id: int | None) -> int:
               help="Measure only the targets of RUN (default: the latest unfinished run) that have no "
                    "completed measurement, appending to that run.")
 @click.option("--shuffle", "shuffle", type=int, default=None, metavar="SEED",
-              help="Probe in a random order drawn from SEED (default: the list's order).")
+              help="Probe in a random order drawn from SEED (default: the list's order); also draws --tor-sample.")
+@click.option("--tor-consensus", "tor_consensus", type=click.Path(), default=None, metavar="FILE",
+              help="With --list tor: also measure guards sampled from this Tor consensus document.")
+@click.option("--tor-sample", "tor_sample", type=click.IntRange(1, 1000), default=None, metavar="N",
+              help="How many guards --tor-consensus samples (default 10); deterministic with --shuffle SEED.")
 @click.option("--resolver", "resolvers", multiple=True, metavar="IP[:PORT]",
               help="An explicit resolver, queried over UDP and TCP (repeatable).")
 @click.option("--system-resolver/--no-system-resolver", default=True, show_default=True,
@@ -157,7 +188,8 @@ def _resumable(store: Any, run_id: int | None) -> int:
 @click.option("--upload-token-file", type=click.Path(dir_okay=False), default=None,
               help="Upload token file (else $KZPROBE_UPLOAD_TOKEN).")
 def run(list_name: str | None, targets_file: str | None, strict: bool, resume: int | None, shuffle: int | None,
-        resolvers: tuple[str, ...], system_resolver: bool, ca_bundles: tuple[str, ...], db: str | None,
+        tor_consensus: str | None, tor_sample: int | None, resolvers: tuple[str, ...], system_resolver: bool,
+        ca_bundles: tuple[str, ...], db: str | None,
         helpers: tuple[str, ...], doh: tuple[str, ...], control_sni: str, control_sni_alias: str | None,
         fingerprints: tuple[str, ...], timeout: float, deadline: float | None, concurrency: int, fmt: str | None,
         progress: bool, source_address: str | None, network_name: str | None, asn: str | None,
@@ -181,12 +213,17 @@ def run(list_name: str | None, targets_file: str | None, strict: bool, resume: i
         from kzprobe.collector.upload_cli import check_upload_options
 
         check_upload_options(upload_url, upload_token_file)
-    if resume is not None and (targets_file or list_name or shuffle is not None):
+    if resume is not None and (targets_file or list_name or shuffle is not None or tor_consensus):
         raise click.UsageError("--resume measures the stored run's own targets, in its own order: "
-                               "it takes no --targets, --list or --shuffle")
+                               "it takes no --targets, --list, --shuffle or --tor-consensus")
+    _check_tor_options(list_name, targets_file, tor_consensus, tor_sample)
     targets: list[Target] = []
     if resume is None:
         targets = _load_targets(list_name, targets_file, strict)
+        if tor_consensus:
+            from kzprobe.targets.consensus import DEFAULT_SAMPLE
+
+            targets = _add_tor_guards(targets, tor_consensus, tor_sample or DEFAULT_SAMPLE, shuffle)
         if shuffle is not None:
             random.Random(shuffle).shuffle(targets)
     store = _open_store(db)
@@ -248,11 +285,22 @@ def run(list_name: str | None, targets_file: str | None, strict: bool, resume: i
 @click.option("--targets", "targets_file", type=click.Path(dir_okay=False, allow_dash=True), default=None,
               help="Citizen Lab test-list CSV or plain text; '-' reads stdin.")
 @click.option("--strict", is_flag=True, help="Fail if the file has a bad line.")
+@click.option("--tor-consensus", "tor_consensus", type=click.Path(), default=None, metavar="FILE",
+              help="With --list tor: add guards sampled from this Tor consensus (as `run` would).")
+@click.option("--tor-sample", "tor_sample", type=click.IntRange(1, 1000), default=None, metavar="N",
+              help="How many guards --tor-consensus samples (default 10).")
+@click.option("--shuffle", "shuffle", type=int, default=None, metavar="SEED", help="Seed of the guard sample.")
 @output.format_option("table", "json", "jsonl", "csv")
-def targets(list_name: str | None, targets_file: str | None, strict: bool, fmt: str | None) -> None:
+def targets(list_name: str | None, targets_file: str | None, strict: bool, tor_consensus: str | None,
+            tor_sample: int | None, shuffle: int | None, fmt: str | None) -> None:
     """Show a target list (built-in, or imported from a file)."""
     fmt = output.pick_format(fmt, ("table", "json", "jsonl", "csv"))
+    _check_tor_options(list_name, targets_file, tor_consensus, tor_sample)
     ts = _load_targets(list_name, targets_file, strict)
+    if tor_consensus:
+        from kzprobe.targets.consensus import DEFAULT_SAMPLE
+
+        ts = _add_tor_guards(ts, tor_consensus, tor_sample or DEFAULT_SAMPLE, shuffle)
     if fmt == "json":
         click.echo(output.dumps_json({"command": "targets", "targets": [t.to_dict() for t in ts]}))
     elif fmt == "jsonl":

@@ -34,6 +34,7 @@ __all__ = [
     "load_builtin",
     "load_builtin_roles",
     "load_file",
+    "shared_claim",
 ]
 
 #: Names of the lists shipped in this package (``NAME.toml`` next to this file).
@@ -85,6 +86,15 @@ def builtin_info(name: str) -> dict[str, str]:
     """A built-in list's own metadata: name, source, date (of the data it was taken from)."""
     data = _read_toml(name)
     return {k: str(data.get(k, "")) for k in ("name", "source", "date")}
+
+
+def shared_claim(name: str, key: str) -> Claim:
+    """One of a built-in list's shared claims ([claims.KEY]), e.g. ("tor", "tor-dpi") for targets
+    added at run time (guards sampled from a consensus) that stand for what the list's entries do."""
+    _, shared = _read_builtin(name)
+    if key not in shared:
+        raise TargetListError(f"{name}.toml: no [claims.{key}]")
+    return _parse_claim(f"{name}.toml: [claims.{key}]", shared[key])
 
 
 def _parse_claim(where: str, raw_claim: Any) -> Claim:
