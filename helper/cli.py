@@ -91,6 +91,9 @@ def _parse_cidrs(values: tuple[str, ...], option: str) -> list[Any]:
               help="Private key (PEM) for --tls-cert.")
 @click.option("--timeout", default=5.0, show_default=True, type=click.FloatRange(0.1, 60),
               help="Timeout per measurement step (s).")
+@click.option("--control-sni", default="example.com", show_default=True, metavar="NAME",
+              help="The benign name a proxy+http:// target is asked to CONNECT to (and the SNI of the TLS "
+                   "handshake through its tunnel). Fixed by the operator: a client never chooses it.")
 @click.option("--deadline", default=30.0, show_default=True, type=click.FloatRange(1, 600),
               help="Deadline for a whole control request (s); past it the answer is 504.")
 @click.option("--io-timeout", default=10.0, show_default=True, type=click.FloatRange(0.1, 300),
@@ -109,9 +112,9 @@ def _parse_cidrs(values: tuple[str, ...], option: str) -> list[Any]:
 @click.pass_context
 def helper(ctx: click.Context, listen: str, resolvers: tuple[str, ...], ca_bundles: tuple[str, ...],
            allow_private: bool, deny: tuple[str, ...], lab_public: tuple[str, ...],
-           token: str | None, tls_cert: str | None, tls_key: str | None, timeout: float, deadline: float,
-           io_timeout: float, concurrency: int, queue: int, client_concurrency: int, client_rate: float,
-           max_connections: int) -> None:
+           token: str | None, tls_cert: str | None, tls_key: str | None, timeout: float, control_sni: str,
+           deadline: float, io_timeout: float, concurrency: int, queue: int, client_concurrency: int,
+           client_rate: float, max_connections: int) -> None:
     """Run the control helper: measure targets from outside the censored network.
 
     Probes call it with `kzprobe run --helper http://ADDR:PORT`. For each request it resolves the
@@ -145,12 +148,18 @@ def helper(ctx: click.Context, listen: str, resolvers: tuple[str, ...], ca_bundl
         problem = token_problem(token)
         if problem:
             raise click.BadParameter(problem, param_hint="--token")
+    from kzprobe.helper.policy import idna_problem
+
+    problem = idna_problem(control_sni)
+    if problem or "." not in control_sni.strip("."):
+        raise click.BadParameter(f"{control_sni!r} is {problem or 'not a fully qualified name'}",
+                                 param_hint="--control-sni")
     deny_nets = _parse_cidrs(deny, "--deny")
     lab_nets = _parse_cidrs(lab_public, "--lab-public")
 
     opts = HelperOptions(host=host, port=port, resolvers=list(resolvers), ca_bundles=list(ca_bundles),
                          allow_private=allow_private, token=token, tls_cert=tls_cert, tls_key=tls_key,
-                         timeout=timeout, deny=deny_nets, lab_public=lab_nets,
+                         timeout=timeout, deny=deny_nets, lab_public=lab_nets, control_sni=control_sni,
                          limits=Limits(concurrency=concurrency, queue=queue, deadline=deadline,
                                        body_timeout=io_timeout, header_timeout=io_timeout,
                                        client_concurrency=client_concurrency, client_rate=client_rate,

@@ -30,10 +30,18 @@ import dns.name
 
 from kzprobe.analysis.bogons import is_ip
 from kzprobe.helper.localnet import LocalNetworks, Network
+from kzprobe.model import KINDS, NAME_KINDS, PORTLESS_KINDS
 
 MAX_URL_LENGTH = 2048
 ALLOWED_PORTS = frozenset({80, 443})
 ALLOWED_SCHEMES = frozenset({"http", "https"})
+#: The target kinds beyond URLs (issue 15) a helper measures as control: see :meth:`Policy.kind_port_refusal`.
+KIND_SCHEMES = frozenset(KINDS)
+#: Kind ports below this are refused (80 and 443 excepted).  Tor relays, directories and bridges,
+#: messaging endpoints (XMPP 5222, Viber 4244/5242) and proxies (3128, 8080) live on 80, 443 or
+#: above 1023; below 1024 are the host's infrastructure services (SSH, SMTP, LDAP...), where a
+#: connect from the helper is abuse, not a measurement.
+MIN_KIND_PORT = 1024
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -186,8 +194,26 @@ class Policy:
             return None
         return f"port {port} is not 80 or 443"
 
+    def kind_port_refusal(self, port: int) -> str | None:
+        """Why a kind target's port is refused (None: it is not).
+
+        A kind measurement is a TCP connect (tcp, obfs4), a fixed request (tor-dir's GET, a proxy's
+        ``CONNECT <the helper's benign name>:443``) or a TLS handshake: bytes the helper chooses,
+        never the client, so no port can be made to carry a client's payload (no cross-protocol
+        requests, no relaying through open proxies: the CONNECT target is the operator's
+        ``--control-sni``).  What remains is a reachability oracle for public addresses, which
+        anyone can scan anyway; the per-client rate limits bound it, and ports under 1024 but 80
+        and 443 (infrastructure services, abuse reports) are refused.
+        """
+        if self.allow_private or port in ALLOWED_PORTS or port >= MIN_KIND_PORT:
+            return None
+        return f"port {port} is below {MIN_KIND_PORT} (and not 80 or 443)"
+
     def check_url(self, url: str) -> SplitResult:
-        """Validate a target URL; raises :class:`PolicyError` (code ``bad_url`` -> 400, else 403)."""
+        """Validate a target URL; raises :class:`PolicyError` (code ``bad_url`` -> 400, else 403).
+
+        http(s) URLs on ports 80 and 443; the kinds (``tcp://``, ``tor-dir://``...) on the ports
+        :meth:`kind_port_refusal` allows, without path, query or credentials."""
         if len(url) > MAX_URL_LENGTH:
             raise PolicyError(f"url longer than {MAX_URL_LENGTH} characters", "bad_url")
         if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in url):
@@ -198,18 +224,23 @@ class Policy:
         except ValueError as exc:
             raise PolicyError(f"url does not parse: {exc}", "bad_url") from None
         scheme = parts.scheme.lower()
-        if scheme not in ALLOWED_SCHEMES:
-            raise PolicyError(f"scheme {scheme or '(none)'!r} refused: only http and https", "forbidden_scheme")
+        kind = scheme in KIND_SCHEMES
+        if scheme not in ALLOWED_SCHEMES and not kind:
+            raise PolicyError(f"scheme {scheme or '(none)'!r} refused: only http, https and "
+                              f"{', '.join(sorted(KIND_SCHEMES))}", "forbidden_scheme")
         host = (parts.hostname or "").lower()
         if not host:
             raise PolicyError("url has no host", "bad_url")
         if parts.username is not None or parts.password is not None:
             raise PolicyError("url carries credentials", "bad_url")
-        if port is None:
-            port = 443 if scheme == "https" else 80
-        why = self.port_refusal(port)
-        if why:
-            raise PolicyError(f"{why}: refused", "forbidden_port")
+        if kind:
+            self._check_kind(scheme, parts, host, port)
+        else:
+            if port is None:
+                port = 443 if scheme == "https" else 80
+            why = self.port_refusal(port)
+            if why:
+                raise PolicyError(f"{why}: refused", "forbidden_port")
         if is_ip(host):
             if self.address_refusal(host):
                 raise PolicyError(REFUSED, "forbidden_address")
@@ -227,4 +258,18 @@ class Policy:
                 raise PolicyError(f"host {host!r} is {why}", "bad_url")
         return parts
 
-
+    def _check_kind(self, scheme: str, parts: SplitResult, host: str, port: int | None) -> None:
+        """The shape of a kind URL (as targets/_urls.py accepts it) and its port."""
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise PolicyError(f"a {scheme}:// target has no path, query or fragment", "bad_url")
+        if scheme in PORTLESS_KINDS:
+            if port is not None:
+                raise PolicyError(f"a {scheme}:// target has no port", "bad_url")
+            return
+        if port is None:
+            raise PolicyError(f"a {scheme}:// target needs a port", "bad_url")
+        if scheme not in NAME_KINDS and not is_ip(host):
+            raise PolicyError(f"a {scheme}:// target's host is an IP address", "bad_url")
+        why = self.kind_port_refusal(port)
+        if why:
+            raise PolicyError(f"{why}: refused", "forbidden_port")

@@ -424,6 +424,8 @@ class HelperOptions:
     limits: Limits = field(default_factory=Limits)
     deny: list[Network] = field(default_factory=list)
     lab_public: list[Network] = field(default_factory=list)
+    #: The benign name a proxy target is asked to CONNECT to (``--control-sni``).
+    control_sni: str = "example.com"
 
     @property
     def bind(self) -> str:
@@ -482,7 +484,8 @@ async def serve(opts: HelperOptions, *, ready: Callable[[str], None]) -> None:
     lim = opts.limits
     config = ProbeConfig(resolvers=list(opts.resolvers), system_resolver=not opts.resolvers,
                          ca_bundles=list(opts.ca_bundles), timeout=opts.timeout,
-                         max_addresses=lim.max_addresses, retries=0, dnscheck=False)
+                         max_addresses=lim.max_addresses, retries=0, dnscheck=False,
+                         control_sni=opts.control_sni)
     budget = Budget(fetches=lim.max_fetches, bytes=lim.max_download, dns_answers=lim.max_dns_answers)
     cap = connection_cap(lim.max_connections)
     if cap < lim.max_connections:

@@ -19,7 +19,11 @@ them would be an artefact of two implementations.  So the helper runs the very s
 * anything a remote server can make the HTTP step raise (a ``Location`` that does not parse, a
   port of 99999, a name the IDNA codec rejects) becomes a failure string, never an exception;
 * what goes back is trimmed (DNS answers, headers) and scrubbed (the helper's resolver addresses,
-  endpoints and paths in ``unknown_failure`` text).
+  endpoints and paths in ``unknown_failure`` text);
+* the target kinds beyond URLs (``tcp://``, ``tor-dir://``, ``proxy+http://``...: issue 15) pass
+  the same address filter, on the ports :meth:`Policy.kind_port_refusal` allows; their requests
+  are fixed by the helper (a proxy is asked to ``CONNECT`` to the operator's ``--control-sni``,
+  never to a name the client chose), and ``udp-dns://`` connects to nothing at all.
 """
 
 from __future__ import annotations
@@ -35,8 +39,9 @@ import httpx
 from kzprobe import errors as E
 from kzprobe.hardening import Budget, BudgetExceeded, current_budget, scrub_failure
 from kzprobe.helper.policy import REFUSED, Policy, PolicyError, idna_problem
-from kzprobe.model import CONTROL, STEP_DNS, STEP_HTTP, STEP_TCP, Observation, Target, now
+from kzprobe.model import CONTROL, KIND_URL, STEP_DNS, STEP_HTTP, STEP_TCP, Observation, Target, now
 from kzprobe.probes import dns as dnsprobe
+from kzprobe.probes import kinds
 from kzprobe.probes.engine import Engine, ProbeConfig
 
 log = logging.getLogger("kzprobe.helper")
@@ -60,6 +65,9 @@ DNS_KEEP = 32
 #: whose task (or a child of it: trio copies the context into spawned tasks) produced it.
 _collector: contextvars.ContextVar[list[Observation] | None] = contextvars.ContextVar(
     "kzprobe_helper_collector", default=None)
+#: The port of the kind target being served (tor-dir's on 9030...), which Policy.check_url let
+#: through: its own requests may use it, where a redirect's may only use 80 and 443.
+_kind_port: contextvars.ContextVar[int | None] = contextvars.ContextVar("kzprobe_helper_kind_port", default=None)
 
 
 async def _route(obs: Observation) -> None:
@@ -128,10 +136,13 @@ class HelperEngine(Engine):
                                   "response": [*hooks.get("response", []), self._meter]}
         return self
 
+    def _port_refusal(self, port: int) -> str | None:
+        return None if port == _kind_port.get() else self.policy.port_refusal(port)
+
     async def _guard(self, request: httpx.Request) -> None:
         url = request.url
         port = url.port or (443 if url.scheme == "https" else 80)
-        why = self.policy.address_refusal(url.host) or self.policy.port_refusal(port)
+        why = self.policy.address_refusal(url.host) or self._port_refusal(port)
         if why:
             log.info("redirect refused: %s", why)
             raise RefusedByPolicy(REFUSED)
@@ -157,7 +168,7 @@ class HelperEngine(Engine):
         for r in cfg.resolvers:
             out.append(self._absolute(dnsprobe.lookup(target.url, absolute, r, "udp", cfg.timeout, cfg.dns_window),
                                       domain))
-            if cfg.dns_tcp:
+            if cfg.dns_tcp and target.scheme != kinds.UDP_DNS:
                 out.append(self._absolute(dnsprobe.lookup(target.url, absolute, r, "tcp", cfg.timeout), domain))
         return out
 
@@ -199,7 +210,7 @@ class HelperEngine(Engine):
 
     def endpoint_refusal(self, address: str, port: int) -> str | None:
         # Redirect hops make their own TCP/TLS steps: the policy fences them too.
-        return self.policy.address_refusal(address) or self.policy.port_refusal(port)
+        return self.policy.address_refusal(address) or self._port_refusal(port)
 
     async def _measure_address(self, target: Target, address: str, followups: bool) -> None:
         # Backstop: whatever a step raises costs that address's remaining steps, not the whole
@@ -294,8 +305,11 @@ class ControlService:
 
         self.policy.check_url(url)
         target = Target(url)
+        if target.scheme == kinds.UDP_DNS:
+            addresses = []  # DNS only: nothing of the client's is connected to, nor reported back
         collected: list[Observation] = []
         reset = _collector.set(collected)
+        port_reset = _kind_port.set(target.port if target.kind != KIND_URL else None)
 
         def on_dns(_all: list[str]) -> None:
             # Called after the helper's own DNS and before any connection.
@@ -321,12 +335,15 @@ class ControlService:
             raise leaf from None
         finally:
             _collector.reset(reset)
+            _kind_port.reset(port_reset)
         given = set(addresses)
         # Only the client's own addresses are named: a refused address that came from the helper's
         # resolver would tell the client what the operator's DNS says.
         out = [{"address": a, "reason": REFUSED} for a in refused if a in given]
         measured = {o.address for o in collected if o.step == STEP_TCP}
-        candidates = [str(a) for o in collected if o.step == STEP_DNS for a in o.data.get("addresses") or []]
+        # A DNS-only kind connects to nothing: its answers are the measurement, not addresses left out.
+        candidates = [str(a) for o in collected if o.step == STEP_DNS for a in o.data.get("addresses") or []
+                      if target.scheme != kinds.UDP_DNS]
         seen = set(refused)
         for a in [*candidates, *addresses]:
             if a not in measured and a not in seen and self.policy.allow_address(a):

@@ -1,7 +1,8 @@
 """The probe's side of control: ask a helper, or fall back to DNS-over-HTTPS.
 
 Helper protocol (``kzprobe helper``): ``POST {helper}/v1/control`` with JSON
-``{"url": URL, "addresses": [IP, ...]}`` (and ``Authorization: Bearer TOKEN`` when the helper
+``{"url": URL, "addresses": [IP, ...]}`` (URL may be a kind target, e.g. ``tcp://HOST:PORT``; and
+``Authorization: Bearer TOKEN`` when the helper
 URL carries ``#token=...``).  The answer is ``{"observations": [Observation.to_dict(), ...]}``:
 the helper measures with the very same engine, so control and probe speak one model.
 
@@ -22,10 +23,12 @@ import httpx
 import trio
 
 from kzprobe import errors as E
+from kzprobe.analysis.bogons import is_ip
 from kzprobe.contract import WireError, observations_from_wire, rejected
 from kzprobe.model import CONTROL, SOURCE_LIVE, STEP_DNS, Observation, Target, now
 from kzprobe.probes.certs import TrustStore
 from kzprobe.probes.engine import ProbeConfig, Sink
+from kzprobe.probes.kinds import UDP_DNS
 
 DOH_DEFAULTS = ("https://dns.google/dns-query", "https://cloudflare-dns.com/dns-query")
 #: Consecutive connection failures after which a helper is no longer asked during this run.
@@ -75,6 +78,8 @@ class ControlClient:
             await self.client.aclose()
 
     async def fetch(self, target: Target, addresses: list[str]) -> None:
+        if target.scheme == UDP_DNS:
+            addresses = []  # DNS only: control resolves the name itself and connects nowhere
         for base, token in self.helpers:
             if self._failures.get(base, 0) >= DEAD_AFTER:
                 continue
@@ -83,6 +88,11 @@ class ControlClient:
                 for o in got:
                     await self.sink(o)
                 return
+        if is_ip(target.host):
+            # A DoH lookup of an address is a lookup of a name that does not exist: its NXDOMAIN
+            # would read as "control cannot resolve the site" (down.everyone).  Kinds given by
+            # address (tor-or, tor-dir, obfs4) have no DNS to compare.
+            return
         for url in self.doh:
             got_doh = await self._doh(url, target)
             if got_doh is not None:
