@@ -91,6 +91,15 @@ def lab_consensus(relays: Iterable[Endpoint]) -> bytes:
     return ("\n".join(lines) + "\n").encode()
 
 
+def served_consensus(document: bytes) -> bytes:
+    """The consensus as a directory serves it: without CollecTor's archive annotation
+    (``@type network-status-consensus-3 1.0``, the first line of its files), which is not part
+    of the document."""
+    if document.startswith(b"@type "):
+        return document.split(b"\n", 1)[1] if b"\n" in document else b""
+    return document
+
+
 def tordir_server(e: Endpoint, consensus: Path) -> str:
     return (
         "server {\n"
@@ -145,10 +154,9 @@ def start(lab: Lab, waits: dict[str, list[str]]) -> None:
     dirs = by_server(sc, "tor-dir")
     servers: list[str] = []
     if dirs:
-        consensus = consensus_file()
-        if consensus is None:
-            consensus = sd / "consensus"
-            consensus.write_bytes(lab_consensus(relays))
+        fixture = consensus_file()
+        consensus = sd / "consensus"
+        consensus.write_bytes(served_consensus(fixture.read_bytes()) if fixture else lab_consensus(relays))
         servers += [tordir_server(e, consensus) for e in dirs]
         waits["world"] += [f"{e.address}:{e.port}" for e in dirs]
     if needs_benign_server(sc):

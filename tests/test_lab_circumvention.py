@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 
 from kzprobe.lab import rules
+from kzprobe.lab.endpoint_servers import consensus_file, served_consensus
 from kzprobe.lab.endpoints import BENIGN_ADDRESS
 from kzprobe.lab.scenario import ScenarioError, load, parse
 
@@ -133,6 +134,12 @@ def test_benign_address_is_the_dns_one() -> None:
     assert BENIGN_ADDRESS == services.DEFAULT_ADDRESS
     lines = services.auth_dns_lines(load(SCENARIO))
     assert "host-record=e1.whatsapp.net,203.0.113.151" in lines
+
+
+def test_served_consensus_drops_the_archive_annotation() -> None:
+    doc = b"network-status-version 3\nvote-status consensus\n"
+    assert served_consensus(b"@type network-status-consensus-3 1.0\n" + doc) == doc
+    assert served_consensus(doc) == doc
 
 
 def test_tor_link_certificate(tmp_path: Path) -> None:
@@ -279,6 +286,9 @@ def test_directories_and_proxies(lab: Any) -> None:
                 continue
             p = lab.exec("volunteer", ["curl", "-s", "-m", "2", url], capture_output=True)
             assert p.stdout.startswith(b"network-status-version 3\n"), p.stdout[:100]
+            fixture = consensus_file()
+            if fixture is not None:  # the real consensus, as served (no archive annotation)
+                assert fixture.read_bytes().endswith(p.stdout) and len(p.stdout) > 50_000
             assert curl(f"http://{e.address}:{e.port}/") == "404"
         elif e.scheme == "proxy+http":
             # CONNECT example.com:443 and a verified TLS handshake + GET through the tunnel.
