@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import operator
 import os
 import sys
 from collections import Counter, deque
@@ -95,9 +96,19 @@ def _loads(raw: bytes) -> Any:
 _JSON_COLUMNS = frozenset({"data", "packets"})
 
 
+_OBS_GET = operator.attrgetter(*OBS_COLUMNS)
+_JSON_AT = tuple(i for i, c in enumerate(OBS_COLUMNS) if c in _JSON_COLUMNS)
+# json.dumps with its defaults (exactly what SQLAlchemy's JSON type would store), minus the
+# cycle check: the values are fresh trees built by the importer.  Same bytes, less CPU.
+_encode = json.JSONEncoder(check_circular=False).encode
+
+
 def _obs_values(o: Any) -> tuple[Any, ...]:
-    # json.dumps with its defaults: exactly what SQLAlchemy's JSON type would store.
-    return tuple(json.dumps(getattr(o, c)) if c in _JSON_COLUMNS else getattr(o, c) for c in OBS_COLUMNS)
+    values = list(_OBS_GET(o))
+    for i in _JSON_AT:
+        v = values[i]
+        values[i] = "[]" if v == [] else _encode(v)
+    return tuple(values)
 
 
 def process_batch(lines: list[tuple[str, int, bytes]], filters: Filters) -> BatchResult:
