@@ -14,11 +14,14 @@ from collections.abc import Iterable
 from kzprobe.analysis.facts import Context, Facts
 from kzprobe.analysis.rules import RULES as _URL_RULES
 from kzprobe.analysis.rules import Hit, Rule
+from kzprobe.analysis.rules_hellos import HELLO_RULES
+from kzprobe.analysis.rules_hellos import join as join_hellos
 from kzprobe.analysis.rules_kinds import KIND_RULES, join
 from kzprobe.model import BLOCKED, MEASURE, Observation, Verdict
 
-#: The one rule table: rules.py's, with the kind targets' rules (rules_kinds.py) after ``ip.tcp``.
-RULES: tuple[Rule, ...] = join(_URL_RULES, KIND_RULES)
+#: The one rule table: rules.py's, with the kind targets' rules (rules_kinds.py) after ``ip.tcp``
+#: and the ClientHello rules (rules_hellos.py) right before ``dpi.tls_followup``.
+RULES: tuple[Rule, ...] = join_hellos(join(_URL_RULES, KIND_RULES), HELLO_RULES)
 RULES_BY_ID = {r.id: r for r in RULES}
 
 __all__ = ["RULES", "RULES_BY_ID", "Context", "Facts", "Hit", "Rule", "classify", "classify_target"]

@@ -400,3 +400,86 @@ def fold_dns(observations: Iterable[Observation], window: float = 1.0) -> list[O
         elif (merged := replaced[id(o)]) is not None:
             out.append(merged)
     return out
+
+
+# --- ClientHello / ServerHello fingerprints --------------------------------------------------------
+def _hello_body(buf: bytes, msg_type: int) -> bytes | None:
+    """The handshake message body (after its 4-byte header) at the start of a TLS stream, if of ``msg_type``."""
+    if len(buf) < 6 or buf[0] != 0x16 or buf[1] != 0x03:
+        return None
+    hs = _handshake(buf)
+    if len(hs) < 4 or hs[0] != msg_type:
+        return None
+    return hs[4:4 + ((hs[1] << 16) | (hs[2] << 8) | hs[3])]
+
+
+def _grease(cid: int) -> bool:
+    return (cid & 0x0F0F) == 0x0A0A and (cid >> 8) == (cid & 0xFF)
+
+
+def cipher_suites(client_hello: bytes) -> list[int] | None:
+    """The cipher suite ids a ClientHello (a client's stream from its first byte) offers, in order."""
+    body = _hello_body(client_hello, 0x01)
+    if body is None or len(body) < 35:
+        return None
+    p = 2 + 32
+    p += 1 + body[p]  # session id
+    if p + 2 > len(body):
+        return None
+    n = (body[p] << 8) | body[p + 1]
+    raw = body[p + 2:p + 2 + n]
+    if len(raw) != n or n % 2:
+        return None
+    return [(raw[i] << 8) | raw[i + 1] for i in range(0, n, 2)]
+
+
+def hello_fingerprint(client_hello: bytes) -> str | None:
+    """Which of the probe's ClientHellos this is: "tor", "browser" or None (another client).
+
+    "tor": Tor's 2012-2013 cipher run (``probes.hellos.DPI_SIGNATURE``) at a suite boundary, which
+    is what a byte-matching DPI box keys on.  "browser": the TLS 1.2 suites begin in Chrome's
+    order (``probes.hellos.BROWSER_CIPHERS``), GREASE values skipped.
+    """
+    from kzprobe.probes.hellos import BROWSER, BROWSER_CIPHERS, DPI_SIGNATURE, TOR
+
+    suites = cipher_suites(client_hello)
+    if not suites:
+        return None
+    wire = b"".join(c.to_bytes(2, "big") for c in suites)
+    at = wire.find(DPI_SIGNATURE)
+    while at >= 0:
+        if at % 2 == 0:
+            return TOR
+        at = wire.find(DPI_SIGNATURE, at + 1)
+    tls12 = [c for c in suites if not _grease(c) and c >> 8 != 0x13 and c != 0x00FF]
+    head = [cid for cid, _ in BROWSER_CIPHERS[:4]]
+    if tls12[:len(head)] == head:
+        return BROWSER
+    return None
+
+
+_VERSIONS = {0x0304: "TLSv1.3", 0x0303: "TLSv1.2", 0x0302: "TLSv1.1", 0x0301: "TLSv1", 0x0300: "SSLv3"}
+
+
+def server_hello(server_stream: bytes) -> tuple[str | None, int | None]:
+    """(negotiated version as OpenSSL names it, cipher suite id) from a ServerHello at the start of a
+    server's stream; (None, None) when there is none.  TLS 1.3's version is in supported_versions."""
+    body = _hello_body(server_stream, 0x02)
+    if body is None or len(body) < 35:
+        return None, None
+    version = (body[0] << 8) | body[1]
+    p = 2 + 32
+    p += 1 + body[p]
+    if p + 3 > len(body):
+        return None, None
+    cipher = (body[p] << 8) | body[p + 1]
+    p += 3  # cipher suite, compression method
+    if p + 2 <= len(body):
+        end = min(len(body), p + 2 + ((body[p] << 8) | body[p + 1]))
+        p += 2
+        while p + 4 <= end:
+            etype, elen = (body[p] << 8) | body[p + 1], (body[p + 2] << 8) | body[p + 3]
+            if etype == 0x002B and elen == 2 and p + 6 <= end:
+                version = (body[p + 4] << 8) | body[p + 5]
+            p += 4 + elen
+    return _VERSIONS.get(version), cipher

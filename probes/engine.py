@@ -24,7 +24,7 @@ from kzprobe.analysis.bogons import is_ip
 from kzprobe.analysis.facts import DNSCHECK, INTERFERENCE
 from kzprobe.analysis.fingerprints import Fingerprints
 from kzprobe.model import FOLLOWUP, MEASURE, PROBE, Observation, Target
-from kzprobe.probes import chain, kinds
+from kzprobe.probes import chain, hellos, kinds
 from kzprobe.probes import dns as dnsprobe
 from kzprobe.probes import http as httpprobe
 from kzprobe.probes import tcp as tcpprobe
@@ -35,6 +35,9 @@ Sink = Callable[[Observation], Awaitable[None]]
 
 #: The redirect Locations already followed in the current Engine.measure call (see Engine._follow).
 _followed: contextvars.ContextVar[set[str] | None] = contextvars.ContextVar("kzprobe_followed", default=None)
+
+#: A Tor relay's OR port (issue 15): measured by Engine._tor_or.
+TOR_OR = "tor-or"
 
 
 
@@ -162,6 +165,9 @@ class Engine:
         if kinds.handles(target.scheme):  # tor-dir, obfs4, tcp, udp-dns, proxy+http: probes/kinds.py
             await kinds.measure(self, target, address, followups=followups)
             return
+        if target.scheme == TOR_OR:
+            await self._tor_or(target, address, followups)
+            return
         cfg = self.config
         https = target.scheme == "https"
         if https:
@@ -179,6 +185,7 @@ class Engine:
             if tls.failure:
                 if followups and tls.failure in INTERFERENCE:
                     await self._tls(target, address, cfg.control_sni, FOLLOWUP, 0)
+                    await self._hello_followup(target, address, target.host, hellos.DEFAULT)
                     for i in range(cfg.retries):
                         again = await self._tls(target, address, target.host, MEASURE, i + 1)
                         if again is not None and again.ok:
@@ -219,6 +226,48 @@ class Engine:
         if not https and followups and cfg.dnscheck:
             # Does this address hold a certificate valid for the name?  Only successes count.
             await self._tls(target, address, target.host, DNSCHECK, 0)
+
+    # --- ClientHello fingerprints (issue 15) -------------------------------------------------------
+    async def _hello_tls(self, target: Target, address: str, sni: str, hello: str, purpose: str, attempt: int
+                         ) -> Observation | None:
+        """TCP, then a handshake with the ClientHello ``hello`` (probes/hellos.py); None when TCP failed."""
+        cfg = self.config
+        tcp, stream = await tcpprobe.connect(target.url, target.host, address, target.port, cfg.timeout,
+                                             purpose=purpose, attempt=attempt, source=cfg.source_address)
+        await self._emit(tcp)
+        if stream is None:
+            return None
+        obs = await tlsprobe.handshake(stream, target.url, target.host, address, target.port, sni, cfg.timeout,
+                                       self.trust, purpose=purpose, attempt=attempt, hello=hello)
+        return await self._emit(obs)
+
+    async def _hello_followup(self, target: Target, address: str, sni: str, sent: str) -> Observation | None:
+        """The same address and SNI with the other ClientHello: does the box read the fingerprint?"""
+        return await self._hello_tls(target, address, sni, hellos.other(sent), FOLLOWUP, 0)
+
+    async def _tor_or(self, target: Target, address: str, followups: bool) -> None:
+        """``tor-or://IP:PORT``: TCP, then TLS as a Tor client makes it (Tor-like hello, a random
+        www.*.com SNI).  Certificate validity is recorded, never a failure: relays' link
+        certificates are self-signed with random names.  A handshake failed by interference gets
+        the browser-like follow-up (same address, same SNI), then the Tor-like one again."""
+        cfg = self.config
+        sni = hellos.tor_sni()
+        tls = await self._hello_tls(target, address, sni, hellos.TOR, MEASURE, 0)
+        if tls is None:
+            for i in range(cfg.retries if followups else 0):  # a lone TCP timeout is not evidence
+                tcp, stream = await tcpprobe.connect(target.url, target.host, address, target.port, cfg.timeout,
+                                                     attempt=i + 1, source=cfg.source_address)
+                await self._emit(tcp)
+                if stream is not None:
+                    await trio.aclose_forcefully(stream)
+                    break
+            return
+        if followups and tls.failure in INTERFERENCE:
+            await self._hello_followup(target, address, sni, hellos.TOR)
+            for i in range(cfg.retries):
+                again = await self._hello_tls(target, address, sni, hellos.TOR, MEASURE, i + 1)
+                if again is not None and again.ok:
+                    break
 
     async def _follow(self, target: Target, http: Observation, followups: bool) -> None:
         """Follow a redirect of the target URL, once per distinct Location per measurement

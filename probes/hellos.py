@@ -21,9 +21,14 @@ from __future__ import annotations
 import random
 import ssl
 import string
-from typing import Final
+import weakref
+from typing import TYPE_CHECKING, Final
 
-from kzprobe.probes.certs import ALPN, TrustStore
+if TYPE_CHECKING:  # only the type: analysis.features imports this module's constants, cheaply
+    from kzprobe.probes.certs import TrustStore
+
+#: The browser-like hello's ALPN (as probes.certs.ALPN: h2 first, as browsers offer it).
+ALPN: Final = ["h2", "http/1.1"]
 
 #: The probe's usual hello (``TrustStore.handshake_context``); absent ``data["hello"]`` means this.
 DEFAULT: Final = "default"
@@ -160,9 +165,25 @@ def context(name: str, trust: TrustStore) -> ssl.SSLContext:
     raise ValueError(f"unknown ClientHello {name!r} (expected one of {', '.join(HELLOS)})")
 
 
+_shared: weakref.WeakKeyDictionary[TrustStore, dict[str, ssl.SSLContext]] = weakref.WeakKeyDictionary()
+
+
+def shared(name: str, trust: TrustStore) -> ssl.SSLContext:
+    """:func:`context`, built once per trust store and name (a run's engine keeps one trust store)."""
+    per = _shared.setdefault(trust, {})
+    if name not in per:
+        per[name] = context(name, trust)
+    return per[name]
+
+
 def other(name: str) -> str:
-    """The hello to contrast ``name`` with in a follow-up: Tor-like for a browser's, else browser-like."""
-    return TOR if name in (BROWSER, DEFAULT) else BROWSER
+    """The hello to contrast ``name`` with in a follow-up on the same address and SNI.
+
+    Tor-like against browser-like.  The probe's default hello (OpenSSL's, as Python sends it) is
+    contrasted with the browser-like one: a box that resets the default but passes a browser's
+    keys on the client's fingerprint, not on the name.
+    """
+    return BROWSER if name in (TOR, DEFAULT) else TOR
 
 
 def tor_sni(rng: random.Random | None = None) -> str:
@@ -177,4 +198,4 @@ def tor_sni(rng: random.Random | None = None) -> str:
 
 
 __all__ = ["BROWSER", "BROWSER_CIPHERS", "DEFAULT", "DPI_SIGNATURE", "HELLOS", "TOR", "TOR_CIPHERS",
-           "context", "other", "tor_sni"]
+           "context", "other", "shared", "tor_sni"]

@@ -4,7 +4,12 @@ The handshake verifies (OpenSSL, with the run's trust store: :mod:`certs`).  A c
 not verify ends the handshake at the certificate, as a browser would, but the chain OpenSSL
 received is still recorded, so an interception certificate, a wrong name or an unknown CA is
 seen and named: the step then has ``failure=None`` (the network delivered a certificate),
-``cert_valid=False`` and ``cert_failure`` = OpenSSL's verdict as an OONI string.
+``cert_valid=False`` and ``cert_failure`` = OpenSSL's verdict as an OONI string.  The version and
+cipher the server chose are recorded then too: the ``ssl`` module will not report a version for
+an unfinished handshake, so they are read from the ServerHello bytes that arrived.
+
+``hello`` names the ClientHello sent (:mod:`kzprobe.probes.hellos`): "browser" or "tor" is
+recorded as ``data["hello"]``; the default hello leaves the key out.
 """
 
 from __future__ import annotations
@@ -15,8 +20,13 @@ from typing import Any
 import trio
 
 from kzprobe import errors as E
+from kzprobe.analysis.features import server_hello
 from kzprobe.model import STEP_TLS, Observation, now
+from kzprobe.probes import hellos
 from kzprobe.probes.certs import TrustStore, describe, verify_failure
+
+#: Bytes from the server kept for reading the ServerHello (it comes first and is small).
+_KEEP = 16 * 1024
 
 
 def unverified_context() -> ssl.SSLContext:
@@ -50,20 +60,58 @@ def _chain(obj: ssl.SSLObject) -> list[bytes]:
     return [leaf] if leaf else []
 
 
+class _Recording(trio.abc.Stream):
+    """A transport that keeps the first bytes the server sent (for the ServerHello)."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+        self.received = bytearray()
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        data = await self.inner.receive_some(max_bytes)
+        room = _KEEP - len(self.received)
+        if room > 0:
+            self.received += data[:room]
+        return data
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def _negotiated(obj: ssl.SSLObject, received: bytes, ctx: ssl.SSLContext) -> dict[str, Any]:
+    """Version and cipher of a handshake that stopped at the certificate (from the ServerHello)."""
+    version, cid = server_hello(received)
+    cipher = (obj.cipher() or (None,))[0]
+    if cipher is None and cid is not None:
+        cipher = next((c["name"] for c in ctx.get_ciphers() if c["id"] & 0xFFFF == cid), f"0x{cid:04x}")
+    return {"version": version, "cipher": cipher}
+
+
 async def handshake(stream: trio.abc.Stream, target: str, domain: str, address: str, port: int, sni: str,
                     timeout: float, trust: TrustStore, ctx: ssl.SSLContext | None = None, *,
-                    purpose: str = "measure", attempt: int = 0, vantage: str = "probe") -> Observation:
+                    purpose: str = "measure", attempt: int = 0, vantage: str = "probe",
+                    hello: str = hellos.DEFAULT) -> Observation:
     """Handshake over an open TCP stream; always closes it.
 
-    ``ctx`` defaults to the trust store's verifying context; a non-verifying one records the
-    chain with ``cert_valid=None`` (not validated).
+    ``ctx`` defaults to the context of ``hello`` (the trust store's verifying context for the
+    default hello); a non-verifying one records the chain with ``cert_valid=None`` (not validated).
     """
     t0 = now()
     data: dict[str, Any] = {"sni": sni}
+    if hello != hellos.DEFAULT:
+        data["hello"] = hello
     failure: str | None = None
-    ctx = ctx if ctx is not None else trust.handshake_context
+    if ctx is None:
+        ctx = trust.handshake_context if hello == hellos.DEFAULT else hellos.shared(hello, trust)
+    recording = _Recording(stream)
     try:
-        ssl_stream = trio.SSLStream(stream, ctx, server_hostname=sni)
+        ssl_stream = trio.SSLStream(recording, ctx, server_hostname=sni)
     except ValueError as exc:  # a name the ssl module will not send (too long a label, ...)
         await trio.aclose_forcefully(stream)
         return Observation(step=STEP_TLS, target=target, domain=domain, address=address, port=port, t_start=t0,
@@ -82,6 +130,8 @@ async def handshake(stream: trio.abc.Stream, target: str, domain: str, address: 
             cert_failure = verify_failure(exc)
             if cert_failure is None:
                 failure = E.failure_string(exc)
+            else:  # the network did its part: say what was negotiated (issue 9)
+                data.update(_negotiated(obj, bytes(recording.received), ctx), alpn=obj.selected_alpn_protocol())
             valid = False
         if failure is None:
             certs = [describe(d) for d in _chain(obj)]

@@ -6,6 +6,7 @@ off the wire with a parser written here, independent of kzprobe's own ClientHell
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import ssl
@@ -15,9 +16,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
 import trustme
 
+from kzprobe import errors as E
+from kzprobe.model import Observation
 from kzprobe.probes import hellos
+from kzprobe.probes import tcp as tcpprobe
+from kzprobe.probes import tls as tlsprobe
 from kzprobe.probes.certs import TrustStore
 
 
@@ -94,12 +100,11 @@ def test_tor_sni_shape() -> None:
 
 
 # --- against a real OpenSSL server ---------------------------------------------------------------
-@pytest.fixture(scope="module")
-def s_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Path]]:
+@contextlib.contextmanager
+def _s_server(tmp: Path, *extra: str) -> Iterator[tuple[int, Path]]:
     """``openssl s_server`` on loopback with an RSA trustme chain for relay.test; yields (port, CA PEM)."""
     if shutil.which("openssl") is None:
         pytest.skip("needs the openssl binary")
-    tmp = tmp_path_factory.mktemp("s_server")
     # RSA, as Tor relays' link keys are (trustme's default is ECDSA).
     ca = trustme.CA(key_type=trustme.KeyType.RSA)
     leaf = ca.issue_cert("relay.test", key_type=trustme.KeyType.RSA)
@@ -110,7 +115,7 @@ def s_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Pa
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     proc = subprocess.Popen(["openssl", "s_server", "-accept", f"127.0.0.1:{port}", "-cert", str(tmp / "leaf.pem"),
-                             "-alpn", "h2,http/1.1", "-www", "-quiet"], stdin=subprocess.DEVNULL,
+                             "-alpn", "h2,http/1.1", "-www", "-quiet", *extra], stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 10
@@ -126,6 +131,18 @@ def s_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Pa
     finally:
         proc.kill()
         proc.wait()
+
+
+@pytest.fixture(scope="module")
+def s_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Path]]:
+    with _s_server(tmp_path_factory.mktemp("s_server")) as got:
+        yield got
+
+
+@pytest.fixture(scope="module")
+def s_server_tls12(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Path]]:
+    with _s_server(tmp_path_factory.mktemp("s_server12"), "-tls1_2") as got:
+        yield got
 
 
 @pytest.mark.parametrize("name", ["browser", "tor"])
@@ -145,3 +162,63 @@ def test_both_hellos_complete_against_s_server(name: str, s_server: tuple[int, P
                 assert tls.version() == "TLSv1.3"
                 assert tls.selected_alpn_protocol() == "h2"
                 assert tls.getpeercert()  # verified against the test CA
+
+
+def _probe_handshake(port: int, trust: TrustStore, hello: str) -> Observation:
+    async def main() -> Observation:
+        tcp, stream = await tcpprobe.connect("tor-or://127.0.0.1:1", "127.0.0.1", "127.0.0.1", port, 5)
+        assert stream is not None, tcp.failure
+        return await tlsprobe.handshake(stream, "tor-or://127.0.0.1:1", "127.0.0.1", "127.0.0.1", port,
+                                        "relay.test", 5, trust, hello=hello)
+
+    return trio.run(main)
+
+
+def test_the_tls_step_records_the_hello_and_the_tor_handshake_is_not_validated(s_server: tuple[int, Path]) -> None:
+    port, _ca = s_server
+    obs = _probe_handshake(port, TrustStore(include_default=False), "tor")  # trusts nothing
+    assert obs.failure is None
+    assert obs.data["hello"] == "tor"
+    assert (obs.data["version"], obs.data["cipher"]) == ("TLSv1.2", "ECDHE-RSA-AES256-SHA")
+    assert obs.data["cert_valid"] is None and obs.data["certificates"]
+
+
+@pytest.mark.parametrize(("server", "version"), [("s_server", "TLSv1.3"), ("s_server_tls12", "TLSv1.2")])
+def test_a_failed_verification_still_records_version_and_cipher(server: str, version: str,
+                                                                request: pytest.FixtureRequest) -> None:
+    port, _ca = request.getfixturevalue(server)
+    obs = _probe_handshake(port, TrustStore(include_default=False), "browser")  # the test CA is unknown
+    assert obs.failure is None and obs.data["cert_valid"] is False
+    assert obs.data["cert_failure"] == E.SSL_UNKNOWN_AUTHORITY
+    assert obs.data["hello"] == "browser"
+    assert obs.data["version"] == version
+    # s_server takes the client's order: the browser's first suite for an RSA key.
+    assert obs.data["cipher"] == ("TLS_AES_256_GCM_SHA384" if version == "TLSv1.3" else "ECDHE-RSA-AES128-GCM-SHA256")
+
+
+def test_tor_or_probe_against_a_relay_like_server(s_server: tuple[int, Path]) -> None:
+    """The engine's tor-or:// measurement: TCP, then the Tor-like hello with a Tor-like SNI; ok."""
+    from kzprobe.analysis import classify_target
+    from kzprobe.model import Target
+    from kzprobe.probes.engine import Engine, ProbeConfig
+
+    port, _ca = s_server
+    url = f"tor-or://127.0.0.1:{port}"
+    seen: list[Observation] = []
+
+    async def sink(o: Observation) -> None:
+        o.id = len(seen) + 1
+        seen.append(o)
+
+    async def main() -> None:
+        async with Engine(ProbeConfig(system_resolver=False, timeout=5), sink) as engine:
+            await engine.measure(Target(url))
+
+    trio.run(main)
+    assert [(o.step, o.purpose, o.failure) for o in seen] == [("tcp", "measure", None), ("tls", "measure", None)]
+    tls = seen[1]
+    assert tls.data["hello"] == "tor" and tls.port == port
+    assert tls.data["sni"].startswith("www.") and tls.data["sni"].endswith(".com")
+    assert tls.data["cert_valid"] is None and tls.data["version"] == "TLSv1.2"
+    v = classify_target(url, seen)
+    assert (v.status, v.rule) == ("ok", "ok.tor_or"), v

@@ -328,6 +328,11 @@ def test_tls_step(servers: Servers, server: str, failure: str | None, cert_valid
     assert obs.data.get("cert_failure") == cert_failure
     if failure is None:
         assert obs.data["certificates"] and obs.data["certificates"][0]["der_b64"]
+        # Negotiated before the certificate was judged: recorded whether or not it verified
+        # (the test servers are Python's default server contexts: TLS 1.3).
+        assert obs.data["version"] == "TLSv1.3", obs.data
+        assert obs.data["cipher"] in ("TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256",
+                                      "TLS_AES_128_GCM_SHA256"), obs.data
         if cert_valid:
             assert obs.data["version"].startswith("TLS")
 

@@ -493,16 +493,18 @@ def test_near_miss(case: Case) -> None:
 
 
 def test_every_rule_has_cases() -> None:
-    # The kind targets' rules (analysis/rules_kinds.py) have their cases in test_rules_kinds.py.
+    # The kind targets' rules (analysis/rules_kinds.py) have their cases in test_rules_kinds.py,
+    # the ClientHello rules (analysis/rules_hellos.py) theirs in test_rules_hellos.py.
+    from kzprobe.tests import test_rules_hellos as hellos
     from kzprobe.tests import test_rules_kinds as kinds
 
-    positive = {c.rule for c in [*POSITIVE, *kinds.POSITIVE]}
-    near = {c.near for c in [*NEAR_MISS, *kinds.NEAR_MISS]}
+    positive = {c.rule for c in [*POSITIVE, *kinds.POSITIVE, *hellos.POSITIVE]}
+    near = {c.near for c in [*NEAR_MISS, *kinds.NEAR_MISS, *hellos.NEAR_MISS]}
     missing = [r for r in RULES_BY_ID if r not in positive]
     assert not missing, f"rules without a positive test case: {missing}"
     missing = [r for r in RULES_BY_ID if r not in near]
     assert not missing, f"rules without a near-miss test case: {missing}"
-    unknown = (positive | {c.rule for c in [*NEAR_MISS, *kinds.NEAR_MISS]} | near) - set(RULES_BY_ID)
+    unknown = (positive | {c.rule for c in [*NEAR_MISS, *kinds.NEAR_MISS, *hellos.NEAR_MISS]} | near) - set(RULES_BY_ID)
     assert not unknown, f"cases name rules that do not exist: {unknown}"
 
 
