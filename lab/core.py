@@ -97,6 +97,9 @@ class Lab:
             raise LabError(
                 f"instance name {self.instance!r}: use 1-12 lowercase letters/digits, starting with a letter"
             )
+        if self.scenario.isps:
+            raise LabError(f"scenario {self.scenario.name} has {len(self.scenario.isps)} ISPs: it needs the "
+                           "multi-ISP lab (kzprobe.lab.multi.MultiLab)")
         self.state_dir = STATE_ROOT / self.instance
         self.ca_path = self.state_dir / "ca.pem"
         self.interception_ca_path = self.state_dir / "qaznet-ca.pem"

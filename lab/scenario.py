@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -60,8 +60,14 @@ RESERVED_SITE_ADDRESSES = frozenset({"203.0.113.0", "203.0.113.255"})
 _SITE_KEYS = {
     "domain", "url", "address", "title", "content", "size", "method", "methods", "hop", "expect",
     "reason", "quote", "category", "bogon", "forged", "rate", "server_delay", "aliases",
-    "redirects", "cert", "cdn", "geo_address", "gzip", "detail", "block_names",
+    "redirects", "cert", "cdn", "geo_address", "gzip", "detail", "block_names", "isp",
 }
+#: What a site's per-ISP table (``[site.isp."NAME"]``, a multi-ISP scenario) may change: how that
+#: ISP censors the site and what it must give.  Everything about the site itself (names, address,
+#: content) is the world's and the same for every ISP; so is ``down``.
+ISP_KEYS = {"method", "methods", "hop", "expect", "reason", "quote", "detail", "block_names", "bogon", "forged",
+            "rate"}
+_ISP_HEAD_KEYS = {"name", "asn", "country"}
 
 
 class ScenarioError(ValueError):
@@ -137,6 +143,17 @@ class Site:
 
 
 @dataclass(frozen=True, slots=True)
+class Isp:
+    """One ISP of a multi-ISP scenario: its declared vantage and the scenario as its subscribers
+    see it (the shared sites, censored the way this ISP does it)."""
+
+    name: str
+    asn: str
+    country: str
+    scenario: Scenario
+
+
+@dataclass(frozen=True, slots=True)
 class Scenario:
     name: str
     description: str
@@ -151,6 +168,9 @@ class Scenario:
     endpoints: tuple[Endpoint, ...] = ()
     #: Rules that hold only for a window of ``lab run`` (lab/endpoints.py, lab/outage.py).
     outages: tuple[Outage, ...] = ()
+    #: A multi-ISP scenario's ISPs (``[[isp]]``); empty for the usual one-ISP lab.  ``sites`` are
+    #: then the sites as an ISP that censors nothing would show them.
+    isps: tuple[Isp, ...] = ()
 
     def site(self, domain: str) -> Site:
         for s in self.sites:
@@ -229,7 +249,7 @@ def parse(raw: dict[str, Any], path: Path) -> Scenario:
 
     endpoints = parse_endpoints(raw.get("endpoint"), path, seen_addresses)
     outages = parse_outages(raw.get("outage"), path, endpoints)
-    return Scenario(
+    scenario = Scenario(
         name=str(head.get("name", path.stem)),
         description=str(head.get("description", "")).strip(),
         path=path,
@@ -239,6 +259,51 @@ def parse(raw: dict[str, Any], path: Path) -> Scenario:
         endpoints=endpoints,
         outages=outages,
     )
+    isps = _parse_isps(raw, entries, path)
+    return replace(scenario, isps=isps) if isps else scenario
+
+
+def _parse_isps(raw: dict[str, Any], entries: list[Any], path: Path) -> tuple[Isp, ...]:
+    """``[[isp]]`` entries, each with the scenario its subscribers see: every site's own keys with
+    the site's ``[site.isp."NAME"]`` table on top (a site without one is not censored there)."""
+    heads = raw.get("isp", [])
+    names = [h.get("name") if isinstance(h, dict) else None for h in heads] if isinstance(heads, list) else [None]
+    for i, entry in enumerate(entries, 1):
+        overlays = entry.get("isp", {})
+        where = f"{path}: [[site]] #{i} ({entry.get('domain')})"
+        if not isinstance(overlays, dict) or not all(isinstance(v, dict) for v in overlays.values()):
+            raise ScenarioError(f'{where}: \'isp\' must be tables [site.isp."NAME"]')
+        for name, overlay in overlays.items():
+            if name not in names:
+                raise ScenarioError(f"{where}: isp {name!r} is not declared in an [[isp]]")
+            bad = set(overlay) - ISP_KEYS
+            if bad:
+                raise ScenarioError(f"{where}: isp {name!r}: key(s) {', '.join(sorted(bad))} are the site's "
+                                    f"own, not an ISP's (an ISP may set {', '.join(sorted(ISP_KEYS))})")
+            if "down" in {overlay.get("method"), *overlay.get("methods", ())}:
+                raise ScenarioError(f"{where}: isp {name!r}: 'down' is the site's, not an ISP's")
+    if not heads:
+        return ()
+    out = []
+    for i, head in enumerate(heads, 1):
+        where = f"{path}: [[isp]] #{i}"
+        if not isinstance(head, dict) or set(head) - _ISP_HEAD_KEYS or not all(
+                isinstance(head.get(k), str) and head.get(k) for k in _ISP_HEAD_KEYS):
+            raise ScenarioError(f"{where}: needs exactly name, asn and country (strings)")
+        name = head["name"]
+        if names.count(name) > 1:
+            raise ScenarioError(f"{where}: isp {name!r} appears twice")
+        view = []
+        for e in entries:
+            overlay = e.get("isp", {}).get(name, {})
+            base = {k: v for k, v in e.items() if k != "isp"}
+            if "method" in overlay or "methods" in overlay:
+                base = {k: v for k, v in base.items() if k not in ("method", "methods", "hop")}
+            view.append({**base, **overlay})
+        head_ = raw.get("scenario", {})
+        sub = parse({"scenario": {**head_, "name": f"{head_.get('name', path.stem)}/{name}"}, "site": view}, path)
+        out.append(Isp(name=name, asn=head["asn"], country=head["country"], scenario=sub))
+    return tuple(out)
 
 
 def _parse_site(e: dict[str, Any], where: str) -> Site:

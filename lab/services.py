@@ -100,9 +100,11 @@ def public_dns_lines(scenario: Scenario) -> list[str]:
     return ["cache-size=0", *forward_lines(scenario)]
 
 
-def isp_dns_lines(scenario: Scenario) -> list[str]:
-    """The ISP resolver, configured like ISPs do it: local overrides in front of a forwarder."""
-    lines = list(forward_lines(scenario))
+def isp_dns_lines(scenario: Scenario, world: Scenario | None = None) -> list[str]:
+    """The ISP resolver, configured like ISPs do it: local overrides in front of a forwarder.
+    ``world``: the scenario the world's servers were built from, when it is not ``scenario``
+    (a multi-ISP lab: which names only the slow authoritative answers is the world's)."""
+    lines = list(forward_lines(world or scenario))
     for s in scenario.sites:
         if s.geo_address:
             lines += [f"host-record={n},{s.geo_address}" for n in site_names(s)]
@@ -174,23 +176,35 @@ def write_pages(scenario: Scenario, www: Path) -> None:
 
 
 # -- starting -------------------------------------------------------------------------------------
-def start(lab: Lab) -> dict[str, list[str]]:
+Waits = dict[str, list[str]]
+
+
+def start(lab: Lab) -> Waits:
     """Start every server (in parallel: they are independent); return what to wait for
     (``role -> [address:port]`` to connect to, and ``files``: ready files)."""
+    waits: Waits = {"world": [], "isp": [], "files": []}
+    start_world(lab, waits)
+    start_isp(lab, waits)
+    # Tor relays and directories, proxies, messaging endpoints (scenarios with [[endpoint]]).
+    endpoint_servers.start(lab, waits)
+    return waits
+
+
+def _dnsmasq(lab: Lab, waits: Waits, role: str, name: str, address: str, lines: list[str]) -> None:
+    sd = lab.state_dir
+    conf = sd / f"{name}.conf"
+    conf.write_text(dnsmasq_conf(address, sd / f"{name}.log", lines))
+    lab.popen(role, ["dnsmasq", "--keep-in-foreground", "--user=root", "--pid-file=", "-C", str(conf)], name)
+    waits[role].append(f"{address}:53")
+
+
+def start_world(lab: Lab, waits: Waits) -> None:
+    """The world's servers: DNS (authoritative, public, slow), the sites, the helper."""
     py = sys.executable
     sc = lab.scenario
     sd = lab.state_dir
-    waits: dict[str, list[str]] = {"world": [], "isp": [], "files": []}
-
-    def dnsmasq(role: str, name: str, address: str, lines: list[str]) -> None:
-        conf = sd / f"{name}.conf"
-        conf.write_text(dnsmasq_conf(address, sd / f"{name}.log", lines))
-        lab.popen(role, ["dnsmasq", "--keep-in-foreground", "--user=root", "--pid-file=", "-C", str(conf)], name)
-        waits[role].append(f"{address}:53")
-
-    dnsmasq("world", "dns-auth", AUTH_DNS, auth_dns_lines(sc))
-    dnsmasq("world", "dns-public", PUBLIC_RESOLVER, public_dns_lines(sc))
-    dnsmasq("isp", "dns-isp", ISP_RESOLVER, isp_dns_lines(sc))
+    _dnsmasq(lab, waits, "world", "dns-auth", AUTH_DNS, auth_dns_lines(sc))
+    _dnsmasq(lab, waits, "world", "dns-public", PUBLIC_RESOLVER, public_dns_lines(sc))
     slow_names = injected(sc)
     if slow_names:
         ready = str(sd / "slowdns.ready")
@@ -200,7 +214,7 @@ def start(lab: Lab) -> dict[str, list[str]]:
         lab.popen("world", [py, "-m", "kzprobe.lab.slowdns", cfg], "slowdns")
         waits["files"].append(ready)
 
-    # The sites (nginx) and the ISP's blockpage server (nginx too, gzip as nginx does it).
+    # The sites (nginx).
     www = sd / "www"
     write_pages(sc, www)
     if nginx_sites(sc):  # (an nginx without a listen line would listen on *:80)
@@ -208,10 +222,6 @@ def start(lab: Lab) -> dict[str, list[str]]:
         nginx.prepare(prefix, world_nginx_servers(sc, lab.certs["world"], lab.default_cert, www))
         lab.popen("world", nginx.argv(prefix), "nginx-world")
         waits["world"] += [f"{a}:443" for s in nginx_sites(sc) for a in s.addresses]
-    prefix = sd / "nginx-isp"
-    nginx.prepare(prefix, blockpage_nginx_servers(lab.blockpage_cert, www))
-    lab.popen("isp", nginx.argv(prefix), "nginx-isp")
-    waits["isp"] += [f"{BLOCKPAGE}:80", f"{BLOCKPAGE}:443"]
 
     slow = slow_sites(sc)
     if slow:
@@ -237,6 +247,22 @@ def start(lab: Lab) -> dict[str, list[str]]:
         waits["world"].append(f"{HELPER}:{HELPER_PORT}")
         lab.helper_url = f"http://{HELPER}:{HELPER_PORT}"
 
+
+def start_isp(lab: Lab, waits: Waits, world: Scenario | None = None) -> None:
+    """The ISP's servers (resolver, blockpage) and the middleboxes' processes on its hops.
+    ``world``: the scenario the world was built from, when it is not ``lab.scenario``."""
+    py = sys.executable
+    sc = lab.scenario
+    sd = lab.state_dir
+    _dnsmasq(lab, waits, "isp", "dns-isp", ISP_RESOLVER, isp_dns_lines(sc, world))
+    www = sd / "www"
+    (www / "_blockpage").mkdir(parents=True, exist_ok=True)
+    (www / "_blockpage" / "index.html").write_text(blockpage_document(sc.blockpage_title))
+    prefix = sd / "nginx-isp"
+    nginx.prepare(prefix, blockpage_nginx_servers(lab.blockpage_cert, www))
+    lab.popen("isp", nginx.argv(prefix), "nginx-isp")
+    waits["isp"] += [f"{BLOCKPAGE}:80", f"{BLOCKPAGE}:443"]
+
     # On-path injectors and the interception proxy, per hop.
     for hop in ("isp", "bb1", "bb2"):
         here = [s for s in sc.sites if s.hop == hop]
@@ -260,6 +286,3 @@ def start(lab: Lab) -> dict[str, list[str]]:
             })
             lab.popen(hop, [py, "-m", "kzprobe.lab.mitm", cfg], f"mitm-{hop}")
             waits["files"].append(ready)
-    # Tor relays and directories, proxies, messaging endpoints (scenarios with [[endpoint]]).
-    endpoint_servers.start(lab, waits)
-    return waits

@@ -78,16 +78,22 @@ def run(argv: Sequence[str], *, input: str | None = None, check: bool = True) ->
     return proc.stdout
 
 
-def link_net(i: int) -> ipaddress.IPv4Network:
-    return ipaddress.IPv4Network(f"100.64.{i + 1}.0/24")
+#: A multi-ISP lab (lab/multi.py) has one chain volunteer..bb2 per ISP, all joining one world;
+#: chain c's links are 100.64.(CHAIN_STRIDE*c + i + 1).0/24, so the world can route back to each.
+#: Chain 0 is the one-ISP lab's.
+CHAIN_STRIDE = 16
 
 
-def address(role: str, side: str) -> str:
+def link_net(i: int, chain: int = 0) -> ipaddress.IPv4Network:
+    return ipaddress.IPv4Network(f"100.64.{CHAIN_STRIDE * chain + i + 1}.0/24")
+
+
+def address(role: str, side: str, chain: int = 0) -> str:
     """The role's address on the link toward the volunteer ("down") or toward the world ("up")."""
     i = ROLES.index(role)
     if side == "down":
-        return str(link_net(i - 1).network_address + 2)
-    return str(link_net(i).network_address + 1)
+        return str(link_net(i - 1, chain).network_address + 2)
+    return str(link_net(i, chain).network_address + 1)
 
 
 def list_namespaces() -> list[str]:
@@ -173,27 +179,28 @@ def lo_addresses(role: str, scenario: Scenario) -> list[str]:
     return []
 
 
-def node_commands(instance: str, role: str, scenario: Scenario) -> list[str]:
-    """``ip -batch`` lines for one node: links up, addresses, static routes (pure)."""
+def node_commands(instance: str, role: str, scenario: Scenario, chain: int = 0) -> list[str]:
+    """``ip -batch`` lines for one node: links up, addresses, static routes (pure).  ``chain``
+    picks the link addresses (see CHAIN_STRIDE)."""
     i = ROLES.index(role)
     cmds = ["link set lo up"]
     if i > 0:
-        cmds += [f"addr add {address(role, 'down')}/24 dev {veth(instance, role, 'down')}",
+        cmds += [f"addr add {address(role, 'down', chain)}/24 dev {veth(instance, role, 'down')}",
                  f"link set {veth(instance, role, 'down')} up"]
     if i < len(ROLES) - 1:
-        cmds += [f"addr add {address(role, 'up')}/24 dev {veth(instance, role, 'up')}",
+        cmds += [f"addr add {address(role, 'up', chain)}/24 dev {veth(instance, role, 'up')}",
                  f"link set {veth(instance, role, 'up')} up"]
     for addr in lo_addresses(role, scenario):
         cmds.append(f"addr add {addr}/32 dev lo")
     # Static routes to every other node's prefixes and every non-attached link, through the
     # neighbour on that side.  No default route: anything else is unreachable, by design.
-    up_gw = address(ROLES[i + 1], "down") if i < len(ROLES) - 1 else ""
-    down_gw = address(ROLES[i - 1], "up") if i > 0 else ""
+    up_gw = address(ROLES[i + 1], "down", chain) if i < len(ROLES) - 1 else ""
+    down_gw = address(ROLES[i - 1], "up", chain) if i > 0 else ""
     for j, other in enumerate(ROLES):
         for p in OWNED[other]:
             if j != i:
                 cmds.append(f"route replace {p} via {up_gw if j > i else down_gw}")
     for k in range(len(ROLES) - 1):
         if k not in (i - 1, i):
-            cmds.append(f"route replace {link_net(k)} via {up_gw if k > i else down_gw}")
+            cmds.append(f"route replace {link_net(k, chain)} via {up_gw if k > i else down_gw}")
     return cmds
