@@ -88,7 +88,8 @@ class MultiLab:
         if not self.scenario.isps:
             raise LabError(f"scenario {self.scenario.name} declares no [[isp]]: use the one-ISP lab (Lab)")
         if self.scenario.endpoints or self.scenario.outages:
-            raise LabError(f"scenario {self.scenario.name}: [[endpoint]] and [[outage]] are not supported with [[isp]] yet")
+            raise LabError(f"scenario {self.scenario.name}: [[endpoint]] and [[outage]] are not supported "
+                           "with [[isp]] yet")
         self.instance = instance or DEFAULT_PREFIX + secrets.token_hex(2)
         if not INSTANCE_RE.match(self.instance) or len(self.instance) > 9:
             raise LabError(f"instance name {self.instance!r}: use 1-9 lowercase letters/digits, starting with a letter "
