@@ -224,7 +224,7 @@ def parse(raw: dict[str, Any], path: Path) -> Scenario:
     entries = raw.get("site", [])
     if not isinstance(entries, list) or not entries:
         raise ScenarioError(f"{path}: needs at least one [[site]]")
-    unknown = set(raw) - {"scenario", "site", "endpoint", "outage"}
+    unknown = set(raw) - {"scenario", "site", "endpoint", "outage", "isp"}
     if unknown:
         raise ScenarioError(f"{path}: unknown table(s) {', '.join(sorted(unknown))}")
     sites: list[Site] = []
