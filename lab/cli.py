@@ -209,13 +209,19 @@ def _fresh_instance() -> str:
 
 @lab.command()
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="pcap to write, e.g. fixtures/pcaps/NAME.pcap; NAME.expected.json goes beside it.")
+              help="capture to write, e.g. fixtures/pcaps/NAME.pcapng; NAME.expected.json goes beside it.  "
+                   ".pcapng also holds the probe's TLS secrets (replay then reads HTTPS responses).")
 @scenario_opt
 @click.option("--timeout", type=float, default=3.0, show_default=True, help="kzprobe's per-step timeout.")
 def record(out: Path, scenario: str, timeout: float) -> None:
-    """Capture the volunteer's interface during a `kzprobe run` of the scenario."""
-    if out.suffix != ".pcap":
-        raise click.UsageError(f"--out {out}: must end in .pcap")
+    """Capture the volunteer's interface during a `kzprobe run` of the scenario.
+
+    With a .pcapng output the probe logs its HTTP steps' TLS secrets (SSLKEYLOGFILE), and they go
+    into the capture as a Decryption Secrets Block (editcap --inject-secrets), as Wireshark reads
+    them: replay can then read what was served over HTTPS (a blockpage behind a bad certificate,
+    a body's rate), which ciphertext alone does not show."""
+    if out.suffix not in (".pcap", ".pcapng"):
+        raise click.UsageError(f"--out {out}: must end in .pcap or .pcapng")
     lab_ = _lab(scenario, _fresh_instance())
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -265,6 +271,22 @@ def _classifier_detail(row: dict[str, Any]) -> str | None:
 
 
 def _capture(lab_: Lab, out: Path, timeout: float) -> tuple[list[dict[str, Any]], int]:
+    if out.suffix != ".pcapng":
+        return _capture_pcap(lab_, out, timeout)
+    raw = lab_.state_dir / "record.pcap"
+    keys = lab_.state_dir / "tls-keys.log"
+    keys.unlink(missing_ok=True)
+    verdicts, packets = _capture_pcap(lab_, raw, timeout, env={"SSLKEYLOGFILE": str(keys)})
+    inject = ["--inject-secrets", f"tls,{keys}"] if keys.is_file() and keys.stat().st_size else []
+    p = subprocess.run(["editcap", "-F", "pcapng", *inject, str(raw), str(out.resolve())],
+                       capture_output=True, text=True)
+    if p.returncode:
+        raise LabError(f"editcap could not write {out}: {(p.stderr.strip().splitlines() or ['?'])[-1]}")
+    return verdicts, packets
+
+
+def _capture_pcap(lab_: Lab, out: Path, timeout: float, env: dict[str, str] | None = None
+                  ) -> tuple[list[dict[str, Any]], int]:
     iface = lab_.veth("volunteer", "up")
     dump = subprocess.Popen(
         # -B 16 MiB: a run's burst (dozens of handshakes at once) overflowed the default buffer and
@@ -279,7 +301,7 @@ def _capture(lab_: Lab, out: Path, timeout: float) -> tuple[list[dict[str, Any]]
         line = dump.stderr.readline()
         if "listening" not in line:
             raise LabError(f"tcpdump did not start: {line.strip()}")
-        verdicts = run_probe(lab_, timeout=timeout)
+        verdicts = run_probe(lab_, timeout=timeout, env=env)
         time.sleep(0.2)  # late packets (RSTs answering injected segments) belong in the capture
     finally:
         dump.send_signal(signal.SIGINT)

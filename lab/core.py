@@ -348,17 +348,20 @@ def probe_argv(lab: Lab, timeout: float = 3.0, db: Path | None = None, targets: 
     return argv
 
 
-def run_probe(lab: Lab, timeout: float = 3.0, db: Path | None = None) -> list[dict[str, Any]]:
-    """Run ``kzprobe run`` in the volunteer namespace; return its verdicts (JSON objects)."""
-    verdicts: list[dict[str, Any]] = run_probe_doc(lab, timeout, db)["verdicts"]
+def run_probe(lab: Lab, timeout: float = 3.0, db: Path | None = None, env: dict[str, str] | None = None
+              ) -> list[dict[str, Any]]:
+    """Run ``kzprobe run`` in the volunteer namespace; return its verdicts (JSON objects).
+    ``env``: extra environment variables for it (e.g. SSLKEYLOGFILE)."""
+    verdicts: list[dict[str, Any]] = run_probe_doc(lab, timeout, db, env=env)["verdicts"]
     return verdicts
 
 
 def run_probe_doc(lab: Lab, timeout: float = 3.0, db: Path | None = None,
-                  targets: Path | None = None) -> dict[str, Any]:
+                  targets: Path | None = None, env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run ``kzprobe run`` in the volunteer namespace; return its JSON envelope (``verdicts``
     always a list of objects; ``run`` as kzprobe printed it, when it did)."""
-    p = lab.exec("volunteer", probe_argv(lab, timeout, db, targets), capture_output=True, text=True)
+    p = lab.exec("volunteer", probe_argv(lab, timeout, db, targets), capture_output=True, text=True,
+                 env={**os.environ, **env} if env else None)
     (lab.state_dir / "probe.stderr").write_text(p.stderr)
     try:
         doc = json.loads(p.stdout)

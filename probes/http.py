@@ -17,6 +17,7 @@ every source.
 
 from __future__ import annotations
 
+import os
 import ssl
 from typing import Any
 from urllib.parse import urljoin, urlsplit, urlunsplit
@@ -66,6 +67,12 @@ class Clients:
         unverified = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         unverified.check_hostname = False
         unverified.verify_mode = ssl.CERT_NONE
+        keylog = os.environ.get("SSLKEYLOGFILE")
+        if keylog:
+            # Only when asked, as browsers and curl do: the HTTP steps' TLS secrets, so that a
+            # capture of this run can be read (kzprobe lab record puts them in its pcapng).
+            for ctx in (verify, unverified):
+                ctx.keylog_filename = keylog
         self.unverified = httpx.AsyncClient(
             transport=httpx.AsyncHTTPTransport(verify=unverified, limits=limits, local_address=local_address),
             timeout=t, headers=headers, follow_redirects=False, trust_env=False)

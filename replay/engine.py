@@ -92,6 +92,7 @@ class Replayer:
         on_tcp, on_udp, on_icmp = flows.on_tcp, dns.on_udp, flows.on_icmp
         next_sweep: float | None = None
         count = 0
+        st.reading = res
         for p in iter_packets(path, res):
             count += 1
             if base:
@@ -115,6 +116,7 @@ class Replayer:
                     flows.sweep(st, ts)
             if len(table) > lim.max_flows:
                 flows.evict(st)
+        st.ingest_keylog()  # secrets the file held, for flows that go on in the next file of a rotated run
         st.out.packets += count
         return base + res.frames
 

@@ -12,16 +12,19 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from kzprobe import errors as E
-from kzprobe.model import STEP_TCP, Observation
+from kzprobe.model import STEP_TCP, STEP_TLS, Observation
 from kzprobe.replay import dns, helperflows, trigger
 from kzprobe.replay.control import HELPER_REQUEST, HelperStreams
 from kzprobe.replay.pcapio import ACK, FIN, RST, SYN, Packet, _ntop
 from kzprobe.replay.state import END_GRACE, SOURCE, FileState, seq_ge
+from kzprobe.replay.tlsdecrypt import client_random
 
 #: Server packets after the trigger kept per flow (the answer is among the first few).
 AFTER_CAP = 24
 #: Payload bytes kept of each of the first server packets after the trigger (injected pages).
 HEAD_CAP = 2048
+#: Client bytes kept of a flow that can be decrypted: the hello, the Finished and the request.
+TLS_CLIENT_CAP = 16384
 _HTTP_METHODS = (b"GET ", b"POST ", b"HEAD ", b"PUT ", b"OPTIONS ", b"DELETE ", b"PATCH ")
 
 
@@ -100,6 +103,7 @@ class Flow:
         "first_n",
         "first_ts",
         "helper",
+        "keys",
         "last_n",
         "last_ts",
         "midstream",
@@ -112,6 +116,7 @@ class Flow:
         "srv_next",
         "srv_overflow",
         "srv_rst",
+        "srv_times",
         "syn_icmp",
         "syn_rst",
         "syn_seq",
@@ -157,6 +162,10 @@ class Flow:
         self.helper: HelperStreams | None = None
         #: The server's data after the trigger, over time (set at its first byte).
         self.xfer: Transfer | None = None
+        #: TLS 1.3 secrets of this flow's session, when the capture carries them (its key log).
+        self.keys: dict[str, bytes] | None = None
+        #: For a flow with keys: (bytes of srv_buf, capture time, packet) after each in-order server segment.
+        self.srv_times: list[tuple[int, float, int]] = []
 
 
 class Transfer:
@@ -276,6 +285,8 @@ def on_tcp(st: FileState, p: Packet) -> None:
                 xf.add(n, ts, plen, fl.cli_close is not None)
             if len(fl.srv_buf) < fl.srv_cap:  # checked before slicing: bulk data past the cap costs nothing
                 _keep_server(st, fl, raw, poff, pend)
+                if fl.keys is not None:
+                    fl.srv_times.append((len(fl.srv_buf), ts, n))
             else:
                 fl.srv_overflow = True
     if flags & RST and fl.srv_rst is None:
@@ -325,8 +336,14 @@ def _from_client(st: FileState, fl: Flow, p: Packet, plen: int, flags: int, seq:
                 return
             if raw.startswith(_HTTP_METHODS, poff):
                 fl.srv_cap = max(fl.srv_cap, st.limits.http_cap)
+            elif raw[poff:poff + 1] == b"\x16" and st.may_decrypt():
+                # A ClientHello whose session the capture's key log has: the response can be read
+                # (replay.tlsdecrypt), so keep as much of it as of a plain-HTTP one.
+                fl.keys = st.tls_secrets(client_random(raw[poff:pend]))
+                if fl.keys is not None:
+                    fl.srv_cap = max(fl.srv_cap, st.limits.http_cap)
         nxt = fl.cli_next
-        cap = st.limits.buf_cap
+        cap = st.limits.buf_cap if fl.keys is None else TLS_CLIENT_CAP
         if nxt is None or seq == nxt:
             if len(fl.cli_buf) < cap:
                 fl.cli_buf += raw[poff:pend][: cap - len(fl.cli_buf)]
@@ -432,3 +449,7 @@ def finish(st: FileState, fl: Flow, at_end: bool) -> None:
         tcp.target = tcp.domain = name
     if app is not None:
         st.pending.append((app, False))
+        if fl.keys is not None and app.step == STEP_TLS and app.ok:
+            page = trigger.decrypted_http(st, fl, address, app)
+            if page is not None:
+                st.pending.append((page, False))

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from collections import Counter
 
-from kzprobe.model import FOLLOWUP, STEP_HTTP, STEP_TLS, Observation
+from kzprobe.model import FOLLOWUP, PEEK, STEP_HTTP, STEP_TLS, Observation
 from kzprobe.replay.state import SOURCE, FileState
 
 
 def resolve_pending(st: FileState) -> None:
     """Name the flows' observations and emit them, with their findings."""
     attempts: Counter[tuple[str, str]] = Counter()
+    _mark_peeks(st)
     for obs, unnamed in st.pending:
         if unnamed or not obs.domain:
             obs.domain = name_of(st, obs.address or "")
@@ -53,3 +54,16 @@ def followup(obs: Observation, owner: str) -> Observation:
     return Observation(step=obs.step, target=owner, domain=obs.domain, source=SOURCE, address=obs.address,
                        port=obs.port, t_start=obs.t_start, t_end=obs.t_end, failure=obs.failure,
                        purpose=FOLLOWUP, data=dict(obs.data), packets=list(obs.packets))
+
+
+def _mark_peeks(st: FileState) -> None:
+    """A page read inside TLS (with the capture's secrets) from an address and name whose
+    certificate a client rejected on another flow is the live probe's peek: its GET without
+    validation after that failure (purpose PEEK), never the site being reachable."""
+    rejected = {(o.address, o.data.get("sni")) for o, _ in st.pending
+                if o.step == STEP_TLS and o.data.get("outcome") == "cert_rejected"}
+    if not rejected:
+        return
+    for o, _ in st.pending:
+        if o.step == STEP_HTTP and o.data.get("tls_decrypted") and (o.address, o.domain) in rejected:
+            o.purpose = PEEK

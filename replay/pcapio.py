@@ -86,6 +86,8 @@ class ReadResult:
     #: The frame number that could not be read (frames + 1).
     error_frame: int | None = None
     warnings: list[str] = field(default_factory=list)
+    #: TLS key log text from pcapng Decryption Secrets Blocks (NSS key log format), in file order.
+    tls_keylog: list[bytes] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -475,7 +477,11 @@ def _pcap(s: _Stream, res: ReadResult, e: str, tsres: float, extra: int) -> Iter
         yield number, sec + frac * tsres, lt, frame
 
 
-_PNG_SHB, _PNG_IDB, _PNG_EPB, _PNG_SPB, _PNG_PB = 0x0A0D0D0A, 1, 6, 3, 2
+_PNG_SHB, _PNG_IDB, _PNG_EPB, _PNG_SPB, _PNG_PB, _PNG_DSB = 0x0A0D0D0A, 1, 6, 3, 2, 0x0A
+#: A Decryption Secrets Block's type for a TLS key log ("TLSK").
+_DSB_TLS = 0x544C534B
+#: Key log bytes kept per file (a line is ~180 bytes).
+_DSB_CAP = 16 << 20
 
 
 def _pcapng(s: _Stream, res: ReadResult) -> Iterator[tuple[int, float, int, bytes]]:
@@ -545,6 +551,13 @@ def _pcapng(s: _Stream, res: ReadResult) -> Iterator[tuple[int, float, int, byte
             lt, unit, tsoff, _snap = ifaces[iid]
             if lt in SUPPORTED_LINKTYPES:
                 yield number, ((tshi << 32) | tslo) * unit + tsoff, lt, buf[body + 20:body + 20 + caplen]
+        elif btype == _PNG_DSB:
+            # Secrets for decrypting the capture's TLS (editcap --inject-secrets tls,FILE).
+            if bend - body >= 8:
+                stype, slen = struct.unpack_from(e + "II", buf, body)
+                kept = sum(len(b) for b in res.tls_keylog)
+                if stype == _DSB_TLS and body + 8 + slen <= bend and kept + slen <= _DSB_CAP:
+                    res.tls_keylog.append(bytes(buf[body + 8:body + 8 + slen]))
         elif btype == _PNG_SPB:
             if not ifaces:
                 raise _Damage("simple packet block before any interface description")

@@ -101,6 +101,34 @@ class FileState:
         self.helper_eps: set[tuple[bytes, int]] = set()  # (address, port) of helpers seen asked
         #: The first evidence that the capture dropped packets: (frame, why).
         self.loss: tuple[int, str] | None = None
+        #: The file being read (its pcapng Decryption Secrets Blocks arrive as it is read).
+        self.reading: ReadResult | None = None
+        #: client random -> TLS 1.3 traffic secrets, from every file's key log so far.
+        self.tls_keys: dict[bytes, dict[str, bytes]] = {}
+        self._keylog_seen: tuple[int, int] = (0, 0)
+
+    def may_decrypt(self) -> bool:
+        """The capture carries TLS secrets (in this file, or in an earlier file of a rotated run)."""
+        self.ingest_keylog()
+        return bool(self.tls_keys)
+
+    def tls_secrets(self, client_random: bytes | None) -> dict[str, bytes] | None:
+        """The logged secrets of the TLS session with this ClientHello random, if the capture has them."""
+        self.ingest_keylog()
+        return self.tls_keys.get(client_random) if client_random is not None else None
+
+    def ingest_keylog(self) -> None:
+        """Parse the key log blocks the file being read has shown since the last call.  Keys are
+        kept across the files of a rotated run: its secrets are in the first file only."""
+        res = self.reading
+        if res is None or (id(res), len(res.tls_keylog)) == self._keylog_seen:
+            return
+        from kzprobe.replay.tlsdecrypt import parse_keylog
+
+        start = self._keylog_seen[1] if self._keylog_seen[0] == id(res) else 0
+        for cr, secrets in parse_keylog(res.tls_keylog[start:]).items():
+            self.tls_keys.setdefault(cr, {}).update(secrets)
+        self._keylog_seen = (id(res), len(res.tls_keylog))
 
     def lost(self, n: int, why: str) -> None:
         if self.loss is None:

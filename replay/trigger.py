@@ -255,6 +255,113 @@ def _http_reply(st: FileState, fl: Flow, domain: str, what: str, body: bytes, in
     data.update(status=status, headers=headers, **feats)
     # Where a redirect sends, as the live probe records it: the rules compare a redirect by its
     # target, not by its (tiny) page, so an http->https 301 is not "a different page" than control's.
+    _redirect_of(data, status, headers)
+    bp = feats["blockpage"]
+    if bp:
+        st.find(domain, "blockpage", [sig.number], f"packet {sig.number}: blockpage '{bp}' served for {what} "
+                                                   f"(title {feats['title']!r})")
+
+
+def decrypted_http(st: FileState, fl: Flow, address: str, tls: Observation) -> Observation | None:
+    """The HTTP exchange inside a TLS flow whose secrets the capture carries (replay.tlsdecrypt),
+    as the live probe's HTTP step records it: status, headers, the feature layer's features of
+    the body, and speed samples (body bytes every 250 ms from the end of the headers, as the
+    live probe samples them).  None when the flow holds no HTTP/1 request (a handshake-only
+    flow, HTTP/2) or the session is not TLS 1.3."""
+    from kzprobe.replay import tlsdecrypt
+
+    keys = fl.keys
+    srv = bytes(fl.srv_buf)
+    suite = tlsdecrypt.server_suite(srv)
+    if keys is None or suite is None:
+        return None
+    cli = tlsdecrypt.decrypt(bytes(fl.cli_buf), suite, keys, "CLIENT")
+    req = parsers.http_request(bytes(cli.data))
+    if req is None:
+        return None
+    _method, path, req_host = req
+    host = host_of(bytes(cli.data)) or req_host or address
+    sni = tls.data.get("sni")
+    port = "" if fl.sport == 443 else f":{fl.sport}"
+    data: dict[str, Any] = {"url": f"https://{host}{port}{path}", "host": host, "tls_decrypted": True}
+    if sni and sni != host:
+        data["sni"] = sni
+    got = tlsdecrypt.decrypt(srv, suite, keys, "SERVER")
+    body = bytes(got.data)
+    arrived = _arrival(fl, got.marks)
+    packets = [fl.trigger.number] if fl.trigger is not None else []
+    failure: str | None = None
+    t_end = fl.last_ts
+    if not body.startswith(b"HTTP/"):
+        failure = _cut_failure(fl)
+    else:
+        status, headers, raw, complete = response_parts(body)
+        cut = not complete or fl.srv_overflow or not got.complete
+        feats = http_features(status, headers, raw, truncated_on_wire=cut, fingerprints=st.fingerprints)
+        data.update(status=status, headers=headers, **feats)
+        _redirect_of(data, status, headers)
+        head_end = body.find(b"\r\n\r\n") + 4
+        data["speed_samples"] = _samples(arrived, head_end, fl.cli_close.ts if cut and fl.cli_close else None)
+        if arrived:
+            t_end = arrived[-1][1]
+            packets += sorted({arrived[0][2], arrived[-1][2]})
+        if cut:
+            failure = _cut_failure(fl)
+        if feats["blockpage"]:
+            st.find(tls.domain, "blockpage", packets[-1:],
+                    f"packet {packets[-1]}: blockpage '{feats['blockpage']}' served over TLS to {address} "
+                    f"(SNI {sni}, Host {host}; read with the capture's TLS secrets)")
+    return Observation(step=STEP_HTTP, target="", domain=tls.domain, source=SOURCE, address=address,
+                       port=fl.sport, t_start=tls.t_start, t_end=t_end, failure=failure, data=data,
+                       packets=packets)
+
+
+def _arrival(fl: Flow, marks: list[tuple[int, int]]) -> list[tuple[int, float, int]]:
+    """(plaintext bytes so far, capture time, packet) for each application record, timed by the
+    TCP segment that completed it."""
+    import bisect
+
+    ends = [e for e, _ts, _n in fl.srv_times]
+    out = []
+    for stream_end, plain in marks:
+        i = bisect.bisect_left(ends, stream_end)
+        if i < len(fl.srv_times):
+            out.append((plain, fl.srv_times[i][1], fl.srv_times[i][2]))
+    return out
+
+
+def _samples(arrived: list[tuple[int, float, int]], head_end: int, gave_up: float | None) -> list[list[float | int]]:
+    """OONI-style [[t, n], ...]: body bytes received every SAMPLE_EVERY s from the record that
+    completed the headers, and a last sample at the end (where the client gave up, if it did)."""
+    from kzprobe.replay.flows import SAMPLE_EVERY
+
+    start = next((ts for plain, ts, _n in arrived if plain >= head_end), None)
+    if start is None:
+        return []
+    out: list[list[float | int]] = []
+    got = 0
+    k = 1
+    for plain, ts, _n in arrived:
+        while ts - start >= k * SAMPLE_EVERY:
+            out.append([round(k * SAMPLE_EVERY, 3), got])
+            k += 1
+        got = max(got, plain - head_end)
+    end = max(arrived[-1][1], gave_up or 0.0)
+    out.append([round(end - start, 3), got])
+    return out
+
+
+def _cut_failure(fl: Flow) -> str:
+    """Why a response inside TLS stopped short: the server reset, or the client gave up (the live
+    probe's body deadline or step timeout)."""
+    close = fl.cli_close
+    if fl.srv_rst is not None and (close is None or fl.srv_rst < close.number):
+        return E.CONNECTION_RESET
+    return E.TIMEOUT
+
+
+def _redirect_of(data: dict[str, Any], status: int | None, headers: dict[str, str]) -> None:
+    """Where a redirect sends, as the live probe records it (redirect_to, redirects)."""
     location = headers.get("location")
     if status in REDIRECT_STATUSES and location:
         try:
@@ -263,10 +370,6 @@ def _http_reply(st: FileState, fl: Flow, domain: str, what: str, body: bytes, in
             pass
         else:
             data["redirects"] = [data["redirect_to"]]
-    bp = feats["blockpage"]
-    if bp:
-        st.find(domain, "blockpage", [sig.number], f"packet {sig.number}: blockpage '{bp}' served for {what} "
-                                                   f"(title {feats['title']!r})")
 
 
 def response_parts(buf: bytes) -> tuple[int | None, dict[str, str], bytes, bool]:

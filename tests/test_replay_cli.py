@@ -17,21 +17,53 @@ from kzprobe.replay.engine import Replayer, group_rotated
 from kzprobe.storage import Store
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "pcaps"
-KZ2014 = FIXTURES / "kz2014.pcap"
+KZ2014 = FIXTURES / "kz2014.pcapng"
 SNI_RESET = FIXTURES / "method-sni-reset.pcap"
 
 needs_fixtures = pytest.mark.skipif(not KZ2014.is_file() or not SNI_RESET.is_file(), reason="lab captures absent")
 
 
 def _split(src: Path, out: Path, packets: int) -> list[Path]:
-    """Rotate a capture the way a long tcpdump -C / -G run would: consecutive files."""
+    """Rotate a capture the way a long tcpdump -C / -G run would: consecutive files.
+
+    A pcapng's TLS secrets (Decryption Secrets Blocks) go into the first part, as in a capture
+    rotated while it was written (editcap 4.0 will not rewrite a file holding them: they are
+    taken out first and put back by hand)."""
     if not shutil.which("editcap"):
         pytest.skip("editcap (tshark) absent")
     out.mkdir()
-    subprocess.run(["editcap", "-F", "pcap", "-c", str(packets), str(src), str(out / "part.pcap")], check=True)
-    parts = sorted(out.glob("part_*.pcap"))
+    fmt = src.suffix.lstrip(".")
+    secrets: list[bytes] = []
+    if fmt == "pcapng":
+        plain = out / "nosecrets.pcapng"
+        secrets = _pcapng_without_secrets(src, plain)
+        src = plain
+    subprocess.run(["editcap", "-F", fmt, "-c", str(packets), str(src), str(out / f"part.{fmt}")], check=True)
+    parts = sorted(out.glob(f"part_*.{fmt}"))
     assert len(parts) >= 3
+    if secrets:
+        blocks = _pcapng_blocks(parts[0].read_bytes())
+        # After the section header and the interface descriptions: where editcap puts them.
+        at = next(i for i, b in enumerate(blocks) if int.from_bytes(b[:4], "little") not in (0x0A0D0D0A, 1))
+        parts[0].write_bytes(b"".join(blocks[:at] + secrets + blocks[at:]))
     return parts
+
+
+def _pcapng_blocks(data: bytes) -> list[bytes]:
+    out, p = [], 0
+    while p < len(data):
+        n = int.from_bytes(data[p + 4:p + 8], "little")
+        out.append(data[p:p + n])
+        p += n
+    return out
+
+
+def _pcapng_without_secrets(src: Path, dst: Path) -> list[bytes]:
+    """Copy a (little-endian) pcapng without its Decryption Secrets Blocks; returns them."""
+    blocks = _pcapng_blocks(src.read_bytes())
+    dsb = [b for b in blocks if int.from_bytes(b[:4], "little") == 0x0A]
+    dst.write_bytes(b"".join(b for b in blocks if int.from_bytes(b[:4], "little") != 0x0A))
+    return dsb
 
 
 def _sig(observations: list) -> list[tuple]:
@@ -45,7 +77,7 @@ def test_rotated_capture_is_joined_into_one_run(tmp_path: Path) -> None:
     groups, errors = group_rotated([str(p) for p in reversed(parts)])
     assert not errors and groups == [[str(p) for p in parts]]
     # Separate captures are not joined, even recorded back to back (the lab records them so).
-    every = sorted(str(p) for p in FIXTURES.glob("*.pcap"))
+    every = sorted(str(p) for p in FIXTURES.glob("*.pcap*"))
     groups, errors = group_rotated([*every, *map(str, parts)])
     assert not errors and len(groups) == len(every) + 1
     assert [str(p) for p in parts] in groups

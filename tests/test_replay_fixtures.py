@@ -1,4 +1,4 @@
-"""Every lab capture (fixtures/pcaps/NAME.pcap + NAME.expected.json) replays to the live run's verdicts.
+"""Every lab capture (fixtures/pcaps/NAME.pcap[ng] + NAME.expected.json) replays to the live run's verdicts.
 
 The expected JSON is written by ``kzprobe lab record``: per target, the scenario's expectation and
 what the live run said while the capture was recorded (``live_verdict``, and ``live_detail``
@@ -71,22 +71,16 @@ def _expected_file(capture: Path) -> Path:
 LOST_IN_CAPTURE: dict[tuple[str, str], str] = {
 }
 
-#: Live verdicts that rest on bytes the capture holds only encrypted, inside TLS: replay gives the
-#: verdict the visible packets support.  Keyed by (scenario, host); an entry applies only while
-#: the recorded live verdict and detail are the ones listed, and only if the capture really holds
-#: no plain-HTTP response for the target (else the entry is wrong and the test fails).
-#:   - dns.blockpage: the live probe found the blockpage by fetching it behind the certificate
-#:     that failed validation (an HTTPS GET); in the capture that page is ciphertext, so the
-#:     wrong DNS answer is all replay can show: dns.poisoned.
-#:   - dpi.throttled, ok.slow: the rules rate the HTTP body (and compare it with the benign-SNI
-#:     follow-up's); over HTTPS a capture has no HTTP response to rate, only TLS records (replay
-#:     reports their rates as findings: tls_throttled).
+#: Live verdicts that rest on bytes the capture holds only encrypted, inside TLS, where the capture
+#: has no secrets to read them with: replay gives the verdict the visible packets support.  Keyed
+#: by (scenario, host); an entry applies only while the recorded live verdict and detail are the
+#: ones listed, and only if the capture really holds no plain-HTTP response for the target (else
+#: the entry is wrong and the test fails).  None today: the fixtures whose verdicts rest on HTTPS
+#: content (a blockpage seen by the peek behind a bad certificate, a body's rate against the
+#: benign-SNI follow-up's) are pcapng files recorded with the probe's TLS secrets in a Decryption
+#: Secrets Block (`kzprobe lab record --out NAME.pcapng`), which replay decrypts.
 ENCRYPTED_IN_CAPTURE: dict[tuple[str, str], tuple[str, str]] = {
     # (scenario, host): ("live label detail", "replay label detail")
-    ("kz2014", "avaaz.org"): ("blocked/dns dns.blockpage", "blocked/dns dns.poisoned"),
-    ("method-dns-redirect", "avaaz.org"): ("blocked/dns dns.blockpage", "blocked/dns dns.poisoned"),
-    ("method-sni-throttle", "kiwi.kz"): ("blocked/dpi dpi.throttled", "ok None"),
-    ("method-throttle", "kolesa.kz"): ("ok ok.slow", "ok None"),
 }
 
 
