@@ -136,6 +136,21 @@ def test_benign_address_is_the_dns_one() -> None:
     assert "host-record=e1.whatsapp.net,203.0.113.151" in lines
 
 
+def test_endpoint_names_in_the_lab_dns() -> None:
+    from kzprobe.lab import services
+
+    raw = _raw(target="tcp://chat.example.net:443", address="203.0.113.171", method="dns-nxdomain",
+               expect="blocked/dns")
+    raw["endpoint"].append({"target": "udp-dns://chat.example.net", "address": "203.0.113.171",
+                            "method": "dns-nxdomain", "expect": "blocked/dns", "reason": "r"})
+    sc = parse(raw, Path("x.toml"))
+    assert "host-record=chat.example.net,203.0.113.171" in services.auth_dns_lines(sc)
+    assert services.isp_dns_lines(sc).count("address=/chat.example.net/") == 1
+    raw["endpoint"][1]["address"] = "203.0.113.172"
+    with pytest.raises(ScenarioError, match="is given two addresses"):
+        parse(raw, Path("x.toml"))
+
+
 def test_served_consensus_drops_the_archive_annotation() -> None:
     doc = b"network-status-version 3\nvote-status consensus\n"
     assert served_consensus(b"@type network-status-consensus-3 1.0\n" + doc) == doc
