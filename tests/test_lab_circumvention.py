@@ -347,9 +347,6 @@ def _probes_present() -> bool:
 @pytest.mark.slow
 @pytest.mark.skipif(not _probes_present(),
                     reason="the probes of issue 15's kinds (probes/kinds.py, probes/hellos.py) are not in yet")
-# Not strict while the tor-or probe and its hello follow-up (circ-tls) are still landing: main has the
-# other kinds' probes, and the OR ports come out inconclusive until then.  Removed once it passes.
-@pytest.mark.xfail(strict=False, reason="pending: the tor-or probe and the hello follow-up (issue 15, circ-tls)")
 def test_lab_run_end_to_end(request: pytest.FixtureRequest) -> None:
     from kzprobe.lab import destroy
     from kzprobe.lab.core import list_namespaces
