@@ -7,7 +7,8 @@ after ``ip.tcp``.  What the generic rules already say right for the kinds stays 
 * an endpoint whose TCP connect is refused, reset or (twice) times out while control connects is
   ``ip.tcp`` (detail ``ip.tcp_refused`` / ``ip.tcp_timeout``), whatever the kind;
 * a name that does not resolve, or resolves to a forged or bogon address, is the ``dns.*`` rules'
-  (udp-dns targets are DNS steps only);
+  (udp-dns targets are DNS steps only) -- but public answers that merely differ from control's
+  are ``dns.unverified`` for udp-dns (inconclusive: no handshake can tell geo-DNS from forgery);
 * failure everywhere, control included, is ``down.everyone`` / ``dns.down``; no contrast at all is
   ``inconclusive``.
 
@@ -181,6 +182,29 @@ def _ok_tcp(f: Facts) -> Hit | None:
                confidence=0.9 if ctl else 0.8)
 
 
+def _dns_unverified(f: Facts) -> Hit | None:
+    """A DNS-only target whose probe answers are all unlike control's, none a bogon.
+
+    For a URL a TLS handshake tells a CDN's or geo-DNS's other answer from a forged one; a
+    udp-dns target has nothing but the answers, and messaging names are served by location
+    (WhatsApp's and Telegram's edges differ by country), so two public answers that differ are no
+    evidence.  Forged answers that *are* evidence were decided before: injected (two answers to
+    one query), a bogon, an address a DNS fingerprint names, NXDOMAIN/SERVFAIL/no answer.
+    """
+    if kind_of(f) != UDP_DNS or not f.control_resolves:
+        return None
+    unlike = [o for o in f.probe_dns if o.ok and o.data.get("addresses")
+              and not set(o.data["addresses"]) & f.control_addresses]
+    if not unlike:
+        return None
+    who = ", ".join(sorted({str(o.data.get("resolver")) for o in unlike}))
+    got = sorted({a for o in unlike for a in o.data["addresses"]})
+    return Hit(unlike[:4], f"Resolver {who} answered {', '.join(got[:4])} for {f.domain}, unlike control "
+                           f"({', '.join(sorted(f.control_addresses)[:4])}); a DNS-only target cannot tell a "
+                           "location-dependent answer from a forged one (measure tcp://NAME:443 to validate).",
+               detail="dns.unverified")
+
+
 def _ok_dns(f: Facts) -> Hit | None:
     """A DNS-only target whose probe answers share an address with control's."""
     if kind_of(f) != UDP_DNS or not f.control_resolves:
@@ -212,12 +236,23 @@ KIND_RULES: tuple[Rule, ...] = (
 )
 
 
-def join(base: tuple[Rule, ...], extra: tuple[Rule, ...] = KIND_RULES, *, after: str = "ip.tcp"
-         ) -> tuple[Rule, ...]:
-    """``base`` with ``extra`` inserted after the rule ``after`` (before the success rules if absent)."""
+#: Placed right before ``dns.poisoned`` (after the DNS rules that are evidence for any kind).
+KIND_DNS_RULES: tuple[Rule, ...] = (
+    Rule("dns.unverified", INCONCLUSIVE, None, "dns.unverified", 0.3, _dns_unverified,
+         "A DNS-only target's answers differ from control's, with nothing to tell geo-DNS from forgery."),
+)
+
+
+def join(base: tuple[Rule, ...], extra: tuple[Rule, ...] = KIND_RULES, *, after: str = "ip.tcp",
+         dns_rules: tuple[Rule, ...] = KIND_DNS_RULES, before: str = "dns.poisoned") -> tuple[Rule, ...]:
+    """``base`` with ``extra`` inserted after the rule ``after`` (before the success rules if absent)
+    and ``dns_rules`` before the rule ``before`` (right after ``extra`` if absent)."""
     ids = [r.id for r in base]
     at = ids.index(after) + 1 if after in ids else next(i for i, r in enumerate(base) if r.status == OK)
-    return (*base[:at], *extra, *base[at:])
+    out = [*base[:at], *extra, *base[at:]]
+    ids = [r.id for r in out]
+    at = ids.index(before) if before in ids else ids.index(extra[-1].id) + 1 if extra else len(out) - 1
+    return (*out[:at], *dns_rules, *out[at:])
 
 
-__all__ = ["KIND_RULES", "join", "kind_of"]
+__all__ = ["KIND_DNS_RULES", "KIND_RULES", "join", "kind_of"]

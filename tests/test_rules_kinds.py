@@ -16,7 +16,7 @@ import pytest
 
 from kzprobe import errors as E
 from kzprobe.analysis import RULES, Context, classify_target
-from kzprobe.analysis.rules_kinds import KIND_RULES
+from kzprobe.analysis.rules_kinds import KIND_DNS_RULES, KIND_RULES
 from kzprobe.model import CONTROL, MEASURE, PROBE, Observation
 
 IP = "198.51.100.20"  # data only: nothing is sent
@@ -127,6 +127,9 @@ POSITIVE: list[Case] = [
          "ok.tcp", "ok"),
     Case("udp-dns: the probe's answer is control's", UDNS,
          [dns(UDNS, "chat.example", [IP]), dns(UDNS, "chat.example", [IP], vantage=CONTROL)], "ok.dns", "ok"),
+    Case("udp-dns: public answers unlike control's (a CDN by location?): cannot tell", UDNS,
+         [dns(UDNS, "chat.example", ["198.51.100.99"]), dns(UDNS, "chat.example", [IP], vantage=CONTROL)],
+         "dns.unverified", "inconclusive", None, "dns.unverified"),
     # The generic rules on kind targets (what the issue names as examples).
     Case("obfs4: refused twice while control connects", OBFS, [*p_tcp(OBFS, REFUSED, REFUSED), c_tcp(OBFS)],
          "ip.tcp", "blocked", "ip", "ip.tcp_refused"),
@@ -174,6 +177,21 @@ NEAR_MISS: list[Case] = [
     Case("a URL target whose TCP connected but nothing more: not ok.tcp",
          "https://site.example/", [tcp("https://site.example/", address=IP, port=443)],
          "inconclusive", "inconclusive", near="ok.tcp"),
+    Case("udp-dns: a bogon answer unlike control's is evidence, not unverified", UDNS,
+         [dns(UDNS, "chat.example", ["10.10.34.34"]), dns(UDNS, "chat.example", [IP], vantage=CONTROL)],
+         "dns.bogon", "blocked", "dns", "dns.bogon", near="dns.unverified"),
+    Case("a URL target's unvalidated unlike answer stays dns.poisoned", "https://site.example/",
+         [Observation(step="dns", target="https://site.example/", domain="site.example",
+                      data={"resolver": "198.51.100.53:53", "addresses": ["198.51.100.99"],
+                            "responses": [{"rcode": "NOERROR", "addresses": ["198.51.100.99"]}]}),
+          Observation(step="tcp", target="https://site.example/", domain="site.example", address="198.51.100.99",
+                      port=443),
+          Observation(step="tls", target="https://site.example/", domain="site.example", address="198.51.100.99",
+                      port=443, data={"sni": "site.example", "cert_valid": False,
+                                      "cert_failure": E.SSL_INVALID_HOSTNAME}),
+          Observation(step="dns", target="https://site.example/", domain="site.example", vantage=CONTROL,
+                      data={"resolver": "control", "addresses": [IP]})],
+         "dns.poisoned", "blocked", "dns", "dns.poisoned", near="dns.unverified"),
     Case("udp-dns: resolves, but there is no control to compare with", UDNS, [dns(UDNS, "chat.example", [IP])],
          "inconclusive", "inconclusive", near="ok.dns"),
 ]
@@ -204,13 +222,17 @@ def test_near_miss(case: Case) -> None:
     _check(case)
 
 
-def test_kind_rules_are_in_the_one_table_after_ip_tcp() -> None:
+def test_kind_rules_are_in_the_one_table() -> None:
     ids = [r.id for r in RULES]
     at = ids.index("ip.tcp")
     assert ids[at + 1: at + 1 + len(KIND_RULES)] == [r.id for r in KIND_RULES]
+    at = ids.index("dns.poisoned")
+    assert ids[at - len(KIND_DNS_RULES): at] == [r.id for r in KIND_DNS_RULES]
+    # After every DNS rule that is evidence for any kind.
+    assert ids.index("dns.bogon") < ids.index("dns.unverified") and ids.index("dns.failure") < at
 
 
-@pytest.mark.parametrize("rule", KIND_RULES, ids=[r.id for r in KIND_RULES])
+@pytest.mark.parametrize("rule", [*KIND_DNS_RULES, *KIND_RULES], ids=[r.id for r in [*KIND_DNS_RULES, *KIND_RULES]])
 def test_kind_rules_never_decide_a_url_target(rule: Any) -> None:
     """Every kind rule is guarded by the kind: the same observations on an https:// target say nothing."""
     url = "https://site.example/"
