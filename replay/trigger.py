@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import urljoin
 
 from kzprobe import errors as E
-from kzprobe.analysis.features import host_of, http_features
+from kzprobe.analysis.features import hello_fingerprint, host_of, http_features
 from kzprobe.model import FOLLOWUP, PROBE, STEP_HTTP, STEP_TLS, Observation
 from kzprobe.replay import parsers
 from kzprobe.replay.pcapio import ACK, FIN, RST
@@ -76,6 +76,12 @@ def observe(st: FileState, fl: Flow, address: str, ref: Ref | None, cut: bool) -
     data: dict[str, Any]
     if is_tls:
         data = {"sni": sni}
+        hello = hello_fingerprint(buf)
+        if hello is not None:  # "tor" / "browser": what a fingerprinting box would see (issue 15)
+            data["hello"] = hello
+            if hello == "tor":
+                st.find(domain, "tor_hello", [tn], f"packet {tn}: a Tor-like ClientHello (Tor's 2012-2013 cipher "
+                                                   f"list) to {address}:{fl.sport} with SNI {sni}")
     else:
         assert req is not None
         data = {"host": host_of(buf) or req.host, "url": f"http://{req.host or address}{req.path}"}

@@ -1,0 +1,80 @@
+"""Replay recognises Tor-like ClientHellos and reports TLS-fingerprint DPI (issue 15, acceptance 3).
+
+fixtures/pcaps/hello-fingerprint.pcap was recorded by tests/support/hellonet.py: two namespaces
+on a veth pair, an OpenSSL server on 198.51.100.2:9001, and on the server's INPUT an iptables
+string match on ``hellos.DPI_SIGNATURE`` that answers with a TCP reset.  The probe measured
+tor-or://198.51.100.2:9001 through it: the Tor-like hello (reset), the browser-like follow-up
+(completes), the Tor-like hello again (reset), all with one SNI.  So by construction: two Tor-like
+ClientHellos, each answered by a RST, one browser-like handshake that completes, and the verdict
+blocked/dpi dpi.tls_fingerprint for that SNI.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from kzprobe.analysis import classify
+from kzprobe.analysis.features import hello_fingerprint
+from kzprobe.replay.engine import Replayer
+
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "pcaps" / "hello-fingerprint.pcap"
+EXPECTED = FIXTURE.with_name("hello-fingerprint.expected.json")
+
+
+def _sni() -> str:
+    (sni,) = json.loads(EXPECTED.read_text("utf-8"))["verdicts"]
+    return str(sni)
+
+
+def test_capture_replays_to_the_fingerprint_verdict() -> None:
+    fr = Replayer().replay_file(str(FIXTURE))
+    assert fr.read.ok, fr.read.describe()
+    tls = [o for o in fr.observations if o.step == "tls"]
+    assert [(o.data.get("hello"), o.failure) for o in tls] == [
+        ("tor", "connection_reset"), ("browser", None), ("tor", "connection_reset")]
+    tor_findings = [f for f in fr.findings if f.kind == "tor_hello"]
+    assert [f.packets[0] for f in tor_findings] == [o.packets[0] for o in tls if o.data.get("hello") == "tor"]
+    (v,) = [v for v in classify(fr.observations) if v.target == _sni()]
+    assert (v.status, v.mechanism, v.detail, v.rule) == ("blocked", "dpi", "dpi.tls_fingerprint",
+                                                         "dpi.tls_fingerprint"), v
+    assert "Tor-like ClientHello was reset" in v.sentence and "browser-like one completed" in v.sentence
+    # Evidence points at the packets: both Tor-like hellos and their resets, the browser-like hello.
+    for o in tls:
+        assert o.packets[0] in v.packets
+    for o in tls:
+        if o.failure:
+            assert o.packets[1] in v.packets  # the RST
+
+
+def test_without_the_browser_like_contrast_it_is_not_a_fingerprint() -> None:
+    """Near miss on the same capture: drop the browser-like flow, and only Tor-like resets remain."""
+    fr = Replayer().replay_file(str(FIXTURE))
+    keep = [o for o in fr.observations if o.data.get("hello") != "browser"]
+    assert len(keep) == len(fr.observations) - 1
+    (v,) = [v for v in classify(keep) if v.target == _sni()]
+    assert v.rule != "dpi.tls_fingerprint", v
+
+
+@pytest.mark.skipif(shutil.which("tshark") is None, reason="needs tshark")
+def test_tor_like_hellos_are_the_ones_tshark_sees_offering_tors_suites() -> None:
+    """Independent of kzprobe's parser: the frames whose ClientHello offers DHE-DSS-CAMELLIA256-SHA
+    (0x0087, in Tor's list and in no browser's) are the ones replay calls Tor-like."""
+    out = subprocess.run(["tshark", "-r", str(FIXTURE), "-d", "tcp.port==9001,tls", "-Y",
+                          "tls.handshake.type == 1 && tls.handshake.ciphersuite == 0x0087", "-T", "fields",
+                          "-e", "frame.number"], capture_output=True, text=True, timeout=60, check=True)
+    frames = [int(x) for x in out.stdout.split()]
+    fr = Replayer().replay_file(str(FIXTURE))
+    tor = [o.packets[0] for o in fr.observations if o.step == "tls" and o.data.get("hello") == "tor"]
+    assert frames == tor and len(frames) == 2
+
+
+def test_hello_fingerprint_on_odd_input() -> None:
+    assert hello_fingerprint(b"") is None
+    assert hello_fingerprint(b"GET / HTTP/1.1\r\n\r\n") is None
+    assert hello_fingerprint(b"\x16\x03\x01\x00\x05\x01\x00\x00\x01\x00") is None
+    assert hello_fingerprint(b"\x16\x03\x01" + b"\xff" * 64) is None
