@@ -18,8 +18,11 @@ from pathlib import Path
 import pytest
 import trio
 import trustme
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kzprobe import errors as E
+from kzprobe.analysis import features as F
 from kzprobe.model import Observation
 from kzprobe.probes import hellos
 from kzprobe.probes import tcp as tcpprobe
@@ -222,3 +225,37 @@ def test_tor_or_probe_against_a_relay_like_server(s_server: tuple[int, Path]) ->
     assert tls.data["cert_valid"] is None and tls.data["version"] == "TLSv1.2"
     v = classify_target(url, seen)
     assert (v.status, v.rule) == ("ok", "ok.tor_or"), v
+
+
+# --- the pure parsers on hostile bytes ------------------------------------------------------------------
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=600), st.integers(min_value=0, max_value=600))
+def test_parsers_never_raise(junk: bytes, cut: int) -> None:
+    """Random bytes, and real hellos cut anywhere or with bytes flipped: an answer, never an exception."""
+    real = client_hello(hellos.context("tor", TrustStore(include_default=False)))
+    for buf in (junk, b"\x16\x03\x01" + junk, real[:cut], real[:cut] + junk):
+        assert F.hello_fingerprint(buf) in (None, "tor", "browser")
+        F.cipher_suites(buf)
+        version, _cid = F.server_hello(buf)
+        assert version is None or version.startswith(("TLS", "SSL"))
+
+
+def test_server_hello_of_a_real_tls12_and_tls13_handshake(s_server: tuple[int, Path],
+                                                          s_server_tls12: tuple[int, Path]) -> None:
+    """The ServerHello parser against what s_server really sends (read off a raw socket)."""
+    for (port, _ca), ctx, want in ((s_server, hellos.context("browser", TrustStore(include_default=False)),
+                                    "TLSv1.3"),
+                                   (s_server_tls12, hellos.context("tor", TrustStore(include_default=False)),
+                                    "TLSv1.2")):
+        hello = client_hello(ctx, "relay.test")
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(hello)
+            got = b""
+            while len(got) < 5 or len(got) < 5 + int.from_bytes(got[3:5], "big"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                got += chunk
+        version, cid = F.server_hello(got)
+        assert version == want
+        assert cid == (0xC014 if want == "TLSv1.2" else 0x1302)
