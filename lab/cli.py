@@ -67,7 +67,8 @@ def up(scenario: str, instance: str) -> None:
         lab_.up()
     except LabError as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"lab {instance} up ({lab_.scenario.name}, {len(lab_.scenario.sites)} sites) "
+    endpoints = f", {len(lab_.scenario.endpoints)} endpoints" if lab_.scenario.endpoints else ""
+    click.echo(f"lab {instance} up ({lab_.scenario.name}, {len(lab_.scenario.sites)} sites{endpoints}) "
                f"in {time.monotonic() - t0:.1f}s")
     click.echo(f"  volunteer: ip netns exec {lab_.ns_name('volunteer')} ...  (or: kzprobe lab exec -- CMD)")
     click.echo(f"  targets: {lab_.targets_file}   lab CA: {lab_.ca_path}")
@@ -157,7 +158,8 @@ def _print(rows: list[dict[str, Any]], fmt: str, head: dict[str, Any]) -> None:
         sentence = (v.get("evidence") or {}).get("sentence", "")
         exp = r["expect"] + (f" ({r['expect_detail']})" if r.get("expect_detail") else "")
         got = r["got"] + (f" ({r['got_detail']})" if r.get("got_detail") else "")
-        target = r["target"] + (f" [{r['round']}]" if r.get("round") else "")
+        # (not "[round]": rich would read the brackets as markup and print nothing)
+        target = r["target"] + (f" ({r['round']} {r['outage']})" if r.get("round") in ("during", "after") else "")
         table.add_row("✔" if r["match"] else "✘", target, how, exp, got, sentence)
     console = Console()
     if not console.is_terminal:

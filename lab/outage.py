@@ -56,8 +56,11 @@ def _row(lab: Lab, target: str, verdict: dict[str, Any] | None, expect: str, det
     e = next(x for x in lab.scenario.endpoints if x.target == target)
     got = verdict_label(verdict) if verdict else "missing"
     got_detail = (verdict or {}).get("detail")
+    # What acts on the target in this round: the outage's method too, inside its window.
+    inside = round_ == DURING and target in outage.targets
+    methods, hop = ([*e.methods, outage.method], outage.hop) if inside else (list(e.methods), e.hop)
     return {
-        "target": target, "domain": e.host, "address": e.address, "methods": list(e.methods), "hop": e.hop,
+        "target": target, "domain": e.host, "address": e.address, "methods": methods, "hop": hop,
         "expect": expect, "expect_detail": detail or None, "got": got, "got_detail": got_detail,
         "match": got == expect and (not detail or got_detail == detail), "reason": reason,
         "verdict": verdict, "round": round_, "outage": outage.name, "window": window, "measured": span,
