@@ -141,8 +141,8 @@ def _proxy_refused(f: Facts) -> Hit | None:
         return None
     probe = _connects(f, PROBE)
     answered = [o for o in probe if o.ok and isinstance(o.data.get("status"), int)]
-    if not answered or any(_tunnelled(o) for o in probe):
-        return None
+    if not answered or any(_tunnelled(o) for o in probe) or any(o.data.get("blockpage") for o in answered):
+        return None  # a blockpage in the answer is dpi.blockpage's
     ctl = _connects(f, CONTROL)
     said = (f"control's got {ctl[0].data.get('status') or ctl[0].failure}" if ctl
             else "there is no control to compare with")

@@ -15,8 +15,9 @@ observation per step with its timing and OONI failure string, ``target`` = the k
 ``tcp://HOST:P``    DNS (when HOST is a name, by the engine), then TCP.
 ``udp-dns://NAME``  DNS only, over UDP (the engine's lookups; no connection at all).
 ``proxy+http://H:P`` TCP, then ``CONNECT <benign>:443`` (an HTTP step: method, connect_to,
-                    status), then a TLS handshake through the tunnel with SNI = benign (the run's
-                    ``--control-sni``), purpose MEASURE.
+                    status; a refusal's page, at most 16 KiB, through the feature layer, so an
+                    injected blockpage is recognised), then a TLS handshake through the tunnel
+                    with SNI = benign (the run's ``--control-sni``), purpose MEASURE.
 =================== ===========================================================================
 
 Retries are the URLs': a failed TCP connect, or a step failed by interference (reset, timeout,
@@ -32,6 +33,7 @@ import trio
 
 from kzprobe import errors as E
 from kzprobe.analysis.facts import INTERFERENCE
+from kzprobe.analysis.features import http_features
 from kzprobe.model import MEASURE, STEP_HTTP, Observation, Target, now
 from kzprobe.probes import http as httpprobe
 from kzprobe.probes import tcp as tcpprobe
@@ -49,6 +51,9 @@ CONSENSUS_PATH = "/tor/status-vote/current/consensus"
 DIR_CAP = 64 * 1024
 #: A CONNECT answer's head (status line and headers) longer than this is not a proxy's.
 CONNECT_HEAD_CAP = 8 * 1024
+#: Body bytes of a refusing CONNECT answer read at most: enough for an ISP's notice page (an
+#: on-path box answering CONNECT with its blockpage), which the feature layer then recognises.
+CONNECT_BODY_CAP = 16 * 1024
 CONNECT_PORT = 443
 
 
@@ -169,6 +174,30 @@ async def _read_head(stream: trio.SocketStream) -> bytes:
     return bytes(head[:-4])
 
 
+async def _read_body(stream: trio.SocketStream, headers: dict[str, str], deadline: float) -> tuple[bytes, bool]:
+    """A refusal's body: Content-Length bytes (at most CONNECT_BODY_CAP), or until the close when the
+    answer says ``Connection: close``; nothing otherwise (a keep-alive answer without a length would
+    only be read by waiting).  Returns (body, cut short); never raises for what the peer does."""
+    lower = {k.lower(): v for k, v in headers.items()}
+    length = lower.get("content-length", "")
+    want = int(length) if length.isdigit() else None
+    if want is None and lower.get("connection", "").lower() != "close":
+        return b"", False
+    limit = min(want if want is not None else CONNECT_BODY_CAP, CONNECT_BODY_CAP)
+    body = bytearray()
+    with trio.move_on_after(deadline):
+        try:
+            while len(body) < limit:
+                chunk = await stream.receive_some(limit - len(body))
+                if not chunk:
+                    break
+                body += chunk
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+    cut = want is None or want > len(body)
+    return bytes(body), cut
+
+
 async def _connect(engine: Engine, target: Target, address: str, stream: trio.SocketStream, attempt: int
                    ) -> tuple[Observation, trio.SocketStream | None]:
     """``CONNECT benign:443`` on an open connection to the proxy; the tunnel when it answered 2xx.
@@ -193,6 +222,10 @@ async def _connect(engine: Engine, target: Target, address: str, stream: trio.So
             data.update(status=status, headers=headers)
             if 200 <= status < 300:
                 tunnel = stream
+            else:
+                # The answer's own page: a proxy's error, or an on-path box's blockpage.
+                body, cut = await _read_body(stream, headers, engine.config.timeout)
+                data.update(await _features(engine, status, headers, body, cut))
     except ValueError:
         failure = E.HTTP_MALFORMED
     except (OSError, EOFError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -202,6 +235,14 @@ async def _connect(engine: Engine, target: Target, address: str, stream: trio.So
     obs = Observation(step=STEP_HTTP, target=target.url, domain=target.host, address=address, port=target.port,
                       t_start=t0, t_end=now(), failure=failure, purpose=MEASURE, attempt=attempt, data=data)
     return await engine._emit(obs), tunnel
+
+
+async def _features(engine: Engine, status: int, headers: dict[str, str], body: bytes, cut: bool) -> dict[str, Any]:
+    """The shared feature layer over the refusal's body (bounded, but CPU on untrusted bytes: off the loop)."""
+    limiter = engine.clients.cpu if engine.clients is not None else None
+    return await trio.to_thread.run_sync(
+        lambda: http_features(status, headers, body, truncated_on_wire=cut, fingerprints=engine.fingerprints),
+        limiter=limiter)
 
 
 __all__ = ["CONSENSUS_PATH", "DIR_CAP", "SCHEMES", "connect_request", "consensus_url", "handles", "measure",

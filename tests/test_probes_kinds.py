@@ -176,6 +176,22 @@ def test_proxy_that_forbids_gives_its_status_and_no_tls(tls_server: int) -> None
     assert obs[1].data["status"] == 403
 
 
+def test_blockpage_answering_connect_goes_through_the_feature_layer(tls_server: int) -> None:
+    _, port = _proxy("blockpage", tls_server)
+    obs = _measure(f"proxy+http://{LO}:{port}", _cfg())
+    assert _steps(obs) == [("tcp", None), ("http", None)]
+    d = obs[1].data
+    assert d["status"] == 403 and d["blockpage"] == "kz_blockpage_zablokirovana"
+    assert d["body_length"] == len(kindserve.BLOCKPAGE.encode()) and d["truncated"] is False
+    assert d["title"] == "Blocked"
+
+
+def test_plain_refusal_has_no_blockpage(tls_server: int) -> None:
+    _, port = _proxy("forbid", tls_server)
+    obs = _measure(f"proxy+http://{LO}:{port}", _cfg())
+    assert obs[1].data["status"] == 403 and obs[1].data["blockpage"] is None and obs[1].data["body_length"] == 0
+
+
 def test_proxy_that_answers_garbage_is_malformed(tls_server: int) -> None:
     _, port = _proxy("garbage", tls_server)
     obs = _measure(f"proxy+http://{LO}:{port}", _cfg())

@@ -57,6 +57,12 @@ def connect(url: str, failure: str | None = None, status: int | None = 200, *, v
                        failure=failure, attempt=attempt, data=data)
 
 
+def blockpage_connect() -> Observation:
+    o = connect(PROXY, status=403)
+    o.data.update(blockpage="kz_blockpage_zablokirovana", title="Blocked", body_length=180)
+    return o
+
+
 def tunnel_tls(url: str, failure: str | None = None, *, vantage: str = PROBE, attempt: int = 0) -> Observation:
     data: dict[str, Any] = {"sni": BENIGN}
     if failure is None:
@@ -174,6 +180,9 @@ NEAR_MISS: list[Case] = [
          "proxy.unconfirmed", "inconclusive", near="ok.proxy"),
     Case("proxy: CONNECT reset (no status): not the proxy's refusal", PROXY,
          [tcp(PROXY, port=3128), connect(PROXY, RESET)], "inconclusive", "inconclusive", near="proxy.refused"),
+    Case("proxy: CONNECT answered with the ISP's blockpage while control tunnels: dpi.blockpage", PROXY,
+         [tcp(PROXY, port=3128), blockpage_connect(), *proxy_ok(CONTROL)],
+         "dpi.blockpage", "blocked", "dpi", "dpi.blockpage", near="proxy.refused"),
     Case("a URL target whose TCP connected but nothing more: not ok.tcp",
          "https://site.example/", [tcp("https://site.example/", address=IP, port=443)],
          "inconclusive", "inconclusive", near="ok.tcp"),

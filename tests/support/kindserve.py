@@ -20,6 +20,10 @@ import sys
 import threading
 from collections.abc import Callable
 
+#: The notice page of analysis/fingerprints.csv's kz_blockpage_zablokirovana.
+BLOCKPAGE = ("<html><head><title>Blocked</title></head><body><h1>Страница заблокирована</h1>"
+             "<p>Доступ к данному ресурсу ограничен по решению уполномоченного органа.</p></body></html>")
+
 
 def _daemon(fn: Callable[..., None], *args: object) -> None:
     threading.Thread(target=fn, args=args, daemon=True).start()
@@ -76,7 +80,8 @@ def _pipe(src: socket.socket, dst: socket.socket) -> None:
 
 class Proxy:
     """An HTTP CONNECT proxy.  ``mode``: "ok"; "forbid" (403 to every CONNECT); "garbage" (a reply
-    that is not HTTP); "close" (closes after reading the request)."""
+    that is not HTTP); "close" (closes after reading the request); "blockpage" (403 with the page
+    Kazakh ISPs show, as an on-path box answering CONNECT in the proxy's place would)."""
 
     def __init__(self, names: dict[str, str], mode: str = "ok") -> None:
         self.names = names
@@ -98,6 +103,11 @@ class Proxy:
             return
         if self.mode == "garbage":
             conn.sendall(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")
+            return
+        if self.mode == "blockpage":
+            page = BLOCKPAGE.encode()
+            conn.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Type: text/html; charset=utf-8\r\n"
+                         b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(page), page))
             return
         if len(parts) != 3 or parts[0] != "CONNECT" or self.mode == "forbid":
             conn.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
