@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kzprobe.model import MEASURE
-from kzprobe.replay import dns, flows, naming, trigger
+from kzprobe.replay import chains, dns, flows, naming, trigger
 from kzprobe.replay.flows import Flow
 from kzprobe.replay.pcapio import CaptureError, ReadResult, iter_frames, iter_packets
 from kzprobe.replay.state import FileReplay, FileState, Finding, Limits, span
@@ -131,6 +131,7 @@ class Replayer:
         trigger.throttle_findings(st)
         dns.outliers(st)
         dns.fold(st)
+        chains.link(st)  # after every observation is out, the lookups (folded last) included
         _summarise(st)
 
 

@@ -120,6 +120,11 @@ def test_fixture_replays_to_expected_verdicts(capture: Path) -> None:
             wrong.append(f"{host}: expected {status}/{mech}, got {v.label} ({v.rule}: {v.sentence})")
         elif host in details and v.detail != details[host]:
             wrong.append(f"{host}: live detail {details[host]}, replay {v.detail} ({v.rule}: {v.sentence})")
+    # Nothing the run did not measure becomes a target: a redirect's next hop (www.NAME, seen in
+    # its own flows and lookups) is a hop of the target that redirected, as in the live run.
+    extra = sorted(set(got) - set(expected(exp_file)))
+    if extra:
+        wrong.append(f"replay made targets of names the run did not list: {extra}")
     # The helper's own flows are control, never targets of their own.
     helper = urlsplit(json.loads(exp_file.read_text("utf-8")).get("helper") or "http://-").hostname
     if helper in got:
