@@ -215,3 +215,19 @@ def test_doh_is_not_asked_about_an_address() -> None:
         server.shutdown()
     assert _NxDoH.queries == ["chat.example.org"]  # the name only (NXDOMAIN on A ends the lookup)
     assert [(o.target, o.failure) for o in got] == [("tcp://chat.example.org:5222", E.DNS_NXDOMAIN)]
+
+
+@pytest.mark.parametrize("url", ["tcp://ok.test:5222", "proxy+http://ok.test:3128", "udp-dns://ok.test"])
+def test_helper_refuses_a_kind_whose_name_resolves_only_to_refused_addresses(loopnet: Any, url: str) -> None:
+    """DNS rebinding, for the kinds too: ok.test resolves to 127.0.10.1 (loopback), so a strict
+    helper refuses before any connection, and says only "refused"."""
+    policy = Policy()
+    cfg = ProbeConfig(system_resolver=False, resolvers=[loopnet.public.spec], retries=0)
+
+    async def main() -> None:
+        async with HelperEngine(cfg, policy) as engine:
+            await ControlService(engine, policy).control(url, ["127.0.10.1"])
+
+    with pytest.raises(PolicyError) as e:
+        trio.run(main)
+    assert (e.value.code, str(e.value)) == ("forbidden_address", "refused")
