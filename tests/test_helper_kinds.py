@@ -136,10 +136,12 @@ def test_helper_measures_a_tcp_endpoint_once(world: dict[str, Any]) -> None:
 
 def test_helper_refused_endpoint_is_one_step(world: dict[str, Any]) -> None:
     s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    res = _control(f"obfs4://127.0.0.1:{port}", [], ProbeConfig(system_resolver=False, retries=0, timeout=1))
+    s.bind(("127.0.0.1", 0))  # bound, not listening: refused, and no other test can take it meanwhile
+    try:
+        res = _control(f"obfs4://127.0.0.1:{s.getsockname()[1]}", [],
+                       ProbeConfig(system_resolver=False, retries=0, timeout=1))
+    finally:
+        s.close()
     assert [(o.step, o.failure) for o in res.observations] == [("tcp", E.CONNECTION_REFUSED)]
 
 

@@ -52,6 +52,18 @@ def _cfg(**kw: Any) -> ProbeConfig:
     return ProbeConfig(**base)
 
 
+@contextlib.contextmanager
+def closed_port() -> Iterator[int]:
+    """A port where nothing listens, held for the test: bound but not listening, so connects get
+    refused, and no other test can start listening on it meanwhile."""
+    s = socket.socket()
+    s.bind((LO, 0))
+    try:
+        yield int(s.getsockname()[1])
+    finally:
+        s.close()
+
+
 def _free_port() -> int:
     s = socket.socket()
     s.bind((LO, 0))
@@ -116,15 +128,15 @@ def test_tcp_endpoint_that_listens_is_one_tcp_step() -> None:
 @pytest.mark.parametrize("scheme", ["tcp", "obfs4"])
 def test_refused_endpoint_is_measured_again(scheme: str) -> None:
     """Nothing listens: refused, and measured once more (a lone failure is not evidence)."""
-    port = _free_port()
-    obs = _measure(f"{scheme}://{LO}:{port}", _cfg())
+    with closed_port() as port:
+        obs = _measure(f"{scheme}://{LO}:{port}", _cfg())
     assert _steps(obs) == [("tcp", E.CONNECTION_REFUSED)] * 2
     assert [o.attempt for o in obs] == [0, 1]
 
 
 def test_helper_side_measures_once() -> None:
-    port = _free_port()
-    obs = _measure(f"obfs4://{LO}:{port}", _cfg(), followups=False)
+    with closed_port() as port:
+        obs = _measure(f"obfs4://{LO}:{port}", _cfg(), followups=False)
     assert _steps(obs) == [("tcp", E.CONNECTION_REFUSED)]
 
 
@@ -242,6 +254,7 @@ def dir_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, 
             with contextlib.suppress(OSError), socket.create_connection((LO, port), timeout=0.2):
                 break
             time.sleep(0.05)
+        time.sleep(0.2)  # a port someone else listens on answers too: nginx then exits on its bind error
         if proc.poll() is None:
             break
     else:
@@ -268,6 +281,6 @@ def test_tor_dir_fetches_the_consensus_head_only(dir_server: tuple[int, int]) ->
 
 
 def test_tor_dir_where_nothing_listens() -> None:
-    port = _free_port()
-    obs = _measure(f"tor-dir://{LO}:{port}", _cfg())
+    with closed_port() as port:
+        obs = _measure(f"tor-dir://{LO}:{port}", _cfg())
     assert _steps(obs) == [("tcp", E.CONNECTION_REFUSED)] * 2
