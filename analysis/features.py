@@ -436,21 +436,23 @@ def cipher_suites(client_hello: bytes) -> list[int] | None:
 def hello_fingerprint(client_hello: bytes) -> str | None:
     """Which of the probe's ClientHellos this is: "tor", "browser" or None (another client).
 
-    "tor": Tor's 2012-2013 cipher run (``probes.hellos.DPI_SIGNATURE``) at a suite boundary, which
-    is what a byte-matching DPI box keys on.  "browser": the TLS 1.2 suites begin in Chrome's
-    order (``probes.hellos.BROWSER_CIPHERS``), GREASE values skipped.
+    "tor": a run of Tor's cipher list (``probes.hellos.TOR_SIGNATURES``: 2012-2013's, which a
+    byte-matching DPI box keys on, or the one of 2008 to May 2012) at a suite boundary.
+    "browser": the TLS 1.2 suites begin in Chrome's order (``probes.hellos.BROWSER_CIPHERS``),
+    GREASE values skipped.
     """
-    from kzprobe.probes.hellos import BROWSER, BROWSER_CIPHERS, DPI_SIGNATURE, TOR
+    from kzprobe.probes.hellos import BROWSER, BROWSER_CIPHERS, TOR, TOR_SIGNATURES
 
     suites = cipher_suites(client_hello)
     if not suites:
         return None
     wire = b"".join(c.to_bytes(2, "big") for c in suites)
-    at = wire.find(DPI_SIGNATURE)
-    while at >= 0:
-        if at % 2 == 0:
-            return TOR
-        at = wire.find(DPI_SIGNATURE, at + 1)
+    for signature in TOR_SIGNATURES:
+        at = wire.find(signature)
+        while at >= 0:
+            if at % 2 == 0:
+                return TOR
+            at = wire.find(signature, at + 1)
     tls12 = [c for c in suites if not _grease(c) and c >> 8 != 0x13 and c != 0x00FF]
     head = [cid for cid, _ in BROWSER_CIPHERS[:4]]
     if tls12[:len(head)] == head:

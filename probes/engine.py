@@ -7,6 +7,9 @@ address.  Each step yields its own observation, handed to ``sink`` as soon as it
 When a step fails in a way a censor would cause (reset, timeout, EOF), the engine makes the
 follow-ups the classifier needs to tell *how* it is blocked, in Censored Planet's "sandwich"
 order: the same address with a benign SNI / Host (``control_sni``), then the target again.
+A failed handshake also gets the same address and SNI with another ClientHello
+(:mod:`kzprobe.probes.hellos`: browser-like against the default or the Tor-like one), which tells
+TLS-fingerprint DPI from a block on the name or the address.
 Follow-ups cost nothing on the happy path, which is what keeps a thousand-target run fast.
 """
 

@@ -90,6 +90,14 @@ TOR_CIPHERS: Final[tuple[tuple[int, str | None], ...]] = (
 #: this run of twelve bytes never occurs in their hellos.
 DPI_SIGNATURE: Final[bytes] = bytes.fromhex("c00a c014 0088 0087 0039 0038")
 
+#: The same place in Tor's list before tor-0.2.3.17-beta (2008 to May 2012, proposal 124's Firefox 3
+#: list, ciphers.inc of commit 617843988c): ECDHE-ECDSA-AES256-SHA, ECDHE-RSA-AES256-SHA,
+#: DHE-RSA-AES256-SHA, DHE-DSS-AES256-SHA, ECDH-RSA-AES256-SHA, ECDH-ECDSA-AES256-SHA.  Not sendable
+#: today (static ECDH); replay recognises it in older captures.
+PRE_2012_SIGNATURE: Final[bytes] = bytes.fromhex("c00a c014 0039 0038 c00f c005")
+#: Every run of cipher suites that marks a ClientHello as Tor's (``analysis.features.hello_fingerprint``).
+TOR_SIGNATURES: Final[tuple[bytes, ...]] = (DPI_SIGNATURE, PRE_2012_SIGNATURE)
+
 #: Chrome's TLS 1.2 suites, in its order (Chrome 120 and later; Firefox differs only in placing
 #: the CHACHA20 pair earlier).  The TLS 1.3 suites are OpenSSL's (TLS_AES_256_GCM_SHA384,
 #: TLS_CHACHA20_POLY1305_SHA256, TLS_AES_128_GCM_SHA256): the ``ssl`` module has no API to
@@ -197,5 +205,5 @@ def tor_sni(rng: random.Random | None = None) -> str:
     return "www." + "".join(r.choice(letters) for _ in range(r.randint(4, 25))) + ".com"
 
 
-__all__ = ["BROWSER", "BROWSER_CIPHERS", "DEFAULT", "DPI_SIGNATURE", "HELLOS", "TOR", "TOR_CIPHERS",
-           "context", "other", "shared", "tor_sni"]
+__all__ = ["BROWSER", "BROWSER_CIPHERS", "DEFAULT", "DPI_SIGNATURE", "HELLOS", "PRE_2012_SIGNATURE", "TOR",
+           "TOR_CIPHERS", "TOR_SIGNATURES", "context", "other", "shared", "tor_sni"]

@@ -259,3 +259,24 @@ def test_server_hello_of_a_real_tls12_and_tls13_handshake(s_server: tuple[int, P
         version, cid = F.server_hello(got)
         assert version == want
         assert cid == (0xC014 if want == "TLSv1.2" else 0x1302)
+
+
+def _synthetic_hello(suites: list[int]) -> bytes:
+    """A minimal ClientHello record offering ``suites`` (TLS 1.0 record, no extensions)."""
+    body = b"\x03\x01" + bytes(32) + b"\x00" + (2 * len(suites)).to_bytes(2, "big")
+    body += b"".join(c.to_bytes(2, "big") for c in suites) + b"\x01\x00"
+    hs = b"\x01" + len(body).to_bytes(3, "big") + body
+    return b"\x16\x03\x01" + len(hs).to_bytes(2, "big") + hs
+
+
+def test_fingerprint_of_tors_pre_2012_list() -> None:
+    """Tor 0.2.2's client list (ciphers.inc from 2008 to May 2012, proposal 124), as on the wire then."""
+    old = [0xC00A, 0xC014, 0x0039, 0x0038, 0xC00F, 0xC005, 0x0035, 0xC007, 0xC009, 0xC011, 0xC013, 0x0033,
+           0x0032, 0xC00C, 0xC00E, 0xC002, 0xC004, 0x0004, 0x0005, 0x002F, 0xC008, 0xC012, 0x0016, 0x0013,
+           0xC00D, 0xC003, 0xFEFF, 0x000A, 0x00FF]
+    assert F.cipher_suites(_synthetic_hello(old)) == old
+    assert F.hello_fingerprint(_synthetic_hello(old)) == "tor"
+    # The signature's bytes straddling suite boundaries are not Tor's list.
+    shifted = [0x00C0, 0x0AC0, 0x1400, 0x8800, 0x8700, 0x3900, 0x3800]
+    assert hellos.DPI_SIGNATURE in b"".join(c.to_bytes(2, "big") for c in shifted)
+    assert F.hello_fingerprint(_synthetic_hello(shifted)) is None
