@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import trustme
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from kzprobe.replay import tlsdecrypt
 from kzprobe.replay.pcapio import ReadResult, iter_frames
@@ -115,3 +117,47 @@ def test_pcapng_decryption_secrets_block_is_read(tmp_path: Path) -> None:
     assert list(iter_frames(str(p), res)) == []
     assert res.ok and res.tls_keylog == [secrets]
     assert list(tlsdecrypt.parse_keylog(res.tls_keylog)) == [bytes.fromhex("ab" * 32)]
+
+
+def test_the_probe_logs_its_http_secrets_only_when_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SSLKEYLOGFILE set: the HTTP steps' contexts log there (what `lab record` captures); unset: nowhere."""
+    import trio
+
+    from kzprobe.probes.http import Clients
+
+    async def make(ctx: ssl.SSLContext) -> None:
+        clients = Clients(ctx, 1.0)
+        await clients.aclose()
+
+    keys = tmp_path / "keys.log"
+    monkeypatch.delenv("SSLKEYLOGFILE", raising=False)
+    plain = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    trio.run(make, plain)
+    assert plain.keylog_filename is None
+    monkeypatch.setenv("SSLKEYLOGFILE", str(keys))
+    logged = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    trio.run(make, logged)
+    assert logged.keylog_filename == str(keys)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(junk=st.binary(max_size=4096), cut=st.integers(min_value=0, max_value=20000))
+def test_hostile_bytes_never_raise(tmp_path: Path, junk: bytes, cut: int) -> None:
+    """Whatever a server (or a damaged capture) sent, with real secrets: no exception, nothing invented."""
+    global _REAL
+    if _REAL is None:
+        _REAL = _session(tmp_path)
+    cli, srv, log = _REAL
+    keys = next(iter(tlsdecrypt.parse_keylog([log]).values()))
+    suite = tlsdecrypt.server_suite(srv)
+    assert suite is not None
+    assert tlsdecrypt.server_suite(junk) in (None, 0x1301, 0x1302, 0x1303)
+    for stream in (junk, srv[:cut] + junk, cli[:cut] + junk, srv[:5] + junk):
+        for side in ("CLIENT", "SERVER"):
+            got = tlsdecrypt.decrypt(stream, suite, keys, side)
+            assert RESPONSE.startswith(bytes(got.data)) or REQUEST.startswith(bytes(got.data))
+    tlsdecrypt.parse_keylog([junk])
+    tlsdecrypt.client_random(junk)
+
+
+_REAL: tuple[bytes, bytes, bytes] | None = None
