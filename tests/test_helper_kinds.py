@@ -233,3 +233,36 @@ def test_helper_refuses_a_kind_whose_name_resolves_only_to_refused_addresses(loo
     with pytest.raises(PolicyError) as e:
         trio.run(main)
     assert (e.value.code, str(e.value)) == ("forbidden_address", "refused")
+
+
+# --- the wire: a helper's answer for a kind target is checked as strictly as any other ----------------------
+def _connect_wire(**data: Any) -> dict[str, Any]:
+    return {"step": "http", "target": "proxy+http://198.51.100.7:3128", "domain": "198.51.100.7",
+            "address": "198.51.100.7", "port": 3128, "data": {"method": "CONNECT", "connect_to": "example.com:443",
+                                                             "status": 200, **data}}
+
+
+def test_wire_accepts_a_kind_answer() -> None:
+    from kzprobe.contract import observations_from_wire
+
+    tls = {"step": "tls", "target": "proxy+http://198.51.100.7:3128", "domain": "198.51.100.7",
+           "data": {"sni": "example.com", "hello": "default", "cert_valid": True}}
+    d = {"step": "http", "target": "tor-dir://198.51.100.7:9030", "domain": "198.51.100.7",
+         "data": {"kind": "tor-dir", "status": 200, "truncated": True, "body_length": 65536}}
+    got = observations_from_wire({"observations": [_connect_wire(), tls, d]}, source="live", vantage=CONTROL)
+    assert [o.data.get("method") or o.data.get("kind") or o.step for o in got] == ["CONNECT", "tls", "tor-dir"]
+    assert all(o.vantage == CONTROL for o in got)
+
+
+@pytest.mark.parametrize(("data", "reason"), [
+    ({"status": "200"}, "observations[0].data.status must be an integer or null, not a string"),
+    ({"method": 5}, "observations[0].data.method must be a string, not a number"),
+    ({"connect_to": ["example.com", 443]}, "observations[0].data.connect_to must be a string, not a list"),
+    ({"kind": None}, "observations[0].data.kind must be a string, not null"),
+])
+def test_wire_rejects_a_type_wrong_kind_answer(data: dict[str, Any], reason: str) -> None:
+    from kzprobe.contract import WireError, observations_from_wire
+
+    with pytest.raises(WireError) as e:
+        observations_from_wire({"observations": [_connect_wire(**data)]}, source="live", vantage=CONTROL)
+    assert e.value.reason == reason
