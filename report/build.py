@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy.engine import Engine
 
 from kzprobe import __version__
+from kzprobe.report import circumvention
 from kzprobe.report import query as q
 from kzprobe.report.claims import bare, claims_view
 from kzprobe.report.evidence import evidence, observations_for, trace_view
@@ -81,6 +82,7 @@ def build(engine: Engine, f: q.Filters, *, evidence_limit: int = EVIDENCE_LIMIT,
         clock.lap("evidence")
         blockpages = _blockpages(conn, cells, targets, nets)
         tdays = _pair_days(conn, tt, cells, targets)
+        circ = circumvention.view(conn, cells, targets, cats, nets, tt)
         clock.lap("views")
         basis = "each network's previous run"
         if f.since is not None and metas:
@@ -111,6 +113,7 @@ def build(engine: Engine, f: q.Filters, *, evidence_limit: int = EVIDENCE_LIMIT,
         "claims": claims,
         "tls_interception": issuers,
         "blockpages": blockpages,
+        "circumvention": circ,
         "sources": _sources(per_run, metas, nets, cells),
         "cross_source": _cross_source(cells, targets, nets),
         "traces": [trace_view(t) for t in traces][:200],

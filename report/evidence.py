@@ -22,8 +22,9 @@ BODY_SAMPLE = 360
 _DATA_KEYS = {
     "dns": ("resolver", "transport", "qtype", "rcode", "addresses", "answers", "responses"),
     "tcp": (),
-    "tls": ("sni", "version", "cipher", "alpn", "issuer", "cert_valid", "cert_failure", "certificates"),
-    "http": ("url", "host", "status", "title", "blockpage", "final_url", "redirect_to", "body_length",
+    "tls": ("sni", "hello", "version", "cipher", "alpn", "issuer", "cert_valid", "cert_failure", "certificates"),
+    "http": ("url", "host", "method", "connect_to", "kind",
+             "status", "title", "blockpage", "final_url", "redirect_to", "body_length",
              "truncated", "content_encoding", "wire_bytes", "speed_samples", "body_head", "hop"),
 }
 

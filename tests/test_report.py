@@ -81,3 +81,65 @@ def test_unknown_run_and_bad_db_are_one_line_errors(tmp_path: Path) -> None:
     empty = CliRunner().invoke(main, ["report", "--db", str(tmp_path / "new.db")])
     assert empty.exit_code == 1 and "no such database" in empty.output  # a --db typo is not a new database
     assert not (tmp_path / "new.db").exists()
+
+
+# --- the circumvention section (issue 15, acceptance 4) -----------------------------------------------
+
+
+def test_report_json_circumvention_section(tmp_path: Path) -> None:
+    from kzprobe.tests.support import circdb
+
+    db = tmp_path / "circ.db"
+    built = circdb.build(db)
+    r = CliRunner().invoke(main, ["report", "--db", str(db), "--format", "json"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    circ = rep["circumvention"]
+    names = [n["name"] for n in rep["networks"]]
+    rows = {row["target"]: row for row in circ["rows"]}
+    # Every target of the database is one of the section's, in the right group.
+    assert set(rows) == {u for u, _ in built["cells"]}
+    assert {u: rows[u]["group"] for u in (circdb.TOR_OR, circdb.TOR_DIR, circdb.PROXY, circdb.PSIPHON,
+                                          circdb.OPERA, circdb.WA[0])} == {
+        circdb.TOR_OR: "tor", circdb.TOR_DIR: "tor", circdb.PROXY: "proxies", circdb.PSIPHON: "proxies",
+        circdb.OPERA: "proxies", circdb.WA[0]: "messaging"}
+    assert rows[circdb.OPERA]["role"] == "control"  # the report: Opera's proxies still worked
+    assert rows[circdb.TOR_OR]["claim"]["footnote"] == "94"  # moria1 is in the built-in tor list
+    # Per cell: the latest verdict's detail and the blocked/total counts the database holds.
+    for (url, net), want in built["cells"].items():
+        cell = next(c for c in rows[url]["cells"] if names[c["net"]] == net)
+        assert (cell["status"], cell["detail"], cell["blocked"], cell["total"]) == (
+            want["status"], want["detail"], want["blocked"], want["total"]), (url, net)
+        if want["status"] == "blocked":
+            assert cell["sentence"] == want["sentence"]
+    kt = next(c for c in rows[circdb.TOR_OR]["cells"] if names[c["net"]] == "Kazakhtelecom")
+    assert kt["detail"] == "dpi.tls_fingerprint" and "Tor-like ClientHello was reset" in kt["sentence"]
+    # The report's claims beside the measurements, per network.
+    agree = {c["key"]: {names[m["net"]]: m["agreement"] for m in c["measured"]} for c in circ["claims"]}
+    assert agree == {
+        "tor-dpi": {"Kazakhtelecom": "agrees", "Beeline KZ": "differs", "Алма ТВ": "differs"},
+        "proxies-blocked": {"Kazakhtelecom": "agrees", "Beeline KZ": "differs", "Алма ТВ": "differs"},
+        "opera-vpn-open": {"Kazakhtelecom": "agrees", "Beeline KZ": "differs", "Алма ТВ": "agrees"},
+        "messaging-outage": {"Kazakhtelecom": "agrees", "Beeline KZ": "differs", "Алма ТВ": "differs"},
+    }
+    claims = {c["key"]: c for c in circ["claims"]}
+    assert claims["tor-dpi"]["footnote"] == "94" and claims["messaging-outage"]["footnote"] == "32"
+    assert claims["opera-vpn-open"]["footnote"] == "92"
+    why = {names[m["net"]]: m["why"] for m in claims["tor-dpi"]["measured"]}
+    assert "ip.tcp_refused, ip.tcp_timeout" in why["Beeline KZ"]
+    # The outage: Kazakhtelecom's endpoints failed from +600 s to +3610 s of day 2's run and were
+    # fine again at +7200 s; Beeline's never were.
+    outage = {names[o["net"]]: o for o in circ["outage"]}
+    day2_kt = circdb.T0 + circdb.DAY
+    assert outage["Kazakhtelecom"]["ended"] is True
+    assert outage["Kazakhtelecom"]["minutes"] == round((3610 - 600) / 60, 1)
+    assert outage["Kazakhtelecom"]["blocked_from"] == _iso(day2_kt + 600)
+    assert outage["Kazakhtelecom"]["blocked_targets"] == 2
+    assert outage["Beeline KZ"]["ended"] is False and outage["Beeline KZ"]["blocked_targets"] == 3
+    assert outage["Алма ТВ"]["blocked_targets"] == 0 and outage["Алма ТВ"]["ok_targets"] == 4
+
+
+def _iso(t: float) -> str:
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -572,3 +572,72 @@ def test_lab_kz2014_three_networks_and_ooni(tmp_path: Path, request: pytest.Fixt
             shutil.copyfile(shot, SCREENSHOT)
     finally:
         page.close()
+
+
+# ---- the circumvention section (issue 15, acceptance 4) ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def circ(tmp_path_factory: pytest.TempPathFactory, browser: Browser) -> Iterator[dict[str, Any]]:
+    """A database of Tor / messaging / proxy verdicts built directly (tests/support/circdb.py)."""
+    from kzprobe.tests.support import circdb
+
+    tmp = tmp_path_factory.mktemp("circ")
+    db = tmp / "circ.db"
+    built = circdb.build(db)
+    out = tmp / "report.html"
+    r = CliRunner().invoke(main, ["report", "--db", str(db), "--format", "html", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    page = Page(browser, out)
+    try:
+        yield {**built, "page": page, "lib": circdb}
+    finally:
+        page.close()
+
+
+def test_circumvention_section_in_the_browser(circ: dict[str, Any]) -> None:
+    p, lib = circ["page"], circ["lib"]
+    errors = [c for c in p.console if c[0] in ("error", "pageerror", "warning")]
+    assert not errors, errors
+    assert p.requests == [p.url], p.requests
+    sec = p.page.locator("#circumvention")
+    assert sec.count() == 1 and p.page.locator("nav.toc a[href='#circumvention']").count() == 1
+    # Every (target, network) of the database is a cell with its latest detail.
+    for (url, net), want in circ["cells"].items():
+        key = json.dumps("live:" + net, ensure_ascii=False)
+        td = sec.locator(f"td.cc[data-target={json.dumps(url)}][data-net={key}]")
+        assert td.count() == 1, (url, net)
+        assert td.get_attribute("data-status") == want["status"], (url, net)
+        assert (td.get_attribute("data-detail") or None) == want["detail"], (url, net)
+        if want["blocked"]:
+            assert f"{want['blocked']}/{want['total']}" in td.inner_text(), (url, net)
+    # The fingerprint finding says which hello was blocked, right in the table.
+    fp = sec.locator(f"td.cc[data-target={json.dumps(lib.TOR_OR)}][data-net='live:Kazakhtelecom']")
+    assert "dpi.tls_fingerprint" in fp.inner_text() and "Tor-like ClientHello was reset" in fp.inner_text()
+    # The report's claims, quoted and cited, with the per-network agreement.
+    claims = {k: sec.locator(f".circ-claim[data-key='{k}']") for k in
+              ("tor-dpi", "proxies-blocked", "opera-vpn-open", "messaging-outage")}
+    assert "footnote 94" in claims["tor-dpi"].inner_text() and "KazTransCom" in claims["tor-dpi"].inner_text()
+    assert "footnote 32" in claims["messaging-outage"].inner_text()
+    assert "footnote 92" in claims["opera-vpn-open"].inner_text()
+    for key, want in (("tor-dpi", ("agrees", "differs", "differs")),
+                      ("messaging-outage", ("agrees", "differs", "differs")),
+                      ("opera-vpn-open", ("agrees", "differs", "agrees"))):
+        for (net, _, _), agreement in zip(lib.NETS, want, strict=True):
+            row = claims[key].locator("table.claim-table tr", has_text=net)
+            assert agreement in row.inner_text(), (key, net, row.inner_text())
+    outage = sec.locator("table.circ-outage tr", has_text="Kazakhtelecom").inner_text()
+    assert "yes (measured fine afterwards)" in outage and "50.2" in outage
+    # Clicking the Tor cell opens its evidence: rule, observation ids, and which hello each TLS step sent.
+    fp.click()
+    body = p.page.locator("#evidence-body")
+    body.locator(".ev-rule").wait_for()
+    want = circ["cells"][(lib.TOR_OR, "Kazakhtelecom")]
+    assert body.locator(".ev-rule").inner_text() == "dpi.tls_fingerprint"
+    assert [int(x) for x in re.findall(r"\d+", body.locator(".ev-obs").inner_text())] == want["observations"]
+    text = body.inner_text()
+    assert "ClientHello\ntor" in text and "ClientHello\nbrowser" in text and "connection_reset" in text
+    # The proxy's CONNECT is shown as what it was.
+    sec.locator(f"td.cc[data-target={json.dumps(lib.PROXY)}][data-net='live:Kazakhtelecom']").click()
+    body.locator(".ev-rule", has_text="dpi.proxy_connect").wait_for()
+    assert "CONNECT example.com:443" in body.inner_text()

@@ -148,11 +148,12 @@
         ["answers", (d.answers || []).map((a) => a.type + " " + a.data).join(", ")]);
       if ((d.responses || []).length > 1) pairs.push(["responses", d.responses.map((r) => (r.rcode || "") + " " + (r.addresses || []).join(" ") + (r.ip_ttl ? " ttl " + r.ip_ttl : "")).join(" | ")]);
     } else if (s.step === "tls") {
-      pairs.push(["address", where], ["SNI", d.sni], ["version", d.version], ["issuer", d.issuer],
+      pairs.push(["address", where], ["SNI", d.sni], ["ClientHello", d.hello], ["version", d.version], ["issuer", d.issuer],
         ["certificate", d.cert_valid === true ? "valid" : d.cert_valid === false ? "invalid: " + (d.cert_failure || "") : ""],
         ["chain", (d.certificates || []).map((c) => (c.subject || "?") + " ← " + (c.issuer || "?")).join("  ⟶  ")]);
     } else if (s.step === "http") {
-      pairs.push(["address", where], ["URL", d.url], ["Host", d.host], ["status", d.status], ["title", d.title],
+      pairs.push(["address", where], ["URL", d.url], ["Host", d.host], ["request", d.method ? d.method + " " + (d.connect_to || "") : ""],
+        ["status", d.status], ["title", d.title],
         ["blockpage", d.blockpage ? el("b", {}, d.blockpage) : ""], ["redirect", d.redirect_to], ["body", d.body_length !== undefined ? d.body_length + " bytes" + (d.truncated ? " (truncated)" : "") : ""]);
       if (d.headers) pairs.push(["headers", Object.entries(d.headers).map(([k, v]) => k + ": " + v).join("; ")]);
       if ((d.speed_samples || []).length) {
@@ -270,6 +271,56 @@
         el("b", {}, c.domain), ` (${c.section}` + (c.footnote ? `, fn. ${c.footnote}` : "") + (c.dates ? `, ${c.dates}` : "") + "): “" + c.quote + "”"))));
     }
   }
+  function circumvention() {
+    const C = R.circumvention;
+    if (!C) return;
+    const cbox = $("circ-claims"), obox = $("circ-outage"), gbox = $("circ-groups");
+    cbox.append(el("h3", {}, "The 2014 report's claims about circumvention, beside the measurements"));
+    for (const c of C.claims) {
+      const div = el("div", { class: "claim circ-claim", "data-key": c.key },
+        el("div", {}, el("b", {}, c.what), " ", badge(c.summary)),
+        el("blockquote", {}, "“" + c.quote + "”"),
+        el("div", { class: "cite" }, `Freedom on the Net 2014: Kazakhstan — ${c.section}` + (c.footnote ? `, footnote ${c.footnote}` : "") + (c.dates ? ` · dates: ${c.dates}` : "")));
+      div.append(table(["network", "agreement", "what was measured"], c.measured.map((m) => [netName(m.net), badge(m.agreement), m.why]), { cls: "claim-table" }));
+      cbox.append(div);
+    }
+    if (C.outage.length) {
+      obox.append(el("h3", {}, "Messaging endpoints over time (the 13 February 2014 outage: about 1.5 hours)"));
+      obox.append(table(["network", { label: "endpoints blocked", num: true }, "failing from", "failing until", { label: "minutes", num: true }, "ended", { label: "endpoints fine", num: true }, "fine from", "fine until"],
+        C.outage.map((o) => [netName(o.net), o.blocked_targets, ts(o.blocked_from), ts(o.blocked_until), o.minutes === undefined ? "" : o.minutes,
+          o.blocked_targets ? (o.ended ? "yes (measured fine afterwards)" : "no") : "—", o.ok_targets, ts(o.ok_from), ts(o.ok_until)]), { cls: "circ-outage" }));
+    }
+    const titles = { tor: "Tor: OR ports and directories", messaging: "Messaging endpoints", proxies: "Proxies and circumvention sites" };
+    for (const g of ["tor", "messaging", "proxies"]) {
+      const rows = C.rows.filter((r) => r.group === g);
+      gbox.append(el("h3", {}, `${titles[g]} (${rows.length} targets)`));
+      if (!rows.length) { gbox.append(el("p", { class: "empty", id: "circ-" + g }, "None measured in this period.")); continue; }
+      const sum = C.groups[g] || [];
+      gbox.append(el("p", { class: "note" }, sum.map((s) => `${netName(s.net)}: ${s.ok} ok, ${s.blocked} blocked` +
+        (Object.keys(s.details).length ? " (" + Object.entries(s.details).map(([d, k]) => d + " " + k).join(", ") + ")" : "") + (s.other ? `, ${s.other} down/inconclusive` : "")).join(" · ")));
+      const head = ["kind", "target", ...NETS.map((n, i) => netName(i))];
+      const t = el("table", { class: "circ-table", id: "circ-" + g });
+      t.append(el("thead", {}, el("tr", {}, head.map((h) => el("th", {}, h)))));
+      const tb = el("tbody");
+      for (const r of rows) {
+        const tr = el("tr", {}, el("td", {}, el("code", {}, r.kind)), el("td", { class: "t", title: r.target }, r.target,
+          r.role === "control" ? el("span", { class: "cat" }, " report: still worked") : null));
+        for (let n = 0; n < NETS.length; n++) {
+          const c = r.cells.find((x) => x.net === n);
+          if (!c) { tr.append(el("td", { class: "c s-none" }, "·")); continue; }
+          const label = c.status + (c.mechanism ? "/" + c.mechanism : "");
+          tr.append(el("td", { class: "cc", "data-target": r.target, "data-net": NETS[n].key, "data-detail": c.detail || "", "data-status": c.status,
+            title: (c.sentence || label) + ` (blocked in ${c.blocked} of ${c.total})`, on: { click: (e) => showEvidence(r.t, n, e.currentTarget) } },
+            badge(label, c.status), c.detail ? el("div", {}, el("code", {}, c.detail)) : null,
+            c.blocked ? el("div", { class: "note" }, `${c.blocked}/${c.total}`) : null,
+            c.sentence && C.key_details.includes(c.detail) ? el("div", { class: "note circ-sentence" }, c.sentence) : null));
+        }
+        tb.append(tr);
+      }
+      t.append(tb);
+      gbox.append(t);
+    }
+  }
   function tls() {
     const box = $("tls-body");
     if (!R.tls_interception.length) { box.append(el("p", { class: "empty" }, "No interception seen: no target was blocked by an intercepting certificate.")); return; }
@@ -298,7 +349,7 @@
       [el("b", {}, r.domain), ...["live", "pcap", "ooni"].map((s) => (r.sources[s] || ["—"]).join("; "))])));
   }
 
-  summary(); crossSource(); matrixControls(); refilter(); time(); mechanisms(); claims(); tls(); blockpages(); sources();
+  summary(); crossSource(); matrixControls(); refilter(); time(); mechanisms(); claims(); circumvention(); tls(); blockpages(); sources();
   const first = document.querySelector("td.c.s-p, td.c.s-d, td.c.s-i, td.c.s-b");
   if (first) showEvidence(+first.dataset.t, +first.dataset.n, first, false);
   document.body.dataset.ready = "1";
