@@ -159,10 +159,11 @@ def _tor() -> ssl.SSLContext:
 
 
 def context(name: str, trust: TrustStore) -> ssl.SSLContext:
-    """A fresh client context that sends the hello called ``name`` ("browser", "tor" or "default").
+    """A client context that sends the hello called ``name`` ("browser", "tor" or "default").
 
+    "browser" and "tor" are built fresh; "default" is the trust store's own handshake context.
     Building one loads the trust store's roots: callers that make many handshakes keep the
-    context (contexts are safe to share between connections).
+    context (contexts are safe to share between connections), or use :func:`shared`.
     """
     if name == BROWSER:
         return _browser(trust)
