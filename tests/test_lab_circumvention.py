@@ -61,6 +61,24 @@ def test_scenario_endpoints_and_outage() -> None:
     assert sc.expected()["tor-or://203.0.113.101:9001"] == "blocked/dpi"
 
 
+REPORT = Path(__file__).resolve().parents[2] / "shared" / "report" / "freedom-on-the-net-2014-kazakhstan.txt"
+
+
+@pytest.mark.skipif(not REPORT.is_file(), reason=f"needs {REPORT} (the shared data folder)")
+def test_quotes_are_the_reports_words() -> None:
+    def norm(t: str) -> str:
+        return " ".join(t.translate(str.maketrans("’‘“”", "''\"\"")).split())
+
+    text = norm(REPORT.read_text(encoding="utf-8"))
+    sc = load(SCENARIO)
+    quotes = [(s.domain, s.quote) for s in sc.sites] + [(e.target, e.quote) for e in sc.endpoints] \
+        + [(o.name, o.quote) for o in sc.outages]
+    assert sum(1 for _, q in quotes if q) >= 6
+    for where, q in quotes:
+        if q:
+            assert norm(q) in text, where
+
+
 def _raw(**endpoint: Any) -> dict[str, Any]:
     return {
         "scenario": {"name": "x"},
