@@ -30,7 +30,7 @@ from kzprobe.model import BLOCKED, FOLLOWUP, MEASURE, OK, PROBE, STEP_TLS, Obser
 TOR_OR = "tor-or"
 DEFAULT, BROWSER, TOR = "default", "browser", "tor"
 _HELLO_NAMES = {TOR: "Tor-like", BROWSER: "browser-like", DEFAULT: "default (OpenSSL's)"}
-_VERBS = {"reset": "reset", "timeout": "timed out", "eof": "cut off (EOF)"}
+_VERBS = {"reset": "was reset", "timeout": "timed out", "eof": "was cut off (EOF)"}
 
 
 def hello_of(o: Observation) -> str:
@@ -82,7 +82,7 @@ def _fingerprint(f: Facts) -> Hit | None:
             verb = _VERBS.get(_suffix(failure), f"failed ({failure})")
             tail = "; control completed" if ctl else " (no control to compare with)"
             return Hit([*lst, completed[passed][0]],
-                       f"TLS to {addr} with SNI {sni}: the {_HELLO_NAMES.get(blocked, blocked)} ClientHello was "
+                       f"TLS to {addr} with SNI {sni}: the {_HELLO_NAMES.get(blocked, blocked)} ClientHello "
                        f"{verb} ({_times(lst)}); the {_HELLO_NAMES.get(passed, passed)} one completed{tail}.",
                        confidence=0.95 if ctl else 0.85)
     return None

@@ -1,7 +1,7 @@
 """TLS-fingerprint DPI with a real kernel rule, probed live (issue 15): tests/support/hellonet.py.
 
-The server's INPUT chain resets any segment holding ``hellos.DPI_SIGNATURE`` (iptables string
-match).  By construction the Tor-like hello is reset every time and the browser-like one passes,
+The server's INPUT chain resets (or drops) any segment holding ``hellos.DPI_SIGNATURE`` (iptables
+string match).  By construction the Tor-like hello fails every time and the browser-like one passes,
 so the live tor-or:// measurement is blocked/dpi with dpi.tls_fingerprint; with the rule removed
 (the near miss), the same measurement is ok.
 """
@@ -33,15 +33,16 @@ def _measure(net: hellonet.HelloNet) -> tuple[list[Observation], Verdict]:
     return obs, classify_target(hellonet.URL, obs)
 
 
-def test_tor_like_hello_reset_browser_like_completes(net: hellonet.HelloNet) -> None:
-    net.dpi(True)
+@pytest.mark.parametrize(("action", "failure"), [("reset", "connection_reset"), ("drop", "generic_timeout_error")])
+def test_tor_like_hello_blocked_browser_like_completes(net: hellonet.HelloNet, action: str, failure: str) -> None:
+    net.dpi(True, action)
     try:
         obs, v = _measure(net)
     finally:
-        net.dpi(False)
+        net.dpi(False, action)
     tls = [(o.purpose, o.attempt, o.data.get("hello"), o.failure) for o in obs if o.step == "tls"]
-    assert tls == [("measure", 0, "tor", "connection_reset"), ("followup", 0, "browser", None),
-                   ("measure", 1, "tor", "connection_reset")]
+    assert tls == [("measure", 0, "tor", failure), ("followup", 0, "browser", None),
+                   ("measure", 1, "tor", failure)]
     assert len({o.data["sni"] for o in obs if o.step == "tls"}) == 1  # same SNI throughout
     assert (v.status, v.mechanism, v.detail, v.rule) == ("blocked", "dpi", "dpi.tls_fingerprint",
                                                          "dpi.tls_fingerprint")

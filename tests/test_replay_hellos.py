@@ -22,33 +22,40 @@ from kzprobe.analysis import classify
 from kzprobe.analysis.features import hello_fingerprint
 from kzprobe.replay.engine import Replayer
 
-FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "pcaps" / "hello-fingerprint.pcap"
-EXPECTED = FIXTURE.with_name("hello-fingerprint.expected.json")
+PCAPS = Path(__file__).resolve().parents[1] / "fixtures" / "pcaps"
+FIXTURE = PCAPS / "hello-fingerprint.pcap"
+#: The same construction with ``-j DROP`` instead of the reset: the Tor-like hellos go unanswered
+#: (the probe's 3 s timeout, twice).
+DROP_FIXTURE = PCAPS / "hello-fingerprint-drop.pcap"
 
 
-def _sni() -> str:
-    (sni,) = json.loads(EXPECTED.read_text("utf-8"))["verdicts"]
+def _sni(capture: Path = FIXTURE) -> str:
+    (sni,) = json.loads(capture.with_name(capture.stem + ".expected.json").read_text("utf-8"))["verdicts"]
     return str(sni)
 
 
-def test_capture_replays_to_the_fingerprint_verdict() -> None:
-    fr = Replayer().replay_file(str(FIXTURE))
+@pytest.mark.parametrize(("capture", "failure", "said"), [
+    (FIXTURE, "connection_reset", "Tor-like ClientHello was reset"),
+    (DROP_FIXTURE, "generic_timeout_error", "Tor-like ClientHello timed out"),
+], ids=["reset", "drop"])
+def test_capture_replays_to_the_fingerprint_verdict(capture: Path, failure: str, said: str) -> None:
+    fr = Replayer().replay_file(str(capture))
     assert fr.read.ok, fr.read.describe()
     tls = [o for o in fr.observations if o.step == "tls"]
-    assert [(o.data.get("hello"), o.failure) for o in tls] == [
-        ("tor", "connection_reset"), ("browser", None), ("tor", "connection_reset")]
+    assert [(o.data.get("hello"), o.failure) for o in tls] == [("tor", failure), ("browser", None), ("tor", failure)]
     tor_findings = [f for f in fr.findings if f.kind == "tor_hello"]
     assert [f.packets[0] for f in tor_findings] == [o.packets[0] for o in tls if o.data.get("hello") == "tor"]
-    (v,) = [v for v in classify(fr.observations) if v.target == _sni()]
+    (v,) = [v for v in classify(fr.observations) if v.target == _sni(capture)]
     assert (v.status, v.mechanism, v.detail, v.rule) == ("blocked", "dpi", "dpi.tls_fingerprint",
                                                          "dpi.tls_fingerprint"), v
-    assert "Tor-like ClientHello was reset" in v.sentence and "browser-like one completed" in v.sentence
-    # Evidence points at the packets: both Tor-like hellos and their resets, the browser-like hello.
+    assert said in v.sentence and "browser-like one completed" in v.sentence
+    # Evidence points at the packets: both Tor-like hellos (and their resets), the browser-like hello.
     for o in tls:
         assert o.packets[0] in v.packets
-    for o in tls:
-        if o.failure:
-            assert o.packets[1] in v.packets  # the RST
+    if failure == "connection_reset":
+        for o in tls:
+            if o.failure:
+                assert o.packets[1] in v.packets  # the RST
 
 
 def test_without_the_browser_like_contrast_it_is_not_a_fingerprint() -> None:

@@ -2,7 +2,8 @@
 
 Used by tests/test_lab_hellos.py and to record fixtures/pcaps/hello-fingerprint.pcap::
 
-    python -m kzprobe.tests.support.hellonet record fixtures/pcaps/hello-fingerprint   # as root
+    python -m kzprobe.tests.support.hellonet record fixtures/pcaps/hello-fingerprint        # as root
+    python -m kzprobe.tests.support.hellonet record fixtures/pcaps/hello-fingerprint-drop drop
 
 Layout: two namespaces joined by one veth pair and nothing else (no link to the root namespace,
 no default route), lab addresses from 198.51.100.0/24:
@@ -11,7 +12,7 @@ no default route), lab addresses from 198.51.100.0/24:
 client ns         198.51.100.1: runs the probe (tor-or://198.51.100.2:9001) and tcpdump
 server ns         198.51.100.2: a TLS server on OpenSSL (socat OPENSSL-LISTEN, fork), RSA link
                   certificate with a random Tor-like name; INPUT rule ``-m string --algo bm
-                  --hex-string |DPI_SIGNATURE|`` -> ``REJECT --reject-with tcp-reset``
+                  --hex-string |DPI_SIGNATURE|`` -> ``REJECT --reject-with tcp-reset`` (or DROP)
 ================  ===========================================================================
 
 Why socat and not ``openssl s_server``: s_server serves one connection at a time, and a reset
@@ -71,11 +72,13 @@ class HelloNet:
     def exec(self, ns: str, *argv: str, **kw: Any) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["ip", "netns", "exec", ns, *argv], text=True, capture_output=True, **kw)
 
-    def dpi(self, on: bool = True) -> None:
-        """Add (or remove) the fingerprint rule on the server's INPUT chain."""
+    def dpi(self, on: bool = True, action: str = "reset") -> None:
+        """Add (or remove) the fingerprint rule on the server's INPUT chain: "reset" the Tor-like
+        hello (REJECT with a TCP reset) or "drop" it (the client's retransmissions too)."""
         hexsig = "|" + DPI_SIGNATURE.hex() + "|"
+        verdict = ["REJECT", "--reject-with", "tcp-reset"] if action == "reset" else ["DROP"]
         rule = ["-p", "tcp", "--dport", str(OR_PORT), "-m", "string", "--algo", "bm", "--hex-string", hexsig,
-                "-j", "REJECT", "--reject-with", "tcp-reset"]
+                "-j", *verdict]
         _run("ip", "netns", "exec", self.server, "iptables", "-A" if on else "-D", "INPUT", *rule)
 
     def probe(self, timeout: float = 3.0) -> list[dict[str, Any]]:
@@ -181,20 +184,21 @@ def capture(net: HelloNet, out: Path) -> Iterator[None]:
         proc.wait(10)
 
 
-def record(stem: Path) -> None:
-    """Record STEM.pcap with the probe's tor-or measurement under the fingerprint rule, and
-    STEM.expected.json with the verdict this construction must give."""
+def record(stem: Path, action: str = "reset") -> None:
+    """Record STEM.pcap with the probe's tor-or measurement under the fingerprint rule ("reset" or
+    "drop"), and STEM.expected.json with the verdict this construction must give."""
     stem.parent.mkdir(parents=True, exist_ok=True)
     with hellonet() as net:
-        net.dpi(True)
+        net.dpi(True, action)
         with capture(net, stem.with_suffix(".pcap")):
             obs = net.probe()
     sni = next(o["data"]["sni"] for o in obs if o["step"] == "tls")
+    target = "-j REJECT --reject-with tcp-reset" if action == "reset" else "-j DROP"
     expected = {
-        "recorded_with": "python -m kzprobe.tests.support.hellonet record fixtures/pcaps/hello-fingerprint",
+        "recorded_with": f"python -m kzprobe.tests.support.hellonet record {stem} {action}",
         "construction": (f"client {CLIENT_ADDR} -- veth -- server {SERVER_ADDR}:{OR_PORT} (socat, OpenSSL, RSA); "
                          f"server INPUT: iptables -m string --algo bm --hex-string |{DPI_SIGNATURE.hex()}| "
-                         "-j REJECT --reject-with tcp-reset; probe: tor-or:// (Tor-like hello, browser-like "
+                         f"{target}; probe: tor-or:// with a 3 s timeout (Tor-like hello, browser-like "
                          "follow-up, Tor-like again), all with SNI " + sni),
         "verdicts": {sni: {"status": "blocked", "mechanism": "dpi", "detail": "dpi.tls_fingerprint"}},
         "live_observations": [{k: o[k] for k in ("step", "purpose", "attempt", "failure")} |
@@ -204,14 +208,14 @@ def record(stem: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 2 or argv[0] != "record":
-        print("usage: python -m kzprobe.tests.support.hellonet record STEM", file=sys.stderr)
+    if len(argv) not in (2, 3) or argv[0] != "record" or argv[2:] not in ([], ["reset"], ["drop"]):
+        print("usage: python -m kzprobe.tests.support.hellonet record STEM [reset|drop]", file=sys.stderr)
         return 2
     why = missing()
     if why:
         print(f"hellonet: {why}", file=sys.stderr)
         return 1
-    record(Path(argv[1]))
+    record(Path(argv[1]), *argv[2:])
     return 0
 
 
