@@ -162,7 +162,7 @@ class Flow:
         self.helper: HelperStreams | None = None
         #: The server's data after the trigger, over time (set at its first byte).
         self.xfer: Transfer | None = None
-        #: TLS 1.3 secrets of this flow's session, when the capture carries them (its key log).
+        #: TLS secrets of this flow's session, when the capture carries them (its key log).
         self.keys: dict[str, bytes] | None = None
         #: For a flow with keys: (bytes of srv_buf, capture time, packet) after each in-order server segment.
         self.srv_times: list[tuple[int, float, int]] = []

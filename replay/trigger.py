@@ -273,15 +273,16 @@ def decrypted_http(st: FileState, fl: Flow, address: str, tls: Observation) -> O
     as the live probe's HTTP step records it: status, headers, the feature layer's features of
     the body, and speed samples (body bytes every 250 ms from the end of the headers, as the
     live probe samples them).  None when the flow holds no HTTP/1 request (a handshake-only
-    flow, HTTP/2) or the session is not TLS 1.3."""
+    flow, HTTP/2) or its suite is not one replay decrypts (tlsdecrypt)."""
     from kzprobe.replay import tlsdecrypt
 
     keys = fl.keys
     srv = bytes(fl.srv_buf)
-    suite = tlsdecrypt.server_suite(srv)
-    if keys is None or suite is None:
+    hello = tlsdecrypt.server_hello(srv)
+    cr = tlsdecrypt.client_random(bytes(fl.cli_buf))
+    if keys is None or hello is None or cr is None:
         return None
-    cli = tlsdecrypt.decrypt(bytes(fl.cli_buf), suite, keys, "CLIENT")
+    cli = tlsdecrypt.decrypt(bytes(fl.cli_buf), hello, keys, "CLIENT", cr)
     req = parsers.http_request(bytes(cli.data))
     if req is None:
         return None
@@ -292,7 +293,7 @@ def decrypted_http(st: FileState, fl: Flow, address: str, tls: Observation) -> O
     data: dict[str, Any] = {"url": f"https://{host}{port}{path}", "host": host, "tls_decrypted": True}
     if sni and sni != host:
         data["sni"] = sni
-    got = tlsdecrypt.decrypt(srv, suite, keys, "SERVER")
+    got = tlsdecrypt.decrypt(srv, hello, keys, "SERVER", cr)
     body = bytes(got.data)
     arrived = _arrival(fl, got.marks)
     packets = [fl.trigger.number] if fl.trigger is not None else []

@@ -17,6 +17,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from typing import Any
 
 import httpx
 import pytest
+import trustme
 
 from kzprobe.analysis.features import http_features
 from kzprobe.replay.engine import Replayer
@@ -37,6 +39,7 @@ pytestmark = pytest.mark.skipif(
 FEATURES = ("title", "body_length", "body_sha256", "body_head", "truncated", "content_encoding", "wire_bytes",
             "blockpage")
 HOST = "site.kz"
+TLS_PORTS = {"TLSv1.2": 8443, "TLSv1.3": 8444}
 
 TITLE_PAGE = ("<!doctype html><html><head><meta charset=\"utf-8\">\n<title>\n  Главная   страница\n\t"
               "Казахстан  </title></head><body>" + "<p>Новости дня и погода.</p>\n" * 2500 + "</body></html>")
@@ -60,6 +63,11 @@ def nginx(tmp_path: Path) -> Iterator[tuple[str, int]]:
     (root / "blocked.html").write_text(BLOCKPAGE, "utf-8")
     (root / "plain.bin").write_bytes(PLAIN)
     addr, port = _free_addr(), 8080
+    ca = trustme.CA()
+    leaf = ca.issue_cert(HOST)
+    leaf.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    leaf.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
     conf = tmp_path / "nginx.conf"
     conf.write_text(f"""
 user root;
@@ -82,12 +90,30 @@ http {{
         server_name {HOST};
         root {root};
     }}
+    server {{
+        listen {addr}:{TLS_PORTS["TLSv1.2"]} ssl;
+        server_name {HOST};
+        ssl_protocols TLSv1.2;
+        ssl_certificate {tmp_path}/cert.pem;
+        ssl_certificate_key {tmp_path}/key.pem;
+        root {root};
+    }}
+    server {{
+        listen {addr}:{TLS_PORTS["TLSv1.3"]} ssl;
+        server_name {HOST};
+        ssl_protocols TLSv1.3;
+        ssl_certificate {tmp_path}/cert.pem;
+        ssl_certificate_key {tmp_path}/key.pem;
+        root {root};
+    }}
 }}
 """)
     proc = subprocess.Popen(["nginx", "-p", str(tmp_path), "-c", str(conf), "-g", "daemon off;"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         _wait_port(addr, port, proc)
+        for tls_port in TLS_PORTS.values():
+            _wait_port(addr, tls_port, proc)
         yield addr, port
     finally:
         proc.terminate()
@@ -117,23 +143,29 @@ def _record(path: Path) -> subprocess.Popen[bytes]:
     return proc
 
 
-def _live(addr: str, port: int, path: str) -> tuple[dict[str, Any], dict[str, str]]:
-    """The live probe's way: raw (still content-encoded) body bytes, then the feature layer."""
-    with httpx.Client(headers={"Accept-Encoding": "gzip, deflate"}, trust_env=False) as client:
-        with client.stream("GET", f"http://{addr}:{port}{path}", headers={"Host": HOST}) as resp:
+def _live(addr: str, port: int, path: str, tls: ssl.SSLContext | None = None
+          ) -> tuple[dict[str, Any], dict[str, str]]:
+    """The live probe's way: raw (still content-encoded) body bytes, then the feature layer.
+    With ``tls``: over HTTPS pinned to the address, SNI and Host = HOST, as the probe fetches."""
+    scheme = "https" if tls is not None else "http"
+    with httpx.Client(headers={"Accept-Encoding": "gzip, deflate"}, trust_env=False,
+                      verify=tls if tls is not None else True) as client:
+        with client.stream("GET", f"{scheme}://{addr}:{port}{path}", headers={"Host": HOST},
+                           extensions={"sni_hostname": HOST}) as resp:
             raw = b"".join(resp.iter_raw())
             headers = dict(resp.headers.items())
             return http_features(resp.status_code, headers, raw), headers
 
 
-def _fetch_all(addr: str, port: int, pcap: Path) -> tuple[dict[str, dict[str, Any]], dict[str, str | None], int]:
+def _fetch_all(addr: str, port: int, pcap: Path, tls: ssl.SSLContext | None = None
+               ) -> tuple[dict[str, dict[str, Any]], dict[str, str | None], int]:
     """Fetch every page while tcpdump records: (features, transfer-encodings, packets dropped)."""
     dump = _record(pcap)
     live: dict[str, dict[str, Any]] = {}
     encodings: dict[str, str | None] = {}
     try:
         for path in ("/index.html", "/big.html", "/blocked.html", "/plain.bin"):
-            live[path], headers = _live(addr, port, path)
+            live[path], headers = _live(addr, port, path, tls)
             encodings[path] = headers.get("transfer-encoding")
         # Let the last packets reach the file (tcpdump hands a ring block to the writer after up
         # to 1 s without --immediate-mode; with it, at once -- this is a margin).
@@ -175,5 +207,47 @@ def test_live_and_capture_give_identical_features(nginx: tuple[str, int], tmp_pa
     for path, feats in live.items():
         o = replayed[path]
         assert o.failure is None and o.data["status"] == 200 and o.domain == HOST
+        got = {k: o.data.get(k) for k in FEATURES}
+        assert got == {k: feats[k] for k in FEATURES}, path
+
+
+@pytest.mark.parametrize("version", sorted(TLS_PORTS))
+def test_live_https_and_its_capture_with_secrets_give_identical_features(nginx: tuple[str, int], tmp_path: Path,
+                                                                         version: str) -> None:
+    """The same over HTTPS (TLS 1.2 and 1.3), the client logging its TLS secrets (as `kzprobe run` does with
+    SSLKEYLOGFILE) and the capture carrying them in a Decryption Secrets Block (editcap): replay
+    decrypts the TLS 1.3 records and the feature layer gets the very bytes the live fetch got."""
+    if not shutil.which("editcap"):
+        pytest.skip("editcap (tshark) absent")
+    addr, _port = nginx
+    port = TLS_PORTS[version]
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(str(tmp_path / "ca.pem"))
+    keys = tmp_path / "keys.log"
+    ctx.keylog_filename = str(keys)
+    pcap = tmp_path / "live-tls.pcap"
+    for _ in range(3):
+        live, _enc, dropped = _fetch_all(addr, port, pcap, ctx)
+        if not dropped:
+            break
+    else:
+        pytest.fail(f"tcpdump dropped {dropped} packets on lo three times: the machine is too loaded")
+    assert live["/index.html"]["content_encoding"] == "gzip" and live["/blocked.html"]["blockpage"] is not None
+    mine = tmp_path / "mine.pcap"
+    subprocess.run(["tcpdump", "-r", str(pcap), "-w", str(mine), f"host {addr} and tcp port {port}"],
+                   check=True, capture_output=True)
+    with_keys = tmp_path / "mine.pcapng"
+    subprocess.run(["editcap", "-F", "pcapng", "--inject-secrets", f"tls,{keys}", str(mine), str(with_keys)],
+                   check=True, capture_output=True)
+    # Without the secrets the pages are ciphertext: no HTTP step at all.
+    assert not [o for o in Replayer().replay_file(str(mine)).observations if o.step == "http"]
+    fr = Replayer().replay_file(str(with_keys))
+    assert fr.read.ok, fr.read.describe()
+    replayed = {o.data["url"].split(HOST, 1)[1].removeprefix(f":{port}"): o
+                for o in fr.observations if o.step == "http"}
+    assert sorted(replayed) == sorted(live)
+    for path, feats in live.items():
+        o = replayed[path]
+        assert o.failure is None and o.data["status"] == 200 and o.data["tls_decrypted"] is True, (path, o)
         got = {k: o.data.get(k) for k in FEATURES}
         assert got == {k: feats[k] for k in FEATURES}, path

@@ -22,8 +22,12 @@ REQUEST = b"GET / HTTP/1.1\r\nHost: site.test\r\n\r\n"
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello" + b"x" * 40000
 
 
-def _session(tmp_path: Path) -> tuple[bytes, bytes, bytes]:
-    """(client stream, server stream, key log) of one TLS 1.3 exchange of REQUEST and RESPONSE."""
+#: (TLS version, OpenSSL cipher string for 1.2): every AEAD family replay decrypts.
+SESSIONS = [("1.3", None), ("1.2", "ECDHE+AESGCM+AES256"), ("1.2", "ECDHE+AESGCM+AES128"), ("1.2", "ECDHE+CHACHA20")]
+
+
+def _session(tmp_path: Path, version: str = "1.3", ciphers: str | None = None) -> tuple[bytes, bytes, bytes]:
+    """(client stream, server stream, key log) of one TLS exchange of REQUEST and RESPONSE."""
     ca = trustme.CA()
     server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ca.issue_cert("site.test").configure_cert(server_ctx)
@@ -31,7 +35,10 @@ def _session(tmp_path: Path) -> tuple[bytes, bytes, bytes]:
     ca.configure_trust(client_ctx)
     keylog = tmp_path / "keys.log"
     client_ctx.keylog_filename = str(keylog)
-    server_ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    tls = ssl.TLSVersion.TLSv1_3 if version == "1.3" else ssl.TLSVersion.TLSv1_2
+    server_ctx.minimum_version = server_ctx.maximum_version = tls
+    if ciphers:
+        server_ctx.set_ciphers(ciphers)
     c_in, c_out, s_in, s_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
     client = client_ctx.wrap_bio(c_in, c_out, server_hostname="site.test")
     server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
@@ -59,16 +66,17 @@ def _session(tmp_path: Path) -> tuple[bytes, bytes, bytes]:
     return bytes(cli_stream), bytes(srv_stream), keylog.read_bytes()
 
 
-def test_both_directions_decrypt_to_what_was_sent(tmp_path: Path) -> None:
-    cli, srv, log = _session(tmp_path)
+@pytest.mark.parametrize(("version", "ciphers"), SESSIONS, ids=[f"{v}-{c}" for v, c in SESSIONS])
+def test_both_directions_decrypt_to_what_was_sent(tmp_path: Path, version: str, ciphers: str | None) -> None:
+    cli, srv, log = _session(tmp_path, version, ciphers)
     keys = tlsdecrypt.parse_keylog([log])
     cr = tlsdecrypt.client_random(cli)
     assert cr is not None and cr in keys
-    suite = tlsdecrypt.server_suite(srv)
-    assert suite in (0x1301, 0x1302, 0x1303)
-    req = tlsdecrypt.decrypt(cli, suite, keys[cr], "CLIENT")
+    hello = tlsdecrypt.server_hello(srv)
+    assert hello is not None and hello.tls13 == (version == "1.3")
+    req = tlsdecrypt.decrypt(cli, hello, keys[cr], "CLIENT", cr)
     assert bytes(req.data) == REQUEST and req.complete
-    resp = tlsdecrypt.decrypt(srv, suite, keys[cr], "SERVER")
+    resp = tlsdecrypt.decrypt(srv, hello, keys[cr], "SERVER", cr)
     # The server also sends session tickets (handshake messages after the handshake): not data.
     assert bytes(resp.data) == RESPONSE and resp.complete
     # Each record's end in the stream, with the plaintext so far: what speed samples are timed by.
@@ -76,22 +84,23 @@ def test_both_directions_decrypt_to_what_was_sent(tmp_path: Path) -> None:
     assert all(a[0] < b[0] and a[1] < b[1] for a, b in zip(resp.marks, resp.marks[1:], strict=False))
 
 
-def test_a_stream_cut_short_or_without_its_secrets_is_not_read(tmp_path: Path) -> None:
-    cli, srv, log = _session(tmp_path)
+@pytest.mark.parametrize("version", ["1.3", "1.2"])
+def test_a_stream_cut_short_or_without_its_secrets_is_not_read(tmp_path: Path, version: str) -> None:
+    cli, srv, log = _session(tmp_path, version)
     keys = tlsdecrypt.parse_keylog([log])
     cr = tlsdecrypt.client_random(cli)
     assert cr is not None
-    suite = tlsdecrypt.server_suite(srv)
-    assert suite is not None
-    cut = tlsdecrypt.decrypt(srv[:-100], suite, keys[cr], "SERVER")
+    hello = tlsdecrypt.server_hello(srv)
+    assert hello is not None
+    cut = tlsdecrypt.decrypt(srv[:-100], hello, keys[cr], "SERVER", cr)
     assert not cut.complete and RESPONSE.startswith(bytes(cut.data))
     # Another session's secrets open nothing.
     (tmp_path / "b").mkdir()
-    other = tlsdecrypt.parse_keylog([_session(tmp_path / "b")[2]])
+    other = tlsdecrypt.parse_keylog([_session(tmp_path / "b", version)[2]])
     wrong = next(iter(other.values()))
-    got = tlsdecrypt.decrypt(srv, suite, wrong, "SERVER")
+    got = tlsdecrypt.decrypt(srv, hello, wrong, "SERVER", cr)
     assert not got.data and not got.complete
-    assert tlsdecrypt.decrypt(srv, suite, {}, "SERVER").complete is False
+    assert tlsdecrypt.decrypt(srv, hello, {}, "SERVER", cr).complete is False
 
 
 @pytest.mark.parametrize("line", [b"", b"# comment", b"CLIENT_RANDOM aa bb", b"SERVER_TRAFFIC_SECRET_0 zz 00",
@@ -149,12 +158,15 @@ def test_hostile_bytes_never_raise(tmp_path: Path, junk: bytes, cut: int) -> Non
         _REAL = _session(tmp_path)
     cli, srv, log = _REAL
     keys = next(iter(tlsdecrypt.parse_keylog([log]).values()))
-    suite = tlsdecrypt.server_suite(srv)
-    assert suite is not None
-    assert tlsdecrypt.server_suite(junk) in (None, 0x1301, 0x1302, 0x1303)
-    for stream in (junk, srv[:cut] + junk, cli[:cut] + junk, srv[:5] + junk):
-        for side in ("CLIENT", "SERVER"):
-            got = tlsdecrypt.decrypt(stream, suite, keys, side)
+    cr = tlsdecrypt.client_random(cli)
+    assert cr is not None
+    tlsdecrypt.server_hello(junk)
+    for hello in (tlsdecrypt.server_hello(srv), tlsdecrypt.Hello(False, 0xC02F, b"r" * 32),
+                  tlsdecrypt.Hello(False, 0xCCA8, b"r" * 32)):
+        assert hello is not None
+        for stream in (junk, srv[:cut] + junk, cli[:cut] + junk, srv[:5] + junk, b"\x14\x03\x03\x00\x01\x01" + junk):
+            for side in ("CLIENT", "SERVER"):
+                got = tlsdecrypt.decrypt(stream, hello, {**keys, "CLIENT_RANDOM": b"m" * 48}, side, cr)
             assert RESPONSE.startswith(bytes(got.data)) or REQUEST.startswith(bytes(got.data))
     tlsdecrypt.parse_keylog([junk])
     tlsdecrypt.client_random(junk)
