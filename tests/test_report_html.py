@@ -641,3 +641,61 @@ def test_circumvention_section_in_the_browser(circ: dict[str, Any]) -> None:
     sec.locator(f"td.cc[data-target={json.dumps(lib.PROXY)}][data-net='live:Kazakhtelecom']").click()
     body.locator(".ev-rule", has_text="dpi.proxy_connect").wait_for()
     assert "CONNECT example.com:443" in body.inner_text()
+
+
+@pytest.mark.lab
+@pytest.mark.slow
+def test_lab_circumvention_run_in_the_report(tmp_path: Path, request: pytest.FixtureRequest,
+                                             browser: Browser) -> None:
+    """`kzprobe lab run --scenario kz2014-circumvention` (before, during and after the messaging
+    outage's window), then the report of its database: the circumvention section shows every
+    endpoint as the scenario builds it, and sets the outage beside the report's."""
+    if not _lab_ok() or not all(shutil.which(t) for t in ("nginx", "openssl", "tinyproxy")):
+        pytest.skip("the lab needs root, iproute2, iptables, nftables, dnsmasq, nginx, openssl and tinyproxy")
+    from kzprobe.lab import destroy
+    from kzprobe.lab.scenario import load
+    from kzprobe.lab.topology import STATE_ROOT
+
+    inst = "kzrcc" + os.urandom(2).hex()
+    request.addfinalizer(lambda: destroy(inst))
+    p = subprocess.run([sys.executable, "-m", "kzprobe.cli", "lab", "run", "--scenario", "kz2014-circumvention",
+                        "--format", "json", "--instance", inst, "--keep"], capture_output=True, text=True, timeout=400)
+    assert p.returncode == 0, p.stderr[-3000:]
+    db = tmp_path / "circ.db"
+    shutil.copyfile(STATE_ROOT / inst / "run.db", db)
+    destroy(inst)
+    out = tmp_path / "report.html"
+    r = subprocess.run([sys.executable, "-m", "kzprobe.cli", "report", "--db", str(db), "--format", "html",
+                        "-o", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    sc = load("kz2014-circumvention")
+    (o,) = sc.outages
+    page = Page(browser, out)
+    try:
+        errors = [c for c in page.console if c[0] in ("error", "pageerror", "warning")]
+        assert not errors, errors
+        assert page.requests == [page.url]
+        sec = page.page.locator("#circumvention")
+        for e in sc.endpoints:
+            # From the scenario: measured once, or three times (before, during, after) for what
+            # the outage measures; blocked as the scenario expects, plus once inside the window.
+            rounds = 3 if e.target in o.measure else 1
+            blocked = rounds * e.expect.startswith("blocked") + (e.target in o.targets)
+            td = sec.locator(f"td.cc[data-target={json.dumps(e.target)}]")
+            assert td.count() == 1, e.target
+            assert td.get_attribute("data-status") == e.expect.split("/")[0], (e.target, td.inner_text())
+            if e.expect.startswith("blocked"):
+                assert td.get_attribute("data-detail") == e.detail, (e.target, td.inner_text())
+            if blocked:
+                assert f"{blocked}/{rounds}" in td.inner_text(), (e.target, td.inner_text())
+        claims = {k: sec.locator(f".circ-claim[data-key='{k}']").inner_text() for k in ("tor-dpi", "messaging-outage")}
+        assert "agrees" in claims["tor-dpi"] and "dpi.tls_fingerprint" in claims["tor-dpi"]
+        assert "agrees" in claims["messaging-outage"] and "time-boxed outage" in claims["messaging-outage"]
+        assert f"{len(o.targets)} endpoint(s) failed" in claims["messaging-outage"]
+        fp = next(e for e in sc.endpoints if e.detail == "dpi.tls_fingerprint")
+        sec.locator(f"td.cc[data-target={json.dumps(fp.target)}]").click()
+        body = page.page.locator("#evidence-body")
+        body.locator(".ev-rule", has_text="dpi.tls_fingerprint").wait_for()
+        assert "Tor-like" in body.inner_text() and "ClientHello\ntor" in body.inner_text()
+    finally:
+        page.close()
