@@ -93,7 +93,8 @@ class DnsData(Common, total=False):
 
 
 class TcpData(Common, total=False):
-    pass
+    #: The connect of a ClientHello connection (issue 15): which hello it went on to send.
+    hello: str
 
 
 class Certificate(TypedDict, total=False):

@@ -26,7 +26,8 @@ from urllib.parse import urlsplit
 #: responses [{"rcode", "addresses", "ip_ttl"?, "ip_id"?, "delay"}] -- every response seen for the
 #: one query; more than one response with different addresses is evidence of injection.
 STEP_DNS = "dns"
-#: TCP connect to address:port.  data: {} (failure says it all); pcap adds "packets".
+#: TCP connect to address:port.  data: {} (failure says it all); pcap adds "packets"; the connect of
+#: a ClientHello connection (probes/hellos.py) carries "hello", as its TLS step does.
 STEP_TCP = "tcp"
 #: TLS handshake.  data: sni, version, cipher, alpn, certificates [{"subject", "issuer", "san",
 #: "not_before", "not_after", "der_b64"}] (leaf first), cert_valid (bool | None),

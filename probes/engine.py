@@ -237,6 +237,9 @@ class Engine:
         cfg = self.config
         tcp, stream = await tcpprobe.connect(target.url, target.host, address, target.port, cfg.timeout,
                                              purpose=purpose, attempt=attempt, source=cfg.source_address)
+        # The connect says which hello it carried: a hello follow-up's TCP step is otherwise the
+        # twin of the benign-SNI follow-up's (same address, purpose and attempt).
+        tcp.data["hello"] = hello
         await self._emit(tcp)
         if stream is None:
             return None

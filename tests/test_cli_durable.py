@@ -74,7 +74,7 @@ def _attempt_keys(store: Store, rid: int) -> Counter[tuple[Any, ...]]:
     for o in store.observations(rid):
         d = o.data or {}
         keys[(o.target, o.step, o.vantage, o.purpose, o.attempt, o.address, o.port, d.get("resolver"),
-              d.get("transport"), d.get("qtype"), d.get("hop"), o.domain)] += 1
+              d.get("transport"), d.get("qtype"), d.get("hop"), d.get("hello"), o.domain)] += 1
     return keys
 
 
