@@ -151,10 +151,15 @@ def no_probing(monkeypatch: pytest.MonkeyPatch) -> None:
     (["--list", "tor", "--tor-sample", "3"], "--tor-sample needs --tor-consensus FILE"),
     (["--list", "tor", "--tor-consensus", str(FIXTURE), "--tor-sample", "0"], "--tor-sample"),
     (["--list", "tor", "--tor-consensus", "/nonexistent/consensus"], "/nonexistent/consensus: no such file"),
-    (["--list", "tor", "--tor-consensus", "/etc/hostname"], "/etc/hostname:1: not a Tor consensus"),
+    (["--list", "tor", "--tor-consensus", "{tmp}/notes.txt"], "{tmp}/notes.txt:1: not a Tor consensus"),
+    (["--list", "tor", "--tor-consensus", "{tmp}/vote"], "{tmp}/vote:2: a vote document, not a consensus"),
 ])
 def test_run_rejects_bad_tor_options_in_one_line(tmp_path: Path, no_probing: None, args: list[str],
                                                  why: str) -> None:
+    (tmp_path / "notes.txt").write_text("shopping list\n", encoding="utf-8")
+    (tmp_path / "vote").write_text("network-status-version 3\nvote-status vote\n", encoding="utf-8")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    why = why.replace("{tmp}", str(tmp_path))
     res = CliRunner().invoke(main, ["run", "--db", str(tmp_path / "x.db"), "--no-progress", *args])
     assert res.exit_code in (1, 2), res.output
     assert why in res.output
@@ -183,7 +188,6 @@ def test_targets_command_shows_the_sample() -> None:
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ip"), reason="needs root (a network namespace)")
 def test_run_list_tor_with_consensus_in_an_isolated_namespace(tmp_path: Path) -> None:
     ns = "kzcl" + secrets.token_hex(3)
-    kzprobe = Path(sys.executable).with_name("kzprobe")
     subprocess.run(["ip", "netns", "add", ns], check=True)
     try:
         subprocess.run(["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"], check=True)
@@ -195,9 +199,9 @@ def test_run_list_tor_with_consensus_in_an_isolated_namespace(tmp_path: Path) ->
         assert "default" not in routes and "via" not in routes
         db = tmp_path / "tor.db"
         proc = subprocess.run(
-            ["ip", "netns", "exec", ns, str(kzprobe), "run", "--list", "tor", "--tor-consensus", str(FIXTURE),
-             "--tor-sample", "5", "--shuffle", "7", "--no-system-resolver", "--db", str(db), "--format", "json",
-             "--no-progress", "--timeout", "1", "--deadline", "60"],
+            ["ip", "netns", "exec", ns, sys.executable, "-m", "kzprobe.cli", "run", "--list", "tor",
+             "--tor-consensus", str(FIXTURE), "--tor-sample", "5", "--shuffle", "7", "--no-system-resolver",
+             "--db", str(db), "--format", "json", "--no-progress", "--timeout", "1", "--deadline", "60"],
             capture_output=True, text=True, timeout=120)
     finally:
         subprocess.run(["ip", "netns", "delete", ns], check=False)
