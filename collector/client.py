@@ -30,6 +30,8 @@ from kzprobe.storage.classifier import classifier_version
 from kzprobe.storage.models import ObservationRow, RunRow, TargetRow, UploadRow
 
 TOKEN_ENV = "KZPROBE_UPLOAD_TOKEN"
+#: An observation's columns as sent (``seq`` is the local id; ``run_id`` and ``seq`` are not sent).
+_OBS_WIRE_COLUMNS = tuple(c for c in ObservationRow.__table__.columns.keys() if c not in ("id", "run_id", "seq"))
 FINAL_STATES = ("done", "interrupted", "deadline", "failed")
 
 
@@ -121,10 +123,11 @@ class Uploader:
 
     # --- HTTP with retries ---------------------------------------------------------------------
     def request(self, method: str, path: str, body: dict[str, Any] | None = None,
-                timeout: float | None = None) -> dict[str, Any]:
+                timeout: float | None = None, content: bytes | None = None) -> dict[str, Any]:
         import httpx
 
-        content = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode() if body is not None else None
+        if body is not None:
+            content = _dumps(body)
         reason = ""
         for attempt in range(self.opts.max_tries):
             delay: float | None = None
@@ -196,7 +199,11 @@ class Uploader:
                 "classifier_version": classifier_version(), "source": run.source, "started": run.started,
                 "vantage": vantage, "targets": targets}
 
-    def _batch(self, run_id: int, after: int, limit: int) -> list[dict[str, Any]]:
+    def _batch(self, run_id: int, after: int, limit: int) -> tuple[bytes, int, int]:
+        """The next batch's body after ``after``: (JSON body, observations, last seq); (b"", 0, 0)
+        when there are none."""
+        if self.store.engine.dialect.name == "sqlite":
+            return self._sqlite_batch(run_id, after, limit)
         cols = [c for c in ObservationRow.__table__.columns.keys() if c not in ("run_id", "seq")]
         with self.store.session() as s:
             rows = s.execute(select(*[getattr(ObservationRow, c) for c in cols])
@@ -207,7 +214,28 @@ class Uploader:
             d = dict(zip(cols, r, strict=True))
             d["seq"] = d.pop("id")
             out.append(d)
-        return out
+        if not out:
+            return b"", 0, 0
+        return _dumps({"observations": out}), len(out), int(out[-1]["seq"])
+
+    def _sqlite_batch(self, run_id: int, after: int, limit: int) -> tuple[bytes, int, int]:
+        # The hot path of a large upload: the JSON columns are sent as the text they are stored as
+        # (SQLAlchemy's JSON type wrote them with json.dumps), not decoded and encoded again, and
+        # the other columns are encoded in one call per row.  Half of the uploader's time before.
+        plain = [c for c in _OBS_WIRE_COLUMNS if c not in ("data", "packets")]
+        sql = (f"SELECT id, {', '.join(plain)}, data, packets FROM observations "
+               "WHERE run_id = ? AND id > ? ORDER BY id LIMIT ?")
+        with self.store.engine.connect() as c:
+            rows = c.exec_driver_sql(sql, (run_id, after, limit)).fetchall()
+        if not rows:
+            return b"", 0, 0
+        keys = ("seq", *plain)
+        n = len(keys)
+        parts = []
+        for r in rows:
+            head = json.dumps(dict(zip(keys, r[:n], strict=True)), ensure_ascii=False, separators=(",", ":"))
+            parts.append(f'{head[:-1]},"data":{r[n] or "null"},"packets":{r[n + 1] or "null"}}}')
+        return ('{"observations":[' + ",".join(parts) + "]}").encode(), len(rows), int(rows[-1][0])
 
     def upload_run(self, run: RunRow, report: Report) -> None:
         ack = self.request("POST", "/v1/runs", self._open_body(run))
@@ -216,21 +244,21 @@ class Uploader:
         self._record(run.id, opened=True, acked_seq=acked, last_error=None)
         batch = self.opts.batch
         while True:
-            obs = self._batch(run.id, acked, batch)
-            if not obs:
+            body, count, last = self._batch(run.id, acked, batch)
+            if not count:
                 break
             try:
-                answer = self.request("POST", f"/v1/runs/{run.uid}/observations", {"observations": obs})
+                answer = self.request("POST", f"/v1/runs/{run.uid}/observations", content=body)
             except Rejected as exc:
                 if exc.status == 413 and batch > 1:
                     batch = max(1, batch // 2)  # the collector's body limit is smaller than our batch
                     continue
                 raise
-            report.sent += len(obs)
+            report.sent += count
             report.stored += int(answer.get("stored", 0))
             report.duplicates += int(answer.get("duplicates", 0))
             new_acked = int(answer.get("acked", 0))
-            if new_acked < obs[-1]["seq"]:
+            if new_acked < last:
                 raise UploadError(f"{self.key}: acknowledged {new_acked}, less than the batch sent")
             acked = new_acked
             self._record(run.id, acked_seq=acked)
@@ -285,6 +313,10 @@ def status(store: Store, url: str | None = None) -> list[RunStatus]:
             out.append(RunStatus(run.id, run.uid, run.state, int(counts.get(run.id, 0)), acked,
                                  bool(u and u.closed)))
         return out
+
+
+def _dumps(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def _error_of(r: Any) -> str:

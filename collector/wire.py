@@ -14,7 +14,7 @@ import itertools
 import json
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from kzprobe.contract import WireError, from_wire
 from kzprobe.model import CONTROL, PROBE, SOURCES, STEPS, Observation
@@ -26,6 +26,8 @@ MAX_SEQ = 2**31 - 1
 RUN_STATES = ("done", "interrupted", "deadline", "failed")
 #: Column limits of storage/models.py for the observation's plain columns.
 _OBS_TEXT = {"target": 4096, "domain": 255, "address": 64, "failure": 200, "purpose": 16}
+_OBS_TEXT_CHECKS = tuple((k, limit, k in ("address", "failure")) for k, limit in _OBS_TEXT.items())
+_ABSENT = object()
 
 
 class BadBody(ValueError):
@@ -153,9 +155,13 @@ def parse_close(body: bytes) -> CloseRun:
 
 
 def _observation(d: Any, where: str) -> tuple[int, Observation]:
-    if not isinstance(d, dict):
+    # A batch holds up to 5000 of these: the checks take the common (valid) case with plain type
+    # and range tests and build a reason (f-strings, helpers) only when a field fails.
+    if type(d) is not dict:
         raise BadBody(f"{where} must be an object, not {_kind(d)}")
-    seq = _int(d.get("seq"), f"{where}.seq", 1, MAX_SEQ)
+    seq = d.get("seq")
+    if type(seq) is not int or not 1 <= seq <= MAX_SEQ:
+        _int(seq, f"{where}.seq", 1, MAX_SEQ)
     vantage, source = d.get("vantage", PROBE), d.get("source", "live")
     if vantage not in (PROBE, CONTROL):
         raise BadBody(f"{where}.vantage must be {PROBE!r} or {CONTROL!r}")
@@ -163,18 +169,23 @@ def _observation(d: Any, where: str) -> tuple[int, Observation]:
         raise BadBody(f"{where}.source must be one of {', '.join(SOURCES)}")
     if d.get("step") not in STEPS:
         raise BadBody(f"{where}.step must be one of {', '.join(STEPS)}")
-    for key, limit in _OBS_TEXT.items():
-        if key in d:
-            _str(d[key], f"{where}.{key}", limit, null=key in ("address", "failure"))
-    if d.get("port") is not None:
-        _int(d["port"], f"{where}.port", 0, 65535)
-    if "attempt" in d:
-        _int(d["attempt"], f"{where}.attempt", 0, 1000)
+    for key, limit, null in _OBS_TEXT_CHECKS:
+        v = d.get(key, _ABSENT)
+        if v is _ABSENT or (v is None and null):
+            continue
+        if type(v) is not str or len(v) > limit or "\x00" in v:
+            _str(v, f"{where}.{key}", limit, null=null)
+    port = d.get("port")
+    if port is not None and (type(port) is not int or not 0 <= port <= 65535):
+        _int(port, f"{where}.port", 0, 65535)
+    attempt = d.get("attempt", 0)
+    if type(attempt) is not int or not 0 <= attempt <= 1000:
+        _int(attempt, f"{where}.attempt", 0, 1000)
     try:
         o = from_wire(d, source=source, vantage=vantage, where=where)
     except WireError as exc:
         raise BadBody(exc.reason) from None
-    return seq, o
+    return cast(int, seq), o
 
 
 def parse_batch(body: bytes) -> list[tuple[int, Observation]]:
