@@ -229,7 +229,8 @@ def test_kill9_collector_mid_upload_then_restart(tmp_path: Path, collector: Coll
 
 
 @pytest.mark.slow
-def test_kill9_uploader_mid_upload_then_upload_again(tmp_path: Path, collector: Collector) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
+def test_kill9_uploader_mid_upload_then_upload_again(tmp_path: Path, collector: Collector, sig: int) -> None:
     tok = add_token(collector.db, "alice")
     collector.start()
     vol = tmp_path / "vol.db"
@@ -237,8 +238,10 @@ def test_kill9_uploader_mid_upload_then_upload_again(tmp_path: Path, collector: 
     tokf = token_file(tmp_path, tok)
     up = _upload_proc(vol, tokf, collector.url)
     _wait_for_rows(collector.db, 500, up)
-    up.send_signal(signal.SIGKILL)
-    up.wait(10)
+    up.send_signal(sig)
+    _out, err = up.communicate(timeout=30)
+    if sig == signal.SIGINT:  # Ctrl-C: one line, no traceback
+        assert up.returncode != 0 and "Traceback" not in err and len(err.strip().splitlines()) <= 1, err
     partial = count(collector.db, "observations")
     assert 0 < partial < 6000
     p = kz("upload", "--db", str(vol), "--token-file", tokf, collector.url)
