@@ -84,7 +84,13 @@ def observe(st: FileState, fl: Flow, address: str, ref: Ref | None, cut: bool) -
                                                    f"list) to {address}:{fl.sport} with SNI {sni}")
     else:
         assert req is not None
-        data = {"host": host_of(buf) or req.host, "url": f"http://{req.host or address}{req.path}"}
+        if req.method == "CONNECT":
+            # A proxy's CONNECT (proxy+http:// targets): the request target is HOST:PORT, not a
+            # path; recorded as the live probe records it (probes/kinds.py).
+            data = {"host": req.host or req.path, "method": "CONNECT", "connect_to": req.path,
+                    "url": f"http://{address}:{fl.sport}"}
+        else:
+            data = {"host": host_of(buf) or req.host, "url": f"http://{req.host or address}{req.path}"}
     packets = [tn]
     failure: str | None
     if sig is None:
