@@ -150,3 +150,8 @@ def test_circumvention_cites_proxies_vpns_and_opera() -> None:
     vpns = [t for t in targets if t.claim and t.claim.quote.startswith("VPNs")]
     assert vpns and all(roles[t.url] == "control" for t in vpns)
     assert all("Source: " in t.notes for t in targets)
+    # rdsys' moat documentation lists 15 built-in obfs4 bridges (14 IPv4, 1 IPv6); the report knows none.
+    bridges = [t for t in targets if t.kind == "obfs4"]
+    assert len(bridges) == 15 and sum(":" in t.host for t in bridges) == 1
+    assert all(roles[t.url] == "listed" and t.claim is None for t in bridges)
+    assert "obfs4://192.95.36.142:443" in by_url
