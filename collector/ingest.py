@@ -143,8 +143,10 @@ class Ingest:
         with self.store.session() as s, s.begin():
             ref = self._run(s, uid, submitter)
             seqs = [q for q, _ in batch]
+            # A range on the (run_id, seq) index rather than an IN list of up to 5000 parameters
+            # (a batch's seqs are contiguous but for the ones a retry already stored).
             present = set(s.scalars(select(ObservationRow.seq).where(
-                ObservationRow.run_id == ref.id, ObservationRow.seq.in_(seqs))))
+                ObservationRow.run_id == ref.id, ObservationRow.seq.between(min(seqs), max(seqs))))) if seqs else set()
             rows: list[Any] = [q for q, _ in batch if q not in present]
             if not self._sqlite:
                 rows = [{"run_id": ref.id, "seq": q, **{f: getattr(o, f) for f in _OBS_COLUMNS}}
