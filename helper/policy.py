@@ -269,7 +269,7 @@ class Policy:
         if port is None:
             raise PolicyError(f"a {scheme}:// target needs a port", "bad_url")
         if scheme not in NAME_KINDS and not is_ip(host):
-            raise PolicyError(f"a {scheme}:// target's host is an IP address", "bad_url")
+            raise PolicyError(f"a {scheme}:// target's host must be an IP address, not a name", "bad_url")
         why = self.kind_port_refusal(port)
         if why:
             raise PolicyError(f"{why}: refused", "forbidden_port")

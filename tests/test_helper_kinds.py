@@ -66,6 +66,12 @@ def test_policy_refuses(url: str, code: str) -> None:
     assert e.value.code == code, e.value
 
 
+def test_a_named_relay_is_refused_in_words_that_say_why() -> None:
+    # The one-line reason goes back to the client: it must say what is wrong, not the opposite.
+    with pytest.raises(PolicyError, match="must be an IP address, not a name"):
+        LAB.check_url("tor-dir://dir.example.org:9030")
+
+
 def test_the_kind_port_opens_only_for_its_own_request() -> None:
     """tor-dir's GET on 9030 passes the request hook; a redirect elsewhere, or another request, does not."""
     engine = HelperEngine(ProbeConfig(system_resolver=False), LAB)
