@@ -7,11 +7,12 @@ default hello against the browser-like one).  Observations say which hello they 
 
 Precedence: ``dpi.tls_fingerprint`` comes before ``dpi.tls_followup``, ``dpi.tls_control`` and
 ``ip.tls_followup``.  Those compare a *name* (target SNI against a benign one) or an address; when
-the same name on the same address completes with one hello and not with the other, neither the
-name nor the address is what is blocked, and a box that keys on the fingerprint also resets the
-benign-SNI follow-up (it sends the same hello), which ``ip.tls_followup`` would take for an
-address block.  DNS, TCP and kind rules stay first: a wrong address or a refused port explains
-every later failure.
+the same name on the same address completes with one hello and not with the other, and the
+failing hello fails with the benign SNI too, neither the name nor the address is what is blocked:
+a box that keys on the fingerprint also resets the benign-SNI follow-up (it sends the same hello),
+which ``ip.tls_followup`` would take for an address block.  When the benign-SNI follow-up with the
+failing hello completes, the name is blocked (``dpi.tls_followup``) whatever the other hello did.
+DNS, TCP and kind rules stay first: a wrong address or a refused port explains every later failure.
 
 ``tor-or://`` targets have no name: their TLS steps carry a random Tor-like SNI, so the URL TLS
 rules (which read handshakes with SNI = the target's domain) never see them, and the two rules
@@ -59,12 +60,22 @@ def _control_says(f: Facts, address: str) -> bool | None:
     return None
 
 
+def _passes_with_another_name(handshakes: dict[tuple[str, str], list[Observation]], addr: str, sni: str,
+                              hello: str) -> bool:
+    """The same hello completed on the same address with another SNI (the benign-SNI follow-up):
+    the name is part of what is blocked, so the contrast is the SNI's (``dpi.tls_followup``), and a
+    browser-like hello passing with the name is a box that missed it, not one that reads fingerprints."""
+    return any(o.ok and hello_of(o) == hello for (a, s), obs in handshakes.items() if a == addr and s != sni
+               for o in obs)
+
+
 def _fingerprint(f: Facts) -> Hit | None:
     """One ClientHello fails by interference at every attempt on an address while the other one,
     same address and same SNI, completes; control completes where control exists."""
     if f.probe_http_ok:
         return None
-    for (addr, sni), obs in _probe_handshakes(f).items():
+    handshakes = _probe_handshakes(f)
+    for (addr, sni), obs in handshakes.items():
         by_hello: dict[str, list[Observation]] = defaultdict(list)
         for o in obs:
             by_hello[hello_of(o)].append(o)
@@ -73,7 +84,7 @@ def _fingerprint(f: Facts) -> Hit | None:
             if completed[blocked] or not all(o.failure in INTERFERENCE for o in lst) or not _enough(lst):
                 continue
             passed = next((h for h, ok in completed.items() if ok and h != blocked), None)
-            if passed is None:
+            if passed is None or _passes_with_another_name(handshakes, addr, sni, blocked):
                 continue
             ctl = _control_says(f, addr)
             if ctl is False:

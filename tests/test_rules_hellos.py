@@ -85,6 +85,11 @@ NEAR_MISS: list[Case] = [
     Case("https: the browser-like hello is reset too, the benign SNI completes",
          https_default_blocked(browser_followup=RESET, benign=None), "dpi.tls_followup", "blocked", "dpi",
          "dpi.tls_reset", near="dpi.tls_fingerprint"),
+    # SNI DPI that misses the browser-like hello: the default hello passes with the benign SNI, so
+    # the name is what the box keys on (the benign-SNI contrast), not the default hello's fingerprint.
+    Case("https: the default hello completes with the benign SNI, the browser-like one with the target's",
+         https_default_blocked(benign=None), "dpi.tls_followup", "blocked", "dpi", "dpi.tls_reset",
+         near="dpi.tls_fingerprint"),
     Case("tor-or: both hellos reset but control never measured", tor_blocked(browser=RESET)[:-2],
          "inconclusive", "inconclusive", near="ip.tor_or_tls"),
     Case("tor-or: refused at TCP while control connects",
