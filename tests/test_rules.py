@@ -9,7 +9,7 @@ without a case here.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 
@@ -465,9 +465,23 @@ def _numbered(obs: list[Observation]) -> list[Observation]:
     return obs
 
 
-def _check(case: Case) -> None:
+class RuleCase(Protocol):
+    """What check_case reads of a case (test_rules_kinds' cases carry their own target)."""
+
+    observations: list[Observation]
+    rule: str
+    status: str
+    mechanism: str | None
+    detail: str | None
+    near: str | None
+
+
+def check_case(case: RuleCase, target: str, context: Context) -> None:
+    """Classify a case's observations (numbered 1..n) under ``target``: the rule, status, mechanism
+    and detail it names, never its near miss, and evidence among the case's own observations.
+    Shared by test_rules_kinds.py and test_rules_hellos.py."""
     obs = _numbered(case.observations)
-    v = classify_target(URL, obs, case.context)
+    v = classify_target(target, obs, context)
     assert v.rule == case.rule, (v.rule, v.sentence)
     assert (v.status, v.mechanism) == (case.status, case.mechanism), v
     if case.detail is not None:
@@ -484,12 +498,12 @@ def _check(case: Case) -> None:
 
 @pytest.mark.parametrize("case", POSITIVE, ids=[c.id for c in POSITIVE])
 def test_positive(case: Case) -> None:
-    _check(case)
+    check_case(case, URL, case.context)
 
 
 @pytest.mark.parametrize("case", NEAR_MISS, ids=[c.id for c in NEAR_MISS])
 def test_near_miss(case: Case) -> None:
-    _check(case)
+    check_case(case, URL, case.context)
 
 
 def test_every_rule_has_cases() -> None:

@@ -13,7 +13,7 @@ from kzprobe import errors as E
 from kzprobe.analysis import RULES, classify_target
 from kzprobe.analysis.rules_hellos import HELLO_RULES
 from kzprobe.model import CONTROL, FOLLOWUP, MEASURE, PROBE, Observation
-from kzprobe.tests.test_rules import DOMAIN, URL, A, Case, ctl_site, dns, http, tcp, tls
+from kzprobe.tests.test_rules import DOMAIN, URL, A, Case, check_case, ctl_site, dns, http, tcp, tls
 
 RESET, TIMEOUT, REFUSED = E.CONNECTION_RESET, E.TIMEOUT, E.CONNECTION_REFUSED
 RELAY = "198.51.100.30"  # data only: nothing is sent
@@ -98,32 +98,14 @@ NEAR_MISS: list[Case] = [
 ]
 
 
-def _check(case: Case) -> None:
-    """As test_rules._check, classifying under the observations' own target (tor-or:// or https://)."""
-    obs = case.observations
-    for i, o in enumerate(obs, start=1):
-        o.id = i
-    v = classify_target(obs[0].target, obs, case.context)
-    assert v.rule == case.rule, (v.rule, v.sentence)
-    assert (v.status, v.mechanism) == (case.status, case.mechanism), v
-    if case.detail is not None:
-        assert v.detail == case.detail, v
-    if case.near is not None:
-        assert v.rule != case.near
-    assert v.sentence and 0 < v.confidence <= 1
-    assert set(v.observations) <= {o.id for o in obs}
-    if v.status in ("blocked", "down"):
-        assert v.observations, "a blocked/down verdict must cite its evidence"
-
-
 @pytest.mark.parametrize("case", POSITIVE, ids=[c.id for c in POSITIVE])
 def test_positive(case: Case) -> None:
-    _check(case)
+    check_case(case, case.observations[0].target, case.context)  # tor-or:// or https://
 
 
 @pytest.mark.parametrize("case", NEAR_MISS, ids=[c.id for c in NEAR_MISS])
 def test_near_miss(case: Case) -> None:
-    _check(case)
+    check_case(case, case.observations[0].target, case.context)
 
 
 def test_sentence_names_the_blocked_hello() -> None:

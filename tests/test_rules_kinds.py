@@ -15,9 +15,10 @@ from typing import Any
 import pytest
 
 from kzprobe import errors as E
-from kzprobe.analysis import RULES, Context, classify_target
+from kzprobe.analysis import RULES, Context
 from kzprobe.analysis.rules_kinds import KIND_DNS_RULES, KIND_RULES
 from kzprobe.model import CONTROL, MEASURE, PROBE, Observation
+from kzprobe.tests.test_rules import check_case
 
 IP = "198.51.100.20"  # data only: nothing is sent
 PORT = 9030
@@ -206,29 +207,14 @@ NEAR_MISS: list[Case] = [
 ]
 
 
-def _check(case: Case) -> None:
-    for i, o in enumerate(case.observations, start=1):
-        o.id = i
-    v = classify_target(case.target, case.observations, Context(control_configured=True))
-    assert v.rule == case.rule, (v.rule, v.sentence)
-    assert (v.status, v.mechanism) == (case.status, case.mechanism), v
-    if case.detail is not None:
-        assert v.detail == case.detail, v
-    if case.near is not None:
-        assert v.rule != case.near
-    assert v.sentence and 0 < v.confidence <= 1
-    if v.status in ("blocked", "down"):
-        assert v.observations, "a blocked/down verdict must cite its evidence"
-
-
 @pytest.mark.parametrize("case", POSITIVE, ids=[c.id for c in POSITIVE])
 def test_positive(case: Case) -> None:
-    _check(case)
+    check_case(case, case.target, Context(control_configured=True))
 
 
 @pytest.mark.parametrize("case", NEAR_MISS, ids=[c.id for c in NEAR_MISS])
 def test_near_miss(case: Case) -> None:
-    _check(case)
+    check_case(case, case.target, Context(control_configured=True))
 
 
 def test_kind_rules_are_in_the_one_table() -> None:
