@@ -82,6 +82,12 @@ async def reach(engine: Engine, target: Target, address: str, *, followups: bool
 
     Returns the open stream (the caller closes it) or None.
     """
+    return (await _reach(engine, target, address, followups=followups, attempt=attempt))[0]
+
+
+async def _reach(engine: Engine, target: Target, address: str, *, followups: bool, attempt: int
+                 ) -> tuple[trio.SocketStream | None, int]:
+    """:func:`reach`, and the next TCP attempt number left free (a later connect must not reuse one)."""
     cfg = engine.config
     tries = 1 + (cfg.retries if followups else 0)
     for i in range(tries):
@@ -89,8 +95,8 @@ async def reach(engine: Engine, target: Target, address: str, *, followups: bool
                                              attempt=attempt + i, source=cfg.source_address)
         await engine._emit(tcp)
         if stream is not None:
-            return stream
-    return None
+            return stream, attempt + i + 1
+    return None, attempt + tries
 
 
 # --- tor-dir ---------------------------------------------------------------------------------------
@@ -123,8 +129,10 @@ async def _dir_fetch(engine: Engine, target: Target, address: str, attempt: int)
 # --- proxy+http ------------------------------------------------------------------------------------
 async def _proxy(engine: Engine, target: Target, address: str, followups: bool) -> None:
     tries = 1 + (engine.config.retries if followups else 0)
+    tcp_attempt = 0  # a connect retried before the first CONNECT has used attempt 1 already
     for attempt in range(tries):
-        stream = await reach(engine, target, address, followups=followups and attempt == 0, attempt=attempt)
+        stream, tcp_attempt = await _reach(engine, target, address, followups=followups and attempt == 0,
+                                           attempt=tcp_attempt)
         if stream is None:
             return
         connect, tunnel = await _connect(engine, target, address, stream, attempt)

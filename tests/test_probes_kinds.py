@@ -218,6 +218,29 @@ def test_proxy_that_closes_is_eof_and_measured_again(tls_server: int) -> None:
     assert [o.attempt for o in obs] == [0, 0, 1, 1]
 
 
+def test_proxy_retry_after_a_retried_connect_takes_a_fresh_attempt(tls_server: int,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first connect is refused (a real refusal: a port held bound, not listening), its retry
+    connects, the CONNECT is cut (EOF) and measured again: that connect is attempt 2, not a second
+    attempt 1 (twin steps read as a target measured twice, e.g. by a resumed run)."""
+    _, port = _proxy("close", tls_server)
+    real = kinds.tcpprobe.connect
+    calls: list[int] = []
+    with closed_port() as dead:
+        async def first_refused(target: str, domain: str, address: str, p: int, timeout: float,
+                                **kw: Any) -> tuple[Observation, Any]:
+            calls.append(p)
+            obs, stream = await real(target, domain, address, dead if len(calls) == 1 else p, timeout, **kw)
+            obs.port = p
+            return obs, stream
+
+        monkeypatch.setattr(kinds.tcpprobe, "connect", first_refused)
+        obs = _measure(f"proxy+http://{LO}:{port}", _cfg())
+    assert _steps(obs) == [("tcp", E.CONNECTION_REFUSED), ("tcp", None), ("http", E.EOF), ("tcp", None),
+                           ("http", E.EOF)]
+    assert [o.attempt for o in obs] == [0, 1, 0, 2, 1]
+
+
 def test_connect_head_parser() -> None:
     assert kinds.parse_head(b"HTTP/1.1 200 Connection established\r\nVia: x") == (200, {"Via": "x"})
     assert kinds.parse_head(b"HTTP/1.0 407 Proxy Authentication Required") == (407, {})
