@@ -29,8 +29,14 @@ def _classify(observations: list[Observation]) -> tuple[list[Verdict] | None, st
               help="Extra blockpage fingerprint CSV (ooni/blocking-fingerprints format); repeatable.")
 @click.option("--separate", is_flag=True, help="Replay every file on its own, even when the files follow one "
               "another in time like a rotated capture (tcpdump -C / -G).")
+@click.option("--targets", "targets_file", type=click.Path(dir_okay=False), default=None,
+              help="The run's target list (a file as for `kzprobe run`, or a lab recording's NAME.expected.json): "
+                   "flows to its tor-or://, tor-dir://, obfs4://, tcp://, proxy+http:// targets are mapped to them "
+                   "by address and port, lookups to udp-dns:// targets by name.")
+@click.option("--list", "list_name", default=None, help="The run's built-in target list (tor, messaging, "
+              "circumvention, ...), used as --targets is.")
 def replay(files: tuple[str, ...], fmt: str, store: bool, db: str | None, fingerprints: tuple[str, ...],
-           separate: bool) -> None:
+           separate: bool, targets_file: str | None, list_name: str | None) -> None:
     """Classify censorship from packet captures (pcap / pcapng, plain or gzip).
 
     Reconstructs DNS transactions, TCP flows, TLS ClientHellos and HTTP requests, judges which
@@ -45,6 +51,9 @@ def replay(files: tuple[str, ...], fmt: str, store: bool, db: str | None, finger
     Control comes from the capture itself: the probe's requests to its control helper
     (POST /v1/control, found by that request line) and the helper's answers are always decoded
     as control observations, never reported as targets.
+
+    Targets beyond URLs (tcp://, tor-or://, udp-dns://, ...) do not name themselves on the wire:
+    replay knows those the probe asked its helper about, and those of --targets / --list.
     """
     from kzprobe.analysis.fingerprints import Fingerprints
     from kzprobe.replay.engine import FileError, FileReplay, Replayer, group_rotated
@@ -56,7 +65,7 @@ def replay(files: tuple[str, ...], fmt: str, store: bool, db: str | None, finger
         fps = Fingerprints.default(extra=list(fingerprints))
     except Exception as exc:  # a bad fingerprint file: one line, no traceback
         raise click.ClickException(f"fingerprints: {exc}") from None
-    replayer = Replayer(fps)
+    replayer = Replayer(fps, targets=_targets(targets_file, list_name))
     failed: list[FileError]
     if separate or len(files) == 1:  # (grouping reads every file once more: not for one)
         groups, failed = [[f] for f in files], []
@@ -115,6 +124,38 @@ def replay(files: tuple[str, ...], fmt: str, store: bool, db: str | None, finger
         _table(per_file, note, run_id)
     if failed:
         sys.exit(1)
+
+
+def _targets(targets_file: str | None, list_name: str | None) -> list[Target]:
+    """--targets / --list: the targets the captured run measured (one line per problem, no traceback)."""
+    if targets_file and list_name:
+        raise click.UsageError("--targets and --list are one or the other")
+    if not targets_file and not list_name:
+        return []
+    from kzprobe.replay.kinds import targets_of_expected
+    from kzprobe.targets import BUILTIN_LISTS, TargetListError, load, load_builtin
+
+    try:
+        if list_name:
+            if list_name not in BUILTIN_LISTS:
+                raise click.BadParameter(f"no built-in list {list_name!r} (lists: {', '.join(sorted(BUILTIN_LISTS))})",
+                                         param_hint="--list")
+            return load_builtin(list_name)
+        assert targets_file is not None
+        if targets_file.endswith(".json"):
+            got = targets_of_expected(targets_file)
+            if got is None:
+                raise click.BadParameter(f"{targets_file}: not a lab recording's expected.json (no \"targets\" list)",
+                                         param_hint="--targets")
+            return got
+        res = load(targets_file)
+    except TargetListError as exc:
+        raise click.ClickException(str(exc)) from None
+    for line in res.errors:
+        click.echo(f"warning: {line}", err=True)
+    if not res.targets:
+        raise click.ClickException(f"{targets_file}: no usable target")
+    return res.targets
 
 
 def _internal_error(exc: BaseException) -> str:

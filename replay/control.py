@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kzprobe.contract import WireError, observations_from_wire, rejected
-from kzprobe.model import CONTROL, SOURCE_PCAP, Observation, Target
+from kzprobe.model import CONTROL, KINDS, SOURCE_PCAP, Observation, Target
 from kzprobe.replay import parsers
 
 #: The request line that marks a flow as the probe talking to its control helper.
@@ -143,9 +143,9 @@ def decode_answer(answer: Any, target: str, frames: list[int], who: str) -> tupl
         o.packets = list(frames)
         return [o], exc.reason
     for o in obs:
-        # Replay names targets by host; the helper's observations carry the URL.
+        # Replay names URL targets by host (kind targets by URL); the helper's observations carry the URL.
         o.target = target
-        o.domain = o.domain.lower() or target
+        o.domain = o.domain.lower() or Target(target).host
         o.packets = list(frames)
     return obs, None
 
@@ -157,12 +157,20 @@ def _json(body: bytes) -> Any:
         return None
 
 
+def replay_name(url: str) -> str:
+    """The target replay keys a measured URL by: the host of an http(s) URL (replay names those
+    targets by SNI / Host), the URL itself for the kinds beyond URLs (``tcp://NAME:443`` and
+    ``udp-dns://NAME`` are two targets of one name; replay/kinds.py)."""
+    t = Target(url)
+    return url if "://" in url and t.kind in KINDS else t.host
+
+
 def _answer_target(answer: Any) -> str:
     """The target the helper's answer says it measured (its observations carry the URL)."""
     if isinstance(answer, dict) and isinstance(answer.get("observations"), list):
         for d in answer["observations"]:
             if isinstance(d, dict) and isinstance(d.get("target"), str) and d["target"]:
-                return Target(d["target"]).host
+                return replay_name(d["target"])
     return ""
 
 
@@ -185,7 +193,7 @@ def exchanges(streams: HelperStreams, who: str = "") -> list[Exchange]:
             continue
         doc = _json(req.body) if req is not None else None
         url = str(doc.get("url") or "") if isinstance(doc, dict) else ""
-        ex = Exchange(url=url, target=Target(url).host if url else "", status=None,
+        ex = Exchange(url=url, target=replay_name(url) if url else "", status=None,
                       request_frames=cli.frames_of(req.start, req.end) if req is not None else [])
         out.append(ex)
         if resp is None:

@@ -20,8 +20,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from kzprobe.model import MEASURE
-from kzprobe.replay import chains, dns, flows, naming, trigger
+from kzprobe.model import MEASURE, Target
+from kzprobe.replay import chains, dns, flows, kinds, naming, trigger
 from kzprobe.replay.flows import Flow
 from kzprobe.replay.pcapio import CaptureError, ReadResult, iter_frames, iter_packets
 from kzprobe.replay.state import FileReplay, FileState, Finding, Limits, span
@@ -51,12 +51,15 @@ class Replayer:
 
     def __init__(self, fingerprints: Fingerprints | None = None, *, idle: float = 60.0,
                  dns_idle: float = 10.0, max_flows: int = 50_000, buf_cap: int = 4096,
-                 helper_budget: int = 64 << 20) -> None:
+                 helper_budget: int = 64 << 20, targets: Iterable[Target | str] = ()) -> None:
         #: Blockpage fingerprints (None: the project's file, as the live probe uses).
         self.fingerprints = fingerprints
         self.limits = Limits(idle=idle, dns_idle=dns_idle, max_flows=max_flows, buf_cap=buf_cap,
                              helper_budget=helper_budget)
         self.next_id = 1
+        #: The kind targets (tor-or://, tcp://, ...) the captures measured: their flows are mapped
+        #: to them by address and port (replay/kinds.py).  URL targets name themselves.
+        self.kind_targets = kinds.kind_targets(targets)
 
     def replay_file(self, path: str) -> FileReplay:
         """One capture.  Raises :class:`CaptureError` only when the file is not a capture at all."""
@@ -70,6 +73,7 @@ class Replayer:
         res = ReadResult(path=str(paths[0]))
         out = FileReplay(res, paths=[str(p) for p in paths])
         st = FileState(str(paths[0]), out, self.limits, self.fingerprints, self.next_id)
+        st.kind_targets = self.kind_targets
         base = 0
         for i, path in enumerate(paths):
             part = res if i == 0 else ReadResult()
@@ -131,6 +135,7 @@ class Replayer:
         trigger.throttle_findings(st)
         dns.outliers(st)
         dns.fold(st)
+        kinds.claim_lookups(st, naming.all_kind_targets(st))
         chains.link(st)  # after every observation is out, the lookups (folded last) included
         _summarise(st)
 

@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 from kzprobe import errors as E
 from kzprobe.model import STEP_TCP, STEP_TLS, Observation
-from kzprobe.replay import dns, helperflows, trigger
+from kzprobe.replay import dns, helperflows, trigger, tunnel
 from kzprobe.replay.control import HELPER_REQUEST, HelperStreams
 from kzprobe.replay.pcapio import ACK, FIN, RST, SYN, Packet, _ntop
 from kzprobe.replay.state import END_GRACE, SOURCE, FileState, seq_ge
@@ -443,12 +443,18 @@ def finish(st: FileState, fl: Flow, at_end: bool) -> None:
         app = trigger.observe(st, fl, address, ref, cut)
         if app is not None:
             tcp.data["stopped"] = app.data.pop("_stopped", "trigger")
+            if "hello" in app.data:  # as the live probe's connect of a ClientHello follow-up records it
+                tcp.data["hello"] = app.data["hello"]
     name = app.domain if app is not None else None
     st.pending.append((tcp, not name))
     if name:
         tcp.target = tcp.domain = name
     if app is not None:
         st.pending.append((app, False))
+        if app.data.get("method") == "CONNECT" and tunnel.tunnelled(app.data.get("status")):
+            through = tunnel.tls_through(st, fl, address, app, cut)
+            if through is not None:
+                st.pending.append((through, False))
         if fl.keys is not None and app.step == STEP_TLS and app.ok:
             page = trigger.decrypted_http(st, fl, address, app)
             if page is not None:

@@ -39,6 +39,8 @@ def finish(st: FileState, fl: Flow, hs: HelperStreams) -> None:
         first = min(f for _p, f in (*hs.cli.ooo.values(), *hs.srv.ooo.values()))
         st.lost(first, f"packet {first} follows a gap that the capture never fills")
     for ex in control.exchanges(hs, who=f"the helper at {where} (in the capture)"):
+        if "://" in ex.target:  # a kind target (tcp://, tor-or://, ...): its flows are mapped by address
+            st.helper_kind_urls[ex.target] = None
         for o in ex.observations:
             st.emit(o)
         first = (ex.frames or ex.request_frames or [fl.first_n])[0]

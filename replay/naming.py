@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-from kzprobe.model import FOLLOWUP, PEEK, STEP_HTTP, STEP_TLS, Observation
+from kzprobe.model import FOLLOWUP, PEEK, STEP_HTTP, STEP_TLS, Observation, Target
+from kzprobe.replay import kinds
 from kzprobe.replay.state import SOURCE, FileState
 
 
@@ -18,7 +19,11 @@ def resolve_pending(st: FileState) -> None:
     """Name the flows' observations and emit them, with their findings."""
     attempts: Counter[tuple[str, str]] = Counter()
     _mark_peeks(st)
+    claimed = kinds.claim_flows(st, all_kind_targets(st))
     for obs, unnamed in st.pending:
+        if id(obs) in claimed:  # a kind target's (tcp://, tor-or://, ...): named by its URL already
+            st.emit(obs, attempts)
+            continue
         if unnamed or not obs.domain:
             obs.domain = name_of(st, obs.address or "")
         owners = st.dns_names.get(obs.address or "", set())
@@ -32,6 +37,11 @@ def resolve_pending(st: FileState) -> None:
     for addr, kind, packets, sentence in st.pfind:
         st.find(name_of(st, addr), kind, packets, sentence)
     st.pfind.clear()
+
+
+def all_kind_targets(st: FileState) -> list[Target]:
+    """The kind targets replay was told of, and those the probe asked its helper about."""
+    return kinds.kind_targets([*st.kind_targets, *kinds.helper_targets(st)])
 
 
 def name_of(st: FileState, addr: str) -> str:

@@ -11,7 +11,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from kzprobe.model import SOURCE_PCAP, Observation
+from kzprobe.model import SOURCE_PCAP, Observation, Target
 from kzprobe.replay.pcapio import ReadResult
 
 if TYPE_CHECKING:
@@ -99,6 +99,10 @@ class FileState:
         self.http_budget = limits.http_budget
         self.helper_budget = limits.helper_budget
         self.helper_eps: set[tuple[bytes, int]] = set()  # (address, port) of helpers seen asked
+        #: Kind targets (tor-or://, tcp://, ...) the replay was told of (replay/kinds.py).
+        self.kind_targets: list[Target] = []
+        #: Kind target URLs the probe asked its helper about, in the capture (dict: ordered set).
+        self.helper_kind_urls: dict[str, None] = {}
         #: The first evidence that the capture dropped packets: (frame, why).
         self.loss: tuple[int, str] | None = None
         #: The file being read (its pcapng Decryption Secrets Blocks arrive as it is read).

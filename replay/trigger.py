@@ -18,7 +18,7 @@ from urllib.parse import urljoin
 from kzprobe import errors as E
 from kzprobe.analysis.features import hello_fingerprint, host_of, http_features
 from kzprobe.model import FOLLOWUP, PROBE, STEP_HTTP, STEP_TLS, Observation
-from kzprobe.replay import parsers
+from kzprobe.replay import parsers, tunnel
 from kzprobe.replay.pcapio import ACK, FIN, RST
 from kzprobe.replay.state import END_GRACE, SOURCE, TTL_MARGIN, FileState, seq_ge
 
@@ -62,7 +62,8 @@ def observe(st: FileState, fl: Flow, address: str, ref: Ref | None, cut: bool) -
         what = f"ClientHello (SNI {sni})" if sni else "ClientHello (no SNI)"
     else:
         assert req is not None
-        domain = host_of(buf) or address
+        # A proxy's CONNECT names where the tunnel goes, not what is measured: the proxy is.
+        domain = address if req.method == "CONNECT" else host_of(buf) or address
         what = f"{req.method} {req.path} (Host {req.host})"
     # Remember the name even if this flow yields no observation: TCP-only flows to the same
     # address (handshake timeouts) are named after it.
@@ -87,7 +88,7 @@ def observe(st: FileState, fl: Flow, address: str, ref: Ref | None, cut: bool) -
         if req.method == "CONNECT":
             # A proxy's CONNECT (proxy+http:// targets): the request target is HOST:PORT, not a
             # path; recorded as the live probe records it (probes/kinds.py).
-            data = {"host": req.host or req.path, "method": "CONNECT", "connect_to": req.path,
+            data = {"host": host_of(buf) or req.path.rsplit(":", 1)[0], "method": "CONNECT", "connect_to": req.path,
                     "url": f"http://{address}:{fl.sport}"}
         else:
             data = {"host": host_of(buf) or req.host, "url": f"http://{req.host or address}{req.path}"}
@@ -123,7 +124,13 @@ def observe(st: FileState, fl: Flow, address: str, ref: Ref | None, cut: bool) -
                                               packets)
             else:
                 outcome, failure = "response", None
-                _http_reply(st, fl, domain, what, body, bool(injected), sig, data)
+                head = tunnel.answer_head(body) if data.get("method") == "CONNECT" else None
+                if head is not None and tunnel.tunnelled(head[0]):
+                    # The answer's head is all of it: what follows is the tunnel (probes/kinds.py
+                    # records status and headers of a 2xx, and reads a page only from a refusal).
+                    data.update(status=head[0], headers=head[1])
+                else:
+                    _http_reply(st, fl, domain, what, body, bool(injected), sig, data)
         elif sig.flags & RST:
             outcome, failure = "rst", E.CONNECTION_RESET
             if not injected:

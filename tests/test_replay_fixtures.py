@@ -6,7 +6,9 @@ when the recorder wrote it).  Replay must give the live verdict, detail included
 packets, the same feature layer, the same rules.  Other accepted shapes: a mapping target ->
 "status[/mechanism]" (or -> {"status", "mechanism"}), optionally under a "verdicts" key, or a list
 of verdict objects with "target"/"domain", "status" and "mechanism".  Targets may be URLs; replay
-names targets by domain, so both sides are compared by host name.
+names URL targets by domain, so both sides are compared by host name.  Targets of the kinds beyond
+URLs (tor-or://, tcp://, udp-dns://, ...) are compared by URL: replay is given the recording's
+target list, as ``kzprobe replay --targets NAME.expected.json`` is, and maps their flows to them.
 """
 
 from __future__ import annotations
@@ -19,14 +21,25 @@ from urllib.parse import urlsplit
 import pytest
 
 from kzprobe.analysis import classify
+from kzprobe.model import KINDS
 from kzprobe.replay.engine import Replayer
+from kzprobe.replay.kinds import is_kind, targets_of_expected
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "pcaps"
 CAPTURES = sorted(p for p in FIXTURES.glob("*") if p.suffix in (".pcap", ".pcapng", ".gz")) if FIXTURES.is_dir() else []
 
 
 def _host(key: str) -> str:
+    """How a target is compared: by host name for a URL (replay names URL targets by SNI / Host),
+    by the URL itself for the kinds beyond URLs (tcp://NAME:443 and udp-dns://NAME are two targets)."""
+    if "://" in key and urlsplit(key).scheme.lower() in KINDS:
+        return key
     return (urlsplit(key).hostname or key).lower().rstrip(".") if "://" in key else key.lower().rstrip(".")
+
+
+def _key(d: dict[str, Any]) -> str:
+    target = str(d.get("target") or "")
+    return _host(target if is_kind(target) else str(d.get("domain") or target))
 
 
 def _label(v: Any) -> tuple[str, str | None]:
@@ -39,13 +52,12 @@ def _label(v: Any) -> tuple[str, str | None]:
 def expected(path: Path) -> dict[str, tuple[str, str | None]]:
     doc = json.loads(path.read_text("utf-8"))
     if isinstance(doc, dict) and "targets" in doc:  # what `kzprobe lab record` writes: the live run's verdict
-        return {_host(str(d.get("domain") or d.get("target"))): _label(d.get("live_verdict") or d["expect"])
-                for d in doc["targets"]}
+        return {_key(d): _label(d.get("live_verdict") or d["expect"]) for d in doc["targets"]}
     if isinstance(doc, dict) and "verdicts" in doc:
         doc = doc["verdicts"]
     if isinstance(doc, dict):
         return {_host(k): _label(v) for k, v in doc.items()}
-    return {_host(str(d.get("domain") or d.get("target"))): _label(d) for d in doc}
+    return {_key(d): _label(d) for d in doc}
 
 
 def live_details(path: Path) -> dict[str, str | None]:
@@ -53,8 +65,7 @@ def live_details(path: Path) -> dict[str, str | None]:
     doc = json.loads(path.read_text("utf-8"))
     if not isinstance(doc, dict) or "targets" not in doc:
         return {}
-    return {_host(str(d.get("domain") or d.get("target"))): d["live_detail"] for d in doc["targets"]
-            if "live_detail" in d}
+    return {_key(d): d["live_detail"] for d in doc["targets"] if "live_detail" in d}
 
 
 def _expected_file(capture: Path) -> Path:
@@ -89,7 +100,9 @@ ENCRYPTED_IN_CAPTURE: dict[tuple[str, str], tuple[str, str]] = {
 def test_fixture_replays_to_expected_verdicts(capture: Path) -> None:
     exp_file = _expected_file(capture)
     assert exp_file.is_file(), f"{capture.name} has no {exp_file.name} beside it"
-    fr = Replayer().replay_file(str(capture))
+    # The run's targets, as the recording lists them: replay maps the flows of tor-or://, tcp://,
+    # udp-dns:// ... targets to them by address and port (URL targets name themselves).
+    fr = Replayer(targets=targets_of_expected(str(exp_file)) or ()).replay_file(str(capture))
     assert fr.read.ok, fr.read.describe()
     got = {_host(v.target): v for v in classify(fr.observations)}
     addresses = _addresses(exp_file)
@@ -136,7 +149,7 @@ def _addresses(path: Path) -> dict[str, str]:
     doc = json.loads(path.read_text("utf-8"))
     if not isinstance(doc, dict) or "targets" not in doc:
         return {}
-    return {_host(str(d.get("domain") or d.get("target"))): str(d.get("address", "")) for d in doc["targets"]}
+    return {_key(d): str(d.get("address", "")) for d in doc["targets"]}
 
 
 def _packets_to(capture: Path, address: str) -> int:
