@@ -8,7 +8,8 @@ after ``ip.tcp``.  What the generic rules already say right for the kinds stays 
   ``ip.tcp`` (detail ``ip.tcp_refused`` / ``ip.tcp_timeout``), whatever the kind;
 * a name that does not resolve, or resolves to a forged or bogon address, is the ``dns.*`` rules'
   (udp-dns targets are DNS steps only) -- but public answers that merely differ from control's
-  are ``dns.unverified`` for udp-dns (inconclusive: no handshake can tell geo-DNS from forgery);
+  are ``dns.unverified`` for udp-dns, and for tcp://NAME when they connect on the port
+  (inconclusive: no handshake can tell geo-DNS from forgery);
 * failure everywhere, control included, is ``down.everyone`` / ``dns.down``; no contrast at all is
   ``inconclusive``.
 
@@ -183,7 +184,8 @@ def _ok_tcp(f: Facts) -> Hit | None:
 
 
 def _dns_unverified(f: Facts) -> Hit | None:
-    """A DNS-only target whose probe answers are all unlike control's, none a bogon.
+    """A DNS-only target whose probe answers are all unlike control's, none a bogon; or a tcp://NAME
+    target whose unlike answers all connect on its port.
 
     For a URL a TLS handshake tells a CDN's or geo-DNS's other answer from a forged one; a
     udp-dns target has nothing but the answers, and messaging names are served by location
@@ -191,17 +193,30 @@ def _dns_unverified(f: Facts) -> Hit | None:
     evidence.  Forged answers that *are* evidence were decided before: injected (two answers to
     one query), a bogon, an address a DNS fingerprint names, NXDOMAIN/SERVFAIL/no answer.
     """
-    if kind_of(f) != UDP_DNS or not f.control_resolves:
+    kind = kind_of(f)
+    if kind not in (UDP_DNS, TCP) or not f.control_resolves:
         return None
     unlike = [o for o in f.probe_dns if o.ok and o.data.get("addresses")
               and not set(o.data["addresses"]) & f.control_addresses]
     if not unlike:
         return None
-    who = ", ".join(sorted({str(o.data.get("resolver")) for o in unlike}))
     got = sorted({a for o in unlike for a in o.data["addresses"]})
-    return Hit(unlike[:4], f"Resolver {who} answered {', '.join(got[:4])} for {f.domain}, unlike control "
-                           f"({', '.join(sorted(f.control_addresses)[:4])}); a DNS-only target cannot tell a "
-                           "location-dependent answer from a forged one (measure tcp://NAME:443 to validate).",
+    connects: list[Observation] = []
+    if kind == TCP:
+        # tcp://NAME: the unlike answers' endpoints accept on the target's port (every one the probe
+        # tried), as a messaging edge chosen by location does.  A failed connect there is left to
+        # dns.poisoned (a forged answer that leads nowhere).
+        tried = [o for o in f.probe_tcp if o.address in got]
+        connects = [o for o in tried if o.ok]
+        if not connects or {o.address for o in connects} != {o.address for o in tried}:
+            return None
+    who = ", ".join(sorted({str(o.data.get("resolver")) for o in unlike}))
+    why = ("a DNS-only target cannot tell a location-dependent answer from a forged one (measure "
+           "tcp://NAME:443 to validate)" if kind == UDP_DNS else
+           f"TCP to port {connects[0].port} there connected, which no handshake checks, so it cannot tell "
+           "a location-dependent answer from a forged one")
+    return Hit([*unlike[:4], *connects[:4]], f"Resolver {who} answered {', '.join(got[:4])} for {f.domain}, unlike "
+                                             f"control ({', '.join(sorted(f.control_addresses)[:4])}); {why}.",
                detail="dns.unverified")
 
 
@@ -239,7 +254,8 @@ KIND_RULES: tuple[Rule, ...] = (
 #: Placed right before ``dns.poisoned`` (after the DNS rules that are evidence for any kind).
 KIND_DNS_RULES: tuple[Rule, ...] = (
     Rule("dns.unverified", INCONCLUSIVE, None, "dns.unverified", 0.3, _dns_unverified,
-         "A DNS-only target's answers differ from control's, with nothing to tell geo-DNS from forgery."),
+         "A DNS-only (or TCP-only, connecting) target's answers differ from control's, with nothing to tell "
+         "geo-DNS from forgery."),
 )
 
 

@@ -77,6 +77,7 @@ OBFS = f"obfs4://{IP}:{PORT}"
 TCPURL = f"tcp://{IP}:5222"
 PROXY = f"proxy+http://{IP}:3128"
 UDNS = "udp-dns://chat.example"
+NAMED = "tcp://chat.example:5222"
 
 
 def p_tcp(url: str, *failures: str | None, port: int = PORT) -> list[Observation]:
@@ -136,6 +137,11 @@ POSITIVE: list[Case] = [
          [dns(UDNS, "chat.example", [IP]), dns(UDNS, "chat.example", [IP], vantage=CONTROL)], "ok.dns", "ok"),
     Case("udp-dns: public answers unlike control's (a CDN by location?): cannot tell", UDNS,
          [dns(UDNS, "chat.example", ["198.51.100.99"]), dns(UDNS, "chat.example", [IP], vantage=CONTROL)],
+         "dns.unverified", "inconclusive", None, "dns.unverified"),
+    # Messaging names are served by location: another edge that accepts on the port is no evidence.
+    Case("tcp by name: answers unlike control's, and they connect on the port: cannot tell", NAMED,
+         [dns(NAMED, "chat.example", ["198.51.100.99"]), tcp(NAMED, address="198.51.100.99", port=5222),
+          dns(NAMED, "chat.example", [IP], vantage=CONTROL), c_tcp(NAMED, port=5222)],
          "dns.unverified", "inconclusive", None, "dns.unverified"),
     # The generic rules on kind targets (what the issue names as examples).
     Case("obfs4: refused twice while control connects", OBFS, [*p_tcp(OBFS, REFUSED, REFUSED), c_tcp(OBFS)],
@@ -201,6 +207,12 @@ NEAR_MISS: list[Case] = [
                                       "cert_failure": E.SSL_INVALID_HOSTNAME}),
           Observation(step="dns", target="https://site.example/", domain="site.example", vantage=CONTROL,
                       data={"resolver": "control", "addresses": [IP]})],
+         "dns.poisoned", "blocked", "dns", "dns.poisoned", near="dns.unverified"),
+    Case("tcp by name: an unlike answer where the port is refused is a forged answer, not unverified", NAMED,
+         [dns(NAMED, "chat.example", ["198.51.100.99"]),
+          tcp(NAMED, REFUSED, address="198.51.100.99", port=5222),
+          tcp(NAMED, REFUSED, address="198.51.100.99", port=5222, attempt=1),
+          dns(NAMED, "chat.example", [IP], vantage=CONTROL), c_tcp(NAMED, port=5222)],
          "dns.poisoned", "blocked", "dns", "dns.poisoned", near="dns.unverified"),
     Case("udp-dns: resolves, but there is no control to compare with", UDNS, [dns(UDNS, "chat.example", [IP])],
          "inconclusive", "inconclusive", near="ok.dns"),
