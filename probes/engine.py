@@ -176,14 +176,7 @@ class Engine:
         if https:
             tls = await self._tls(target, address, target.host, MEASURE, 0)
             if tls is None:
-                # TCP failed: measure it again (a lone timeout is not evidence).
-                for i in range(cfg.retries if followups else 0):
-                    tcp, stream = await tcpprobe.connect(target.url, target.host, address, target.port, cfg.timeout,
-                                                         attempt=i + 1, source=cfg.source_address)
-                    await self._emit(tcp)
-                    if stream is not None:
-                        await trio.aclose_forcefully(stream)
-                        break
+                await self._tcp_again(target, address, followups)
                 return
             if tls.failure:
                 if followups and tls.failure in INTERFERENCE:
@@ -230,6 +223,17 @@ class Engine:
             # Does this address hold a certificate valid for the name?  Only successes count.
             await self._tls(target, address, target.host, DNSCHECK, 0)
 
+    async def _tcp_again(self, target: Target, address: str, followups: bool) -> None:
+        """The handshake's TCP connect failed: measure it again (a lone timeout is not evidence)."""
+        cfg = self.config
+        for i in range(cfg.retries if followups else 0):
+            tcp, stream = await tcpprobe.connect(target.url, target.host, address, target.port, cfg.timeout,
+                                                 attempt=i + 1, source=cfg.source_address)
+            await self._emit(tcp)
+            if stream is not None:
+                await trio.aclose_forcefully(stream)
+                break
+
     # --- ClientHello fingerprints (issue 15) -------------------------------------------------------
     async def _hello_tls(self, target: Target, address: str, sni: str, hello: str, purpose: str, attempt: int
                          ) -> Observation | None:
@@ -260,13 +264,7 @@ class Engine:
         sni = hellos.tor_sni()
         tls = await self._hello_tls(target, address, sni, hellos.TOR, MEASURE, 0)
         if tls is None:
-            for i in range(cfg.retries if followups else 0):  # a lone TCP timeout is not evidence
-                tcp, stream = await tcpprobe.connect(target.url, target.host, address, target.port, cfg.timeout,
-                                                     attempt=i + 1, source=cfg.source_address)
-                await self._emit(tcp)
-                if stream is not None:
-                    await trio.aclose_forcefully(stream)
-                    break
+            await self._tcp_again(target, address, followups)
             return
         if followups and tls.failure in INTERFERENCE:
             await self._hello_followup(target, address, sni, hellos.TOR)
