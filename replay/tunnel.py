@@ -17,6 +17,10 @@ from kzprobe.model import STEP_TLS, Observation
 from kzprobe.replay import parsers
 from kzprobe.replay.state import END_GRACE, SOURCE, FileState
 
+#: As for a direct handshake (replay.trigger.REJECT_WITHIN): a client that closes this soon after
+#: the server's flight, without its Finished, rejected the certificate; later, it gave up waiting.
+REJECT_WITHIN = 0.5
+
 if TYPE_CHECKING:
     from kzprobe.replay.flows import Flow
 
@@ -74,13 +78,17 @@ def tls_through(st: FileState, fl: Flow, address: str, connect: Observation, cut
             outcome, failure = "alert", E.SSL_FAILED_HANDSHAKE
         else:
             outcome, failure = "server_hello", None
-            if parsers.tls_client_after_hello(hello) in ("nothing", "alert") and fl.cli_close is not None:
+            close = fl.cli_close
+            quit_ = parsers.tls_client_after_hello(hello) in ("nothing", "alert")
+            if (close is not None and first is not None and quit_
+                    and not any(x is not None and x < close.number for x in (fl.srv_rst, fl.srv_fin))
+                    and close.ts - first[1] <= REJECT_WITHIN):
                 # The server did its part and the verifying client refused to finish: the model's
                 # "handshake completed, certificate does not validate", as for a direct handshake.
                 outcome = "cert_rejected"
                 data.update(cert_valid=False, cert_failure=E.SSL_INVALID_CERTIFICATE,
                             issuer="unknown (not read from the capture)")
-                packets.append(fl.cli_close.number)
+                packets.append(close.number)
     elif fl.srv_rst is not None:
         outcome, failure = "rst", E.CONNECTION_RESET
         packets.append(fl.srv_rst)
