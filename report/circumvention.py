@@ -25,8 +25,9 @@ GROUPS = ("tor", "messaging", "proxies")
 TOR_KINDS = ("tor-or", "tor-dir", "obfs4")
 #: Details this section names (CONTRACTS.md, "Verdicts of the new kinds").
 KEY_DETAILS = ("dpi.tls_fingerprint", "ip.tcp_timeout", "ip.tcp_refused", "dpi.proxy_connect")
-#: Rows shown, and blocked cells whose sentence is embedded (the sentence names the hello).
-ROW_LIMIT = 1500
+#: Rows shown (20 networks x 500 rows stay well under a megabyte), and blocked cells whose
+#: sentence is embedded (the sentence names the hello).
+ROW_LIMIT = 500
 SENTENCE_LIMIT = 400
 #: Messaging targets whose failure times are read for the outage view.
 OUTAGE_TARGET_LIMIT = 2000
@@ -76,34 +77,47 @@ def view(conn: Connection, cells: list[dict[str, Any]], targets: list[str], cats
          nets: list[q.Network], tt: q.TempTables) -> dict[str, Any]:
     builtin = _builtin()
     # Per target, not per cell: a big database has 20 cells per target and 10,000 targets.
-    placed: dict[int, tuple[str | None, tuple[str, str, Any] | None]] = {}
-    rows: dict[int, dict[str, Any]] = {}
+    placed: dict[int, tuple[str, tuple[str, str, Any] | None]] = {}
+    ordinary: set[int] = set()
+    mine: dict[int, list[dict[str, Any]]] = {}
     for c in cells:
-        if c["t"] not in placed:
-            url = targets[c["t"]]
-            listed = builtin.get(_key(url))
-            placed[c["t"]] = (group_of(url, cats.get(url, ""), listed), listed)
-        group, listed = placed[c["t"]]
-        if group is None:
+        t = c["t"]
+        if t in ordinary:
             continue
-        url = targets[c["t"]]
-        row = rows.get(c["t"])
-        if row is None:
-            if len(rows) >= ROW_LIMIT:
+        if t not in placed:
+            url = targets[t]
+            listed = builtin.get(_key(url))
+            group = group_of(url, cats.get(url, ""), listed)
+            if group is None:
+                ordinary.add(t)
                 continue
-            claim = listed[2] if listed else None
-            row = rows[c["t"]] = {
-                "t": c["t"], "target": url, "kind": Target(url).kind, "group": group,
-                "role": listed[1] if listed else ("censored" if group != "messaging" else "listed"),
-                "claim": claim.to_dict() if claim else None, "cells": []}
-        row["cells"].append({"net": c["net"], "status": c["status"], "mechanism": c["mechanism"],
-                             "detail": c["detail"], "rule": c["rule"], "blocked": c["blocked"], "total": c["total"],
-                             "vid": c["vid"], "first": q.iso(c["first"]), "last": q.iso(c["last"])})
+            placed[t] = (group, listed)
+        mine.setdefault(t, []).append(c)
+    # Within the size budget, the non-web kinds and the built-in lists' entries first, then the
+    # ANON sites most often blocked (a big database may hold thousands of those).
+    def priority(t: int) -> tuple[int, int, int]:
+        special = Target(targets[t]).kind != "url" or placed[t][1] is not None
+        return (0 if special else 1, -sum(c["blocked"] for c in mine[t]), t)
+
+    rows: dict[int, dict[str, Any]] = {}
+    for t in sorted(mine, key=priority)[:ROW_LIMIT]:
+        group, listed = placed[t]
+        url = targets[t]
+        claim = listed[2] if listed else None
+        rows[t] = {
+            "t": t, "target": url, "kind": Target(url).kind, "group": group,
+            "role": listed[1] if listed else ("censored" if group != "messaging" else "listed"),
+            "claim": claim.to_dict() if claim else None,
+            # Compact: the matrix holds the rest (rule, days); first/last only where blocked.
+            "cells": [{"net": c["net"], "status": c["status"], "mechanism": c["mechanism"], "detail": c["detail"],
+                       "blocked": c["blocked"], "total": c["total"], "vid": c["vid"],
+                       **({"first": q.iso(c["first"]), "last": q.iso(c["last"])} if c["blocked"] else {})}
+                      for c in mine[t]]}
     _sentences(conn, list(rows.values()))
     out_rows = sorted(rows.values(), key=lambda r: (GROUPS.index(r["group"]), r["kind"], r["target"]))
     outage = _outage(conn, tt, [r["target"] for r in out_rows if r["group"] == "messaging"], nets)
     return {
-        "rows": out_rows,
+        "rows": out_rows, "rows_total": len(mine),
         "groups": {g: _group_summary([r for r in out_rows if r["group"] == g], nets) for g in GROUPS},
         "claims": _claims(out_rows, nets, outage),
         "outage": outage,

@@ -290,6 +290,7 @@
         C.outage.map((o) => [netName(o.net), o.blocked_targets, ts(o.blocked_from), ts(o.blocked_until), o.minutes === undefined ? "" : o.minutes,
           o.blocked_targets ? (o.ended ? "yes (measured fine afterwards)" : "no") : "—", o.ok_targets, ts(o.ok_from), ts(o.ok_until)]), { cls: "circ-outage" }));
     }
+    if (C.rows_total > C.rows.length) gbox.append(el("p", { class: "note" }, `${C.rows.length} of ${C.rows_total} circumvention targets are shown (the non-web kinds and the built-in lists' entries first, then the most often blocked); narrow the report with --list or --network for the rest.`));
     const titles = { tor: "Tor: OR ports and directories", messaging: "Messaging endpoints", proxies: "Proxies and circumvention sites" };
     for (const g of ["tor", "messaging", "proxies"]) {
       const rows = C.rows.filter((r) => r.group === g);
