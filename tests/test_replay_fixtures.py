@@ -9,6 +9,12 @@ of verdict objects with "target"/"domain", "status" and "mechanism".  Targets ma
 names URL targets by domain, so both sides are compared by host name.  Targets of the kinds beyond
 URLs (tor-or://, tcp://, udp-dns://, ...) are compared by URL: replay is given the recording's
 target list, as ``kzprobe replay --targets NAME.expected.json`` is, and maps their flows to them.
+
+kz2014-circumvention.pcapng is that scenario's main run as ``kzprobe lab record`` captures it (lab
+run's "before" round: no outage).  The messaging outage is not part of ``lab record``:
+kz2014-circumvention-outage.pcapng is its "during" round (the outage's nftables drop in place,
+its six ``measure`` targets; tests/support/outagerec.py records it the same way).  The "after"
+round is the main run's conditions again and has no capture of its own.
 """
 
 from __future__ import annotations
