@@ -60,6 +60,14 @@ def _control_says(f: Facts, address: str) -> bool | None:
     return None
 
 
+def _control_evidence(f: Facts, address: str) -> list[Observation]:
+    """The control step a verdict's "control completed" rests on (as :func:`_control_says` reads it)."""
+    tls = [o for o in f.control_tls if o.ok and o.data.get("cert_valid") is not False]
+    for o in (*[o for o in tls if o.address == address], *tls, *[o for o in f.control_http if o.ok]):
+        return [o]
+    return []
+
+
 def _passes_with_another_name(handshakes: dict[tuple[str, str], list[Observation]], addr: str, sni: str,
                               hello: str) -> bool:
     """The same hello completed on the same address with another SNI (the benign-SNI follow-up):
@@ -92,7 +100,7 @@ def _fingerprint(f: Facts) -> Hit | None:
             failure = dominant_failure(lst)
             verb = _VERBS.get(_suffix(failure), f"failed ({failure})")
             tail = "; control completed" if ctl else " (no control to compare with)"
-            return Hit([*lst, completed[passed][0]],
+            return Hit([*lst, completed[passed][0], *(_control_evidence(f, addr) if ctl else [])],
                        f"TLS to {addr} with SNI {sni}: the {_HELLO_NAMES.get(blocked, blocked)} ClientHello "
                        f"{verb} ({_times(lst)}); the {_HELLO_NAMES.get(passed, passed)} one completed{tail}.",
                        confidence=0.95 if ctl else 0.85)
@@ -112,8 +120,9 @@ def _tor_tls_both(f: Facts) -> Hit | None:
         if not _enough(measured) or not f.control_tls_ok(addr):
             continue
         failure = dominant_failure(obs)
-        return Hit(obs, f"TLS to the OR port {addr} failed ({failure}) with the Tor-like and the browser-like "
-                        "ClientHello alike, while control's handshake completed: the address is blocked.",
+        return Hit([*obs, *_control_evidence(f, addr)],
+                   f"TLS to the OR port {addr} failed ({failure}) with the Tor-like and the browser-like "
+                   "ClientHello alike, while control's handshake completed: the address is blocked.",
                    detail=f"ip.tls_{_suffix(failure)}")
     return None
 

@@ -115,8 +115,8 @@ def test_sentence_names_the_blocked_hello() -> None:
     v = classify_target(OR_URL, obs)
     assert "the Tor-like ClientHello was reset" in v.sentence
     assert "the browser-like one completed" in v.sentence
-    # Evidence: the two Tor-like failures and the browser-like completion.
-    assert v.observations == [2, 6, 4]
+    # Evidence: the two Tor-like failures, the browser-like completion and control's handshake.
+    assert v.observations == [2, 6, 4, 8]
 
 
 def test_hello_rules_come_before_the_sni_and_address_tls_rules() -> None:
@@ -132,3 +132,15 @@ def test_an_https_page_fetched_is_never_a_fingerprint() -> None:
     obs = [*https_default_blocked(), tcp(A, attempt=2), tls(A, attempt=2), http(A)]
     assert classify_target(URL, obs).rule != "dpi.tls_fingerprint"
     assert DOMAIN in URL
+
+
+@pytest.mark.parametrize(("obs", "rule"), [(tor_blocked(), "dpi.tls_fingerprint"),
+                                           (tor_blocked(browser=RESET), "ip.tor_or_tls")])
+def test_control_that_the_verdict_names_is_in_its_evidence(obs: list[Observation], rule: str) -> None:
+    """The sentence says "control completed": the control handshake is cited beside the probe's steps."""
+    for i, o in enumerate(obs, start=1):
+        o.id = i
+    v = classify_target(OR_URL, obs)
+    assert v.rule == rule and "control" in v.sentence
+    control_tls = next(o.id for o in obs if o.vantage == CONTROL and o.step == "tls")
+    assert control_tls in v.observations
