@@ -25,6 +25,8 @@ AFTER_CAP = 24
 HEAD_CAP = 2048
 #: Client bytes kept of a flow that can be decrypted: the hello, the Finished and the request.
 TLS_CLIENT_CAP = 16384
+#: Client segments whose start is remembered per flow (cli_marks).
+CLI_MARKS = 8
 _HTTP_METHODS = (b"GET ", b"POST ", b"HEAD ", b"PUT ", b"OPTIONS ", b"DELETE ", b"PATCH ")
 
 
@@ -96,6 +98,7 @@ class Flow:
         "cli",
         "cli_buf",
         "cli_close",
+        "cli_marks",
         "cli_next",
         "cli_retx",
         "cli_ttl",
@@ -145,6 +148,9 @@ class Flow:
         self.pre_rst: PreRst | None = None
         self.syn_icmp: Icmp | None = None
         self.cli_buf = bytearray()
+        #: (offset in cli_buf, packet, time) where each of the first client segments begins: the
+        #: packet that carried a message inside the kept bytes (a ClientHello after a CONNECT).
+        self.cli_marks: list[tuple[int, int, float]] = []
         self.cli_next: int | None = None
         self.cli_retx = 0
         self.srv_buf = bytearray()
@@ -346,6 +352,8 @@ def _from_client(st: FileState, fl: Flow, p: Packet, plen: int, flags: int, seq:
         cap = st.limits.buf_cap if fl.keys is None else TLS_CLIENT_CAP
         if nxt is None or seq == nxt:
             if len(fl.cli_buf) < cap:
+                if len(fl.cli_marks) < CLI_MARKS:
+                    fl.cli_marks.append((len(fl.cli_buf), n, p.ts))
                 fl.cli_buf += raw[poff:pend][: cap - len(fl.cli_buf)]
             fl.cli_next = (seq + plen) & 0xFFFFFFFF
         elif not seq_ge(seq, nxt):

@@ -66,8 +66,11 @@ def tls_through(st: FileState, fl: Flow, address: str, connect: Observation, cut
     reply = srv[s_end:]
     data: dict[str, Any] = {"sni": sni}
     packets = list(connect.packets[:1])
+    sent = next((m for m in fl.cli_marks if m[0] == c_end), None)  # the segment that carried the ClientHello
+    if sent is not None:
+        packets.append(sent[1])
     first = _packet_at(fl, s_end)
-    t_start = connect.t_end
+    t_start = sent[2] if sent is not None else connect.t_end
     t_end = fl.last_ts
     failure: str | None
     if reply:

@@ -286,7 +286,8 @@ ESTABLISHED = b"HTTP/1.0 200 Connection established\r\n\r\n"
 
 def test_a_proxy_flow_is_tcp_connect_and_tls_through_the_tunnel(tmp_path: Path) -> None:
     url = "proxy+http://203.0.113.131:8080"
-    fr = _replay(tmp_path, [*_helper(41003, url, _proxy_control(url)), *_proxy_flow(ESTABLISHED, "ok")])
+    helper = _helper(41003, url, _proxy_control(url))
+    fr = _replay(tmp_path, [*helper, *_proxy_flow(ESTABLISHED, "ok")])
     probe = [o for o in fr.observations if o.vantage == "probe"]
     assert [(o.step, o.target) for o in probe] == [("tcp", url), ("http", url), ("tls", url)]
     http, tls = probe[1], probe[2]
@@ -295,6 +296,10 @@ def test_a_proxy_flow_is_tcp_connect_and_tls_through_the_tunnel(tmp_path: Path) 
         "method": "CONNECT", "connect_to": "example.com:443", "status": 200, "host": "example.com"}
     assert "body_length" not in http.data and "title" not in http.data
     assert (tls.data.get("sni"), tls.purpose, tls.failure) == ("example.com", MEASURE, None)
+    # Evidence: the CONNECT (the proxy flow's 4th packet), the ClientHello into the tunnel (its 6th),
+    # the ServerHello (its 7th).
+    c = len(helper) + 4
+    assert (http.packets[0], tls.packets) == (c, [c, c + 2, c + 3])
     v = _verdict(fr, url)
     assert v is not None and (v.status, v.rule) == ("ok", "ok.proxy"), v
 
@@ -371,3 +376,27 @@ def test_cli_bad_target_options_are_one_line(tmp_path: Path, args: list[str], sa
     _write(cap, [(0.0, _tail())])
     res = CliRunner().invoke(main, ["replay", *[a.replace("{json}", str(bad)) for a in args], str(cap)])
     assert res.exit_code == 2 and said in res.output and "Traceback" not in res.output, res.output
+
+
+@needs_circ
+def test_the_tunnel_steps_cite_the_frames_tshark_sees() -> None:
+    """Independent of replay's parsers: on the recorded open proxy (203.0.113.131:8080), the TLS step
+    through the tunnel cites the CONNECT, the ClientHello and the ServerHello tshark finds there."""
+    import shutil
+    import subprocess
+
+    if shutil.which("tshark") is None:
+        pytest.skip("needs tshark")
+
+    def frames(expr: str) -> list[int]:
+        out = subprocess.run(["tshark", "-r", str(CIRC), "-d", "tcp.port==8080,http", "-Y",
+                              f"ip.addr==203.0.113.131 && tcp.port==8080 && {expr}", "-T", "fields",
+                              "-e", "frame.number"], capture_output=True, text=True, timeout=60, check=True)
+        return [int(x) for x in out.stdout.split()]
+
+    url = "proxy+http://203.0.113.131:8080"
+    fr = Replayer().replay_file(str(CIRC))
+    (tls,) = [o for o in fr.observations if o.target == url and o.vantage == "probe" and o.step == "tls"]
+    want = [*frames('http.request.method == "CONNECT"'), *frames("tls.handshake.type == 1"),
+            *frames("tls.handshake.type == 2")]
+    assert len(want) == 3 and tls.packets == want
