@@ -82,6 +82,24 @@ def test_guard_targets_are_tor_or_and_tor_dir_where_a_dirport_is_set() -> None:
         assert t.category == "ANON" and "sampled from the consensus valid after 2018-06-01 00:00:00" in t.notes
 
 
+def test_microdescriptor_flavour_with_crlf_line_ends() -> None:
+    md = FIXTURE.with_name("2015-09-15-18-00-00-microdesc-consensus-crlf")
+    assert b"\r\n" in md.read_bytes()
+    c = parse(md)
+    assert c.flavor == "microdesc" and c.valid_after == "2015-09-15 18:00:00"
+    assert len(c.relays) == 4 == md.read_text().count("\nr ")  # grep -c '^r ': 4 (see fixtures/tor/README.md)
+    (g,) = c.guards
+    # The guard, read off the file: the last r line before the one s line with all three flags.
+    r_line = ""
+    for ln in md.read_text().splitlines():
+        if ln.startswith("r "):
+            r_line = ln
+        elif ln.startswith("s ") and {"Guard", "Running", "Valid"} <= set(ln.split()):
+            break
+    _, nick, _ident, _date, _time, ip, orp, dirp = r_line.split()
+    assert (g.nickname, g.address, g.or_port, g.dir_port) == (nick, ip, int(orp), int(dirp))
+
+
 # --- bad input: one line naming the file (and the line) -----------------------------------------------
 
 HEAD = "network-status-version 3\nvote-status consensus\nvalid-after 2018-06-01 00:00:00\n"
