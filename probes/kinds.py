@@ -158,7 +158,9 @@ def parse_head(head: bytes) -> tuple[int, dict[str, str]] | None:
     """``(status, headers)`` of an HTTP/1.x response head, or None when it is not one."""
     lines = head.decode("latin-1").split("\r\n")
     parts = lines[0].split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not (parts[1].isdigit() and len(parts[1]) == 3):
+    code = parts[1] if len(parts) > 1 else ""
+    # isascii: latin-1 text has digits int() refuses ("\xb2" is a superscript two).
+    if not parts[0].startswith("HTTP/1.") or not (code.isascii() and code.isdigit() and len(code) == 3):
         return None
     headers: dict[str, str] = {}
     for line in lines[1:]:
@@ -188,7 +190,7 @@ async def _read_body(stream: trio.SocketStream, headers: dict[str, str], deadlin
     only be read by waiting).  Returns (body, cut short); never raises for what the peer does."""
     lower = {k.lower(): v for k, v in headers.items()}
     length = lower.get("content-length", "")
-    want = int(length) if length.isdigit() else None
+    want = int(length) if length.isascii() and length.isdigit() else None
     if want is None and lower.get("connection", "").lower() != "close":
         return b"", False
     limit = min(want if want is not None else CONNECT_BODY_CAP, CONNECT_BODY_CAP)

@@ -201,7 +201,8 @@ def exchanges(streams: HelperStreams, who: str = "") -> list[Exchange]:
             continue
         ex.frames = srv.frames_of(resp.start, resp.end)
         parts = resp.first_line.split(" ", 2)
-        ex.status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else None
+        code = parts[1] if len(parts) > 1 else ""
+        ex.status = int(code) if code.isascii() and code.isdigit() else None  # latin-1 "\xb2" is a digit too
         if not resp.complete:
             ex.problem = "the answer is cut short in the capture"
             continue

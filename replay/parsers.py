@@ -311,7 +311,7 @@ def http_messages(buf: bytes, *, requests: bool, limit: int = 1 << 24, max_messa
             body, q, complete = b"", body_at, True
         elif "chunked" in te:
             body, q, complete = _dechunk(buf, body_at, limit)
-        elif cl.isdigit():
+        elif cl.isascii() and cl.isdigit():  # latin-1 "\xb2" is a digit int() refuses
             size = int(cl)
             q = body_at + size
             body, complete = buf[body_at:min(n, q, body_at + limit)], q <= n

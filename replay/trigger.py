@@ -406,7 +406,8 @@ def response_parts(buf: bytes) -> tuple[int | None, dict[str, str], bytes, bool]
         return None, {}, buf, True
     m = msgs[0]
     parts = m.first_line.split(" ", 2)
-    status = int(parts[1][:3]) if len(parts) > 1 and parts[1][:3].isdigit() else None
+    code = parts[1][:3] if len(parts) > 1 else ""
+    status = int(code) if code.isascii() and code.isdigit() else None  # latin-1 "\xb2" is a digit too
     return status, m.headers, m.body, m.complete
 
 

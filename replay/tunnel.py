@@ -42,7 +42,8 @@ def answer_head(srv: bytes) -> tuple[int | None, dict[str, str]] | None:
         return None
     lines = srv[:end - 4].decode("latin-1").split("\r\n")
     parts = lines[0].split(" ", 2)
-    if len(parts) < 2 or not (parts[1].isdigit() and len(parts[1]) == 3):
+    # isascii: latin-1 text has digits int() refuses ("\xb2" is a superscript two).
+    if len(parts) < 2 or not (parts[1].isascii() and parts[1].isdigit() and len(parts[1]) == 3):
         return None
     headers: dict[str, str] = {}
     for line in lines[1:]:

@@ -246,6 +246,27 @@ def test_connect_head_parser() -> None:
     assert kinds.parse_head(b"HTTP/1.0 407 Proxy Authentication Required") == (407, {})
     assert kinds.parse_head(b"SSH-2.0-OpenSSH") is None
     assert kinds.parse_head(b"HTTP/1.1 2000 no") is None
+    assert kinds.parse_head(b"HTTP/1.1 \xb2\xb3\xb9 no") is None  # latin-1 superscripts: isdigit, not int
+
+
+def test_refusal_with_a_non_ascii_length_keeps_its_status() -> None:
+    """A proxy's 403 whose Content-Length is "\xb2" (latin-1 "²", which isdigit() accepts and int()
+    refuses): the answer is recorded with its status, read to the close, not turned into a malformed one."""
+    sock = socket.create_server((LO, 0))
+    sock.settimeout(10)
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            conn, _ = sock.accept()
+            with conn:
+                conn.recv(4096)
+                conn.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: \xb2\r\nConnection: close\r\n\r\nno")
+        sock.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    obs = _measure(f"proxy+http://{LO}:{sock.getsockname()[1]}", _cfg(), followups=False)
+    assert _steps(obs) == [("tcp", None), ("http", None)]
+    assert obs[1].data["status"] == 403
 
 
 # --- tor-dir ----------------------------------------------------------------------------------------------
