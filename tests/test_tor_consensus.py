@@ -22,6 +22,8 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from kzprobe.cli import main
 from kzprobe.targets import load_builtin
@@ -132,6 +134,28 @@ def test_bad_consensus_is_one_line_naming_file_and_line(tmp_path: Path, content:
     msg = str(info.value)
     assert "\n" not in msg and why in msg, msg
     assert msg.startswith(f"{p}:{line}: " if line else f"{p}: "), msg
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_any_bytes_are_a_consensus_or_one_line_error(tmp_path: Path, data: st.DataObject) -> None:
+    """Random bytes, and the real file's lines cut, swapped or garbled: never anything but a
+    parsed consensus or one ConsensusError line."""
+    lines = FIXTURE.read_bytes().splitlines(keepends=True)[:120]
+    mutated = data.draw(st.lists(st.one_of(
+        st.sampled_from(lines),
+        st.sampled_from(lines).map(lambda b: b[: len(b) // 2]),
+        st.binary(max_size=80),
+        st.sampled_from(lines).map(lambda b: b.replace(b" ", b"  ", 1)),
+    ), max_size=60))
+    p = tmp_path / "fuzz"
+    p.write_bytes(b"".join(mutated))
+    try:
+        c = parse(p)
+    except ConsensusError as exc:
+        assert "\n" not in str(exc) and str(exc).startswith(str(p))
+    else:
+        assert all(r.address and 0 < r.or_port < 65536 for r in c.relays)
 
 
 def test_missing_and_directory(tmp_path: Path) -> None:
