@@ -162,7 +162,10 @@ def replay_name(url: str) -> str:
     targets by SNI / Host), the URL itself for the kinds beyond URLs (``tcp://NAME:443`` and
     ``udp-dns://NAME`` are two targets of one name; replay/kinds.py)."""
     t = Target(url)
-    return url if "://" in url and t.kind in KINDS else t.host
+    try:
+        return url if "://" in url and t.kind in KINDS else t.host
+    except ValueError:  # a capture's bytes: "http://[zz/" names nothing (the exchange says so)
+        return ""
 
 
 def _answer_target(answer: Any) -> str:

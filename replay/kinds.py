@@ -45,7 +45,11 @@ def kind_targets(targets: Iterable[Target | str]) -> list[Target]:
     out: dict[str, Target] = {}
     for t in targets:
         t = t if isinstance(t, Target) else Target(t)
-        if t.kind in KINDS and t.host:
+        try:
+            usable = t.kind in KINDS and bool(t.host) and 0 < t.port
+        except ValueError:  # a URL from the capture (a helper request) whose port or host does not parse
+            usable = False
+        if usable:
             out.setdefault(t.url, t)
     return list(out.values())
 

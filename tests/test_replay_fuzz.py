@@ -105,3 +105,14 @@ def test_latin1_digits_in_http_heads_are_not_numbers() -> None:
     assert msg[0].body == b"ab"  # no usable length: the body runs to the end of the stream
     assert trigger.response_parts(b"HTTP/1.1 \xb2\xb3\xb9 OK\r\nContent-Length: 2\r\n\r\nab")[0] is None
     assert tunnel.answer_head(b"HTTP/1.1 \xb2\xb3\xb9 OK\r\n\r\n") is None
+
+
+def test_unparsable_target_urls_from_a_capture_name_nothing() -> None:
+    """A helper request in a capture carries the URL its client chose: one whose host or port does
+    not parse names no target (the exchange says so) instead of raising for the whole file."""
+    from kzprobe.replay import control, kinds
+
+    assert control.replay_name("http://[zz/") == ""
+    got = kinds.kind_targets(["tcp://198.51.100.7:99999", "tcp://198.51.100.7:abc", "tor-or://[zz:9001",
+                              "tcp://198.51.100.7:5222"])
+    assert [t.url for t in got] == ["tcp://198.51.100.7:5222"]
