@@ -433,7 +433,10 @@ def finish(st: FileState, fl: Flow, at_end: bool) -> None:
         else:
             tcp_fail = E.CONNECTION_REFUSED if ic.code == 4 else E.HOST_UNREACHABLE
     else:
-        if cut:
+        # Still open at the end of the capture: cut only if the first SYN is recent.  A client
+        # retransmitting its SYN for END_GRACE seconds with no answer has timed out, even though
+        # its own retransmissions keep the flow looking alive (as for a trigger: replay.trigger).
+        if cut and st.now - fl.first_ts < END_GRACE:
             return
         tcp_fail = E.TIMEOUT
     mark = fl.synack or fl.syn_rst

@@ -400,3 +400,21 @@ def test_the_tunnel_steps_cite_the_frames_tshark_sees() -> None:
     want = [*frames('http.request.method == "CONNECT"'), *frames("tls.handshake.type == 1"),
             *frames("tls.handshake.type == 2")]
     assert len(want) == 3 and tls.packets == want
+
+
+@pytest.mark.parametrize(("first_syn_before_end", "timed_out"), [(4.0, True), (1.0, False)])
+def test_a_syn_retransmitted_until_the_capture_ends(tmp_path: Path, first_syn_before_end: float,
+                                                    timed_out: bool) -> None:
+    """The live probe's retry of a silent connect often runs into the end of the capture: its SYN
+    retransmissions keep the flow looking alive.  A first SYN older than END_GRACE (3 s) with no
+    answer has timed out; a recent one (the near miss) was cut by the capture, and says nothing."""
+    url = "tcp://203.0.113.141:5222"
+    syn, _again = _connect(5222, 40040, answered=False)
+    end = 10.0
+    t0 = end - first_syn_before_end
+    pkts = [(t0, syn), (t0 + 0.5, syn), (end - 0.5, syn), (end, _tail())]
+    p = tmp_path / "end.pcap"
+    _write(p, pkts)
+    fr = Replayer(targets=[url]).replay_file(str(p))
+    got = [(o.target, o.failure) for o in fr.observations if o.step == "tcp"]
+    assert got == ([(url, "generic_timeout_error")] if timed_out else [])
