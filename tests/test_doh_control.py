@@ -15,41 +15,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
-import dns.message
-import dns.rcode
-import dns.rrset
 import pytest
 
 from kzprobe.storage import Store
+from kzprobe.tests.support.doh import DoHHandler
 
 DOH_ADDR = "127.0.0.70"
 
 
-class _DoH(http.server.BaseHTTPRequestHandler):
+class _DoH(DoHHandler):
     sites: ClassVar[dict[str, str]] = {}
     queries: ClassVar[list[str]] = []
-
-    def do_POST(self) -> None:
-        if self.path != "/dns-query" or self.headers.get("Content-Type") != "application/dns-message":
-            self.send_error(415)
-            return
-        q = dns.message.from_wire(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
-        r = dns.message.make_response(q)
-        name = q.question[0].name.to_text(omit_final_dot=True)
-        self.queries.append(name)
-        if name not in self.sites:
-            r.set_rcode(dns.rcode.NXDOMAIN)
-        elif q.question[0].rdtype == dns.rdatatype.A:
-            r.answer.append(dns.rrset.from_text(q.question[0].name, 60, "IN", "A", self.sites[name]))
-        body = r.to_wire()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/dns-message")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
 
 
 @pytest.fixture(scope="module")

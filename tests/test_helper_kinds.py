@@ -16,8 +16,6 @@ import threading
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
-import dns.message
-import dns.rcode
 import httpx
 import pytest
 import trio
@@ -30,6 +28,7 @@ from kzprobe.helper.service import ControlResult, ControlService, HelperEngine, 
 from kzprobe.model import CONTROL
 from kzprobe.probes.engine import ProbeConfig
 from kzprobe.tests.support import kindserve
+from kzprobe.tests.support.doh import DoHHandler
 
 LAB = Policy(local=LocalNetworks(frozenset({ipaddress.ip_network("127.0.0.0/8")})),
              lab_public=(ipaddress.ip_network("203.0.113.0/24"),))
@@ -173,25 +172,11 @@ def test_helper_udp_dns_connects_nowhere(loopnet: Any) -> None:
 
 
 # --- the probe's side: control for kind targets ------------------------------------------------------------
-class _NxDoH(http.server.BaseHTTPRequestHandler):
+class _NxDoH(DoHHandler):
     """A DoH server that says NXDOMAIN to everything, as a real one does for an IP literal."""
 
+    sites: ClassVar[dict[str, str]] = {}
     queries: ClassVar[list[str]] = []
-
-    def do_POST(self) -> None:
-        q = dns.message.from_wire(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
-        self.queries.append(q.question[0].name.to_text(omit_final_dot=True))
-        r = dns.message.make_response(q)
-        r.set_rcode(dns.rcode.NXDOMAIN)
-        body = r.to_wire()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/dns-message")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
 
 
 def test_doh_is_not_asked_about_an_address() -> None:
