@@ -16,7 +16,7 @@ lacks, stay ciphertext.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 #: Bytes of key log kept per capture (a line is ~180 bytes: tens of thousands of sessions).
@@ -210,15 +210,7 @@ def _decrypt12(stream: bytes, hello: Hello, secrets: dict[str, bytes], side: str
         return out
     keys = _Keys12(hello.suite, master, client_random, hello.server_random, side)
     encrypted = False
-    p = 0
-    while p + 5 <= len(stream):
-        ctype = stream[p]
-        (rlen,) = struct.unpack_from("!H", stream, p + 3)
-        if p + 5 + rlen > len(stream):
-            out.complete = False
-            return out
-        header, body = stream[p:p + 5], stream[p + 5:p + 5 + rlen]
-        p += 5 + rlen
+    for ctype, header, body, p in _records(stream, out):
         if ctype == 20:  # ChangeCipherSpec: what follows in this direction is protected
             encrypted = True
             continue
@@ -233,9 +225,24 @@ def _decrypt12(stream: bytes, hello: Hello, secrets: dict[str, bytes], side: str
             out.marks.append((p, len(out.data)))
         elif ctype == 21:
             return out
+    return out
+
+
+def _records(stream: bytes, out: Records) -> Iterator[tuple[int, bytes, bytes, int]]:
+    """(content type, header, body, offset past it) of each whole record at the start of ``stream``;
+    ``out.complete`` goes False when the stream ends inside a record or holds bytes after the last."""
+    p = 0
+    while p + 5 <= len(stream):
+        ctype = stream[p]
+        (rlen,) = struct.unpack_from("!H", stream, p + 3)
+        if p + 5 + rlen > len(stream):
+            out.complete = False
+            return
+        header, body = stream[p:p + 5], stream[p + 5:p + 5 + rlen]
+        p += 5 + rlen
+        yield ctype, header, body, p
     if p != len(stream):
         out.complete = False
-    return out
 
 
 def decrypt(stream: bytes, hello: Hello, secrets: dict[str, bytes], side: str, client_random: bytes = b""
@@ -258,15 +265,7 @@ def decrypt(stream: bytes, hello: Hello, secrets: dict[str, bytes], side: str, c
         out.complete = False
         return out
     current = 0
-    p = 0
-    while p + 5 <= len(stream):
-        ctype = stream[p]
-        (rlen,) = struct.unpack_from("!H", stream, p + 3)
-        if p + 5 + rlen > len(stream):
-            out.complete = False
-            return out
-        header, body = stream[p:p + 5], stream[p + 5:p + 5 + rlen]
-        p += 5 + rlen
+    for ctype, header, body, p in _records(stream, out):
         if ctype != 23:  # plaintext: the hellos, the compatibility ChangeCipherSpec
             continue
         plain = keys[current].open(header, body)
@@ -285,8 +284,6 @@ def decrypt(stream: bytes, hello: Hello, secrets: dict[str, bytes], side: str, c
             out.marks.append((p, len(out.data)))
         elif inner[-1] == 21:  # an alert (close_notify or fatal): nothing more of interest
             return out
-    if p != len(stream):
-        out.complete = False
     return out
 
 
