@@ -34,6 +34,10 @@ TOR_OR, TOR_DIR, OBFS4, TCP, UDP_DNS, PROXY_HTTP = "tor-or", "tor-dir", "obfs4",
 #: Kinds whose measurement is a connect that sends nothing.
 CONNECT_ONLY = (TCP, OBFS4)
 CONSENSUS_PATH = "/tor/status-vote/current/consensus"
+#: Kind targets one flow or lookup is given to at most.  A real run has one or two (tcp://NAME:443
+#: and udp-dns://NAME); a capture's helper requests and DNS answers are chosen by whoever made it,
+#: and must not multiply every flow by thousands of names on one address.
+MAX_SHARED = 8
 
 
 def is_kind(url: str) -> bool:
@@ -77,7 +81,9 @@ def _endpoints(st: FileState, targets: list[Target]) -> dict[tuple[str, int], li
             continue
         addrs = {t.host} if _is_ip(t.host) else by_name.get(t.host, set())
         for a in addrs:
-            out[(a, t.port)].append(t)
+            here = out[(a, t.port)]
+            if len(here) < MAX_SHARED * 2:  # (tcp/obfs4 take only connects: room for both sorts)
+                here.append(t)
     return out
 
 
@@ -115,7 +121,7 @@ def claim_flows(st: FileState, targets: list[Target]) -> set[int]:
     for obs, _unnamed in st.pending:
         if obs.vantage != PROBE or obs.address is None or obs.port is None:
             continue
-        mine = [t for t in eps.get((obs.address, obs.port), []) if _claims(t, obs)]
+        mine = [t for t in eps.get((obs.address, obs.port), []) if _claims(t, obs)][:MAX_SHARED]
         for i, t in enumerate(mine):
             o = obs if i == 0 else _copy(obs)
             _shape(t, o)
@@ -149,7 +155,7 @@ def claim_lookups(st: FileState, targets: list[Target]) -> None:
         if obs.step != STEP_DNS or obs.vantage != PROBE or obs.purpose != MEASURE:
             continue
         mine = [t for t in by_name.get(obs.domain.lower().rstrip("."), [])
-                if t.kind != UDP_DNS or obs.data.get("transport", "udp") == "udp"]  # udp-dns: over UDP only
+                if t.kind != UDP_DNS or obs.data.get("transport", "udp") == "udp"][:MAX_SHARED]  # udp-dns: UDP only
         keep = obs.target in measured
         for i, t in enumerate(mine):
             o = _copy(obs) if i or keep else obs

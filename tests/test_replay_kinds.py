@@ -418,3 +418,15 @@ def test_a_syn_retransmitted_until_the_capture_ends(tmp_path: Path, first_syn_be
     fr = Replayer(targets=[url]).replay_file(str(p))
     got = [(o.target, o.failure) for o in fr.observations if o.step == "tcp"]
     assert got == ([(url, "generic_timeout_error")] if timed_out else [])
+
+
+def test_a_flow_goes_to_a_bounded_number_of_kind_targets(tmp_path: Path) -> None:
+    """A capture's helper requests (or --targets) naming thousands of kind targets at one address
+    and port: each flow is given to at most MAX_SHARED of them, not multiplied by all."""
+    from kzprobe.replay.kinds import MAX_SHARED
+
+    many = [f"tcp://chat{i}.example:5222" for i in range(200)]
+    dns = [p for i in range(200) for p in _lookup(f"chat{i}.example", 100 + i, 6000 + i, SRV)]
+    fr = _replay(tmp_path, [*dns, *_connect(5222, 40050)], targets=many)
+    tcp = [o for o in fr.observations if o.step == "tcp"]
+    assert 1 <= len(tcp) <= MAX_SHARED and all(o.target in many for o in tcp)
