@@ -94,7 +94,8 @@ def direct(url: str, dbs: list[Path], batch: int) -> float:
     return elapsed
 
 
-def _upload_one(args: tuple[str, str, str, int]) -> tuple[int, int]:
+def _upload_one(args: tuple[str, str, str, int]) -> tuple[int, int, int]:
+    """(observations stored, peak RSS KiB, runs closed); a refused run fails the benchmark."""
     from kzprobe.collector.client import Options, Uploader
 
     db, url, token, batch = args
@@ -105,7 +106,9 @@ def _upload_one(args: tuple[str, str, str, int]) -> tuple[int, int]:
     finally:
         up.close()
         store.close()
-    return report.stored, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if report.problems:
+        raise RuntimeError(f"{db}: {'; '.join(report.problems)}")
+    return report.stored, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, report.closed
 
 
 def _warm(_: int) -> None:
@@ -133,6 +136,9 @@ def via_collector(url: str, dbs: list[Path], batch: int, tmp: Path,
     token = p.stdout.strip()
     c.start("--writers", str(writers))
     assert c.proc is not None
+    for db in dbs:  # a previous backend's pass closed them: the timed pass is ingest only
+        with sqlite3.connect(db) as conn:
+            conn.execute("UPDATE runs SET state = 'running', ended = NULL")
     try:
         ctx = multiprocessing.get_context("spawn")
         with ctx.Pool(len(dbs)) as pool:
@@ -140,7 +146,8 @@ def via_collector(url: str, dbs: list[Path], batch: int, tmp: Path,
             t0 = time.perf_counter()
             done = pool.map(_upload_one, [(str(db), c.url, token, batch) for db in dbs])
             elapsed = time.perf_counter() - t0
-            print(f"  ingest through the collector: {sum(n for n, _ in done) / elapsed:.0f} obs/s "
+            assert sum(c for _, _, c in done) == 0  # the runs are still open: nothing was closed yet
+            print(f"  ingest through the collector: {sum(n for n, _, _ in done) / elapsed:.0f} obs/s "
                   f"({elapsed:.1f} s; collector peak RSS so far {vm_hwm_kib(c.proc.pid) / 1024:.0f} MiB)", flush=True)
             for db in dbs:
                 with sqlite3.connect(db) as conn:
@@ -148,11 +155,12 @@ def via_collector(url: str, dbs: list[Path], batch: int, tmp: Path,
             t1 = time.perf_counter()
             closed = pool.map(_upload_one, [(str(db), c.url, token, batch) for db in dbs])
             close_s = time.perf_counter() - t1
-        assert sum(n for n, _ in closed) == 0  # closing sent nothing again
+        assert sum(n for n, _, _ in closed) == 0  # closing sent nothing again
+        assert sum(c for _, _, c in closed) == len(dbs)  # ... and closed every run
         peak = vm_hwm_kib(c.proc.pid)
     finally:
         c.stop()
-    return elapsed, sum(n for n, _ in done), peak, max(rss for _, rss in done + closed), close_s
+    return elapsed, sum(n for n, _, _ in done), peak, max(rss for _, rss, _ in done + closed), close_s
 
 
 def count_rows(url: str) -> int:
