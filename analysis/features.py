@@ -323,6 +323,24 @@ def sni_of(client_hello: bytes) -> str | None:
 _METHODS = (b"GET ", b"POST ", b"HEAD ", b"PUT ", b"OPTIONS ", b"DELETE ", b"CONNECT ", b"PATCH ")
 
 
+def response_head(head: bytes) -> tuple[int, dict[str, str]] | None:
+    """``(status, headers)`` of an HTTP/1.x response head (its blank line excluded), or None when it
+    is not one.  A proxy's answer to CONNECT, read live (probes/kinds.py) and from a capture
+    (replay/tunnel.py) alike."""
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ", 2)
+    code = parts[1] if len(parts) > 1 else ""
+    # isascii: latin-1 text has digits int() refuses ("\xb2" is a superscript two).
+    if not parts[0].startswith("HTTP/1.") or not (code.isascii() and code.isdigit() and len(code) == 3):
+        return None
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if sep and name.strip():
+            headers[name.strip()] = value.strip()
+    return int(code), headers
+
+
 def host_of(http_request: bytes) -> str | None:
     """The Host of an HTTP/1 request at the start of a client's stream: lower-case, no port, no final dot."""
     if not http_request.startswith(_METHODS):

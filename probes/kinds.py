@@ -33,7 +33,7 @@ import trio
 
 from kzprobe import errors as E
 from kzprobe.analysis.facts import INTERFERENCE
-from kzprobe.analysis.features import http_features
+from kzprobe.analysis.features import http_features, response_head
 from kzprobe.model import MEASURE, STEP_HTTP, Observation, Target, now
 from kzprobe.probes import http as httpprobe
 from kzprobe.probes import tcp as tcpprobe
@@ -154,20 +154,8 @@ def connect_request(benign: str) -> bytes:
             "Proxy-Connection: keep-alive\r\n\r\n").encode("ascii")
 
 
-def parse_head(head: bytes) -> tuple[int, dict[str, str]] | None:
-    """``(status, headers)`` of an HTTP/1.x response head, or None when it is not one."""
-    lines = head.decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ", 2)
-    code = parts[1] if len(parts) > 1 else ""
-    # isascii: latin-1 text has digits int() refuses ("\xb2" is a superscript two).
-    if not parts[0].startswith("HTTP/1.") or not (code.isascii() and code.isdigit() and len(code) == 3):
-        return None
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if sep and name.strip():
-            headers[name.strip()] = value.strip()
-    return int(parts[1]), headers
+#: ``(status, headers)`` of a CONNECT answer's head, or None (the feature layer's, shared with replay).
+parse_head = response_head
 
 
 async def _read_head(stream: trio.SocketStream) -> bytes:

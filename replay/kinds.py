@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 
+from kzprobe.analysis.bogons import is_ip
 from kzprobe.model import FOLLOWUP, KINDS, MEASURE, PROBE, STEP_DNS, STEP_HTTP, STEP_TCP, STEP_TLS, Observation, Target
 from kzprobe.replay.state import FileState
 
@@ -58,16 +59,6 @@ def kind_targets(targets: Iterable[Target | str]) -> list[Target]:
     return list(out.values())
 
 
-def _is_ip(host: str) -> bool:
-    import ipaddress
-
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
 def _endpoints(st: FileState, targets: list[Target]) -> dict[tuple[str, int], list[Target]]:
     """(address, port) -> the kind targets measured there: IP hosts as written, names by the
     addresses the capture's DNS answers gave them."""
@@ -79,7 +70,7 @@ def _endpoints(st: FileState, targets: list[Target]) -> dict[tuple[str, int], li
     for t in targets:
         if t.kind == UDP_DNS:
             continue
-        addrs = {t.host} if _is_ip(t.host) else by_name.get(t.host, set())
+        addrs = {t.host} if is_ip(t.host) else by_name.get(t.host, set())
         for a in addrs:
             here = out[(a, t.port)]
             if len(here) < MAX_SHARED * 2:  # (tcp/obfs4 take only connects: room for both sorts)
@@ -144,7 +135,7 @@ def claim_lookups(st: FileState, targets: list[Target]) -> None:
     its name as target, as before."""
     by_name: dict[str, list[Target]] = defaultdict(list)
     for t in targets:
-        if t.kind == UDP_DNS or (t.kind in (TCP, PROXY_HTTP) and not _is_ip(t.host)):
+        if t.kind == UDP_DNS or (t.kind in (TCP, PROXY_HTTP) and not is_ip(t.host)):
             by_name[t.host].append(t)
     if not by_name:
         return

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from kzprobe import errors as E
+from kzprobe.analysis.features import response_head
 from kzprobe.model import STEP_TLS, Observation
 from kzprobe.replay import parsers
 from kzprobe.replay.state import END_GRACE, SOURCE, FileState
@@ -40,17 +41,7 @@ def answer_head(srv: bytes) -> tuple[int | None, dict[str, str]] | None:
     end = head_end(srv)
     if end < 0 or not srv.startswith(b"HTTP/1."):
         return None
-    lines = srv[:end - 4].decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ", 2)
-    # isascii: latin-1 text has digits int() refuses ("\xb2" is a superscript two).
-    if len(parts) < 2 or not (parts[1].isascii() and parts[1].isdigit() and len(parts[1]) == 3):
-        return None
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if sep and name.strip():
-            headers[name.strip()] = value.strip()
-    return int(parts[1]), headers
+    return response_head(srv[:end - 4])
 
 
 def tls_through(st: FileState, fl: Flow, address: str, connect: Observation, cut: bool) -> Observation | None:
