@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from kzprobe import errors as E
-from kzprobe.analysis.bogons import is_bogon
+from kzprobe.analysis.bogons import is_bogon, is_ip
 from kzprobe.analysis.facts import DNS_FAILURES, INTERFERENCE, Facts, dominant_failure, hop_of
 from kzprobe.model import (
     BLOCKED,
@@ -669,7 +669,9 @@ def _http_diff(f: Facts) -> Hit | None:
         return None
     if any(server_side_challenge(o) for o in f.probe_http_ok):
         return None
-    if not (f.probe_addresses & f.control_addresses) and not f.valid_addresses:
+    # A target given by address (tor-dir://IP:PORT, http://IP/) is fetched at that address by both:
+    # they agree by construction, with no DNS to show it.
+    if not (f.probe_addresses & f.control_addresses) and not f.valid_addresses and not is_ip(f.domain):
         return None
     final = f.final_pages(CONTROL)[0]
     # Pages from suspect addresses are DNS's doing (dns.poisoned comes first); judge the others.

@@ -58,6 +58,12 @@ def connect(url: str, failure: str | None = None, status: int | None = 200, *, v
                        failure=failure, attempt=attempt, data=data)
 
 
+def _page(o: Observation, status: int, title: str, length: int) -> Observation:
+    """An answer other than the consensus: a whole (uncapped) page."""
+    o.data.update(status=status, title=title, body_length=length, truncated=False)
+    return o
+
+
 def blockpage_connect() -> Observation:
     o = connect(PROXY, status=403)
     o.data.update(blockpage="kz_blockpage_zablokirovana", title="Blocked", body_length=180)
@@ -143,6 +149,10 @@ POSITIVE: list[Case] = [
          [dns(NAMED, "chat.example", ["198.51.100.99"]), tcp(NAMED, address="198.51.100.99", port=5222),
           dns(NAMED, "chat.example", [IP], vantage=CONTROL), c_tcp(NAMED, port=5222)],
          "dns.unverified", "inconclusive", None, "dns.unverified"),
+    # A directory given by address: probe and control fetch the same address, with no DNS to say so.
+    Case("tor-dir: a 451 page where control gets the consensus", DIR,
+         [tcp(DIR), _page(dirfetch(DIR), 451, "Resource blocked", 312), c_tcp(DIR), dirfetch(DIR, vantage=CONTROL)],
+         "dpi.http_diff", "blocked", "dpi", "dpi.http_diff"),
     # The generic rules on kind targets (what the issue names as examples).
     Case("obfs4: refused twice while control connects", OBFS, [*p_tcp(OBFS, REFUSED, REFUSED), c_tcp(OBFS)],
          "ip.tcp", "blocked", "ip", "ip.tcp_refused"),
@@ -214,6 +224,9 @@ NEAR_MISS: list[Case] = [
           tcp(NAMED, REFUSED, address="198.51.100.99", port=5222, attempt=1),
           dns(NAMED, "chat.example", [IP], vantage=CONTROL), c_tcp(NAMED, port=5222)],
          "dns.poisoned", "blocked", "dns", "dns.poisoned", near="dns.unverified"),
+    Case("tor-dir: both fetch the consensus (each cut at the cap)", DIR,
+         [tcp(DIR), dirfetch(DIR), c_tcp(DIR), dirfetch(DIR, vantage=CONTROL)], "ok.http", "ok",
+         near="dpi.http_diff"),
     Case("udp-dns: resolves, but there is no control to compare with", UDNS, [dns(UDNS, "chat.example", [IP])],
          "inconclusive", "inconclusive", near="ok.dns"),
 ]
