@@ -9,7 +9,6 @@ cases here, so a change there that breaks a kind shows.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -18,6 +17,7 @@ from kzprobe import errors as E
 from kzprobe.analysis import RULES, Context
 from kzprobe.analysis.rules_kinds import KIND_DNS_RULES, KIND_RULES
 from kzprobe.model import CONTROL, MEASURE, PROBE, Observation
+from kzprobe.tests.test_rules import Case as SharedCase
 from kzprobe.tests.test_rules import check_case
 
 IP = "198.51.100.20"  # data only: nothing is sent
@@ -99,20 +99,14 @@ def proxy_ok(vantage: str = PROBE) -> list[Observation]:
             tunnel_tls(PROXY, vantage=vantage)]
 
 
-@dataclass
-class Case:
-    id: str
-    target: str
-    observations: list[Observation]
-    rule: str
-    status: str
-    mechanism: str | None = None
-    detail: str | None = None
-    #: For a near miss: the rule it must *not* give.
-    near: str | None = None
+def Case(id: str, target: str, observations: list[Observation], rule: str, status: str,
+         mechanism: str | None = None, detail: str | None = None, *, near: str | None = None) -> SharedCase:
+    """test_rules' case under a kind target, classified as a run with a helper configured is."""
+    return SharedCase(id, observations, rule, status, mechanism, detail, near=near,
+                    context=Context(control_configured=True), target=target)
 
 
-POSITIVE: list[Case] = [
+POSITIVE: list[SharedCase] = [
     Case("proxy: CONNECT reset while control's opens a tunnel", PROXY,
          [tcp(PROXY, port=3128), connect(PROXY, RESET), tcp(PROXY, port=3128, attempt=1),
           connect(PROXY, RESET, attempt=1), *proxy_ok(CONTROL)],
@@ -168,7 +162,7 @@ POSITIVE: list[Case] = [
          "inconclusive", "inconclusive"),
 ]
 
-NEAR_MISS: list[Case] = [
+NEAR_MISS: list[SharedCase] = [
     Case("proxy: CONNECT reset, but control's CONNECT is reset too: down, not dpi", PROXY,
          [tcp(PROXY, port=3128), connect(PROXY, RESET), tcp(PROXY, port=3128, attempt=1),
           connect(PROXY, RESET, attempt=1), tcp(PROXY, vantage=CONTROL, port=3128),
@@ -233,13 +227,13 @@ NEAR_MISS: list[Case] = [
 
 
 @pytest.mark.parametrize("case", POSITIVE, ids=[c.id for c in POSITIVE])
-def test_positive(case: Case) -> None:
-    check_case(case, case.target, Context(control_configured=True))
+def test_positive(case: SharedCase) -> None:
+    check_case(case, case.target, case.context)
 
 
 @pytest.mark.parametrize("case", NEAR_MISS, ids=[c.id for c in NEAR_MISS])
-def test_near_miss(case: Case) -> None:
-    check_case(case, case.target, Context(control_configured=True))
+def test_near_miss(case: SharedCase) -> None:
+    check_case(case, case.target, case.context)
 
 
 def test_kind_rules_are_in_the_one_table() -> None:
