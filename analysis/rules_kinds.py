@@ -78,7 +78,8 @@ def _proxy_tunnel(f: Facts) -> Hit | None:
     control's handshake through the same proxy completes: the proxied flow itself is cut."""
     if kind_of(f) != PROXY_HTTP:
         return None
-    if not any(_tunnelled(o) for o in _connects(f, PROBE)):
+    tunnel = next((o for o in _connects(f, PROBE) if _tunnelled(o)), None)
+    if tunnel is None:
         return None
     tls = _tunnel_tls(f, PROBE)
     if not tls or any(o.ok for o in tls) or not all(o.failure in INTERFERENCE for o in tls) or not _enough(tls):
@@ -87,9 +88,10 @@ def _proxy_tunnel(f: Facts) -> Hit | None:
     if not ctl:
         return None
     failure = dominant_failure(tls)
-    return Hit([*tls, ctl[0]], f"The proxy at {_endpoint(tls[0])} opened a tunnel, but TLS through it with SNI "
-                               f"{tls[0].data.get('sni')} failed ({failure}) {_times(tls)}, while control's "
-                               "handshake through the same proxy completed.",
+    return Hit([tunnel, *tls, ctl[0]],
+               f"The proxy at {_endpoint(tls[0])} opened a tunnel, but TLS through it with SNI "
+               f"{tls[0].data.get('sni')} failed ({failure}) {_times(tls)}, while control's handshake through the "
+               "same proxy completed.",
                detail=f"dpi.proxy_tls_{_suffix(failure)}")
 
 
@@ -164,9 +166,11 @@ def _tor_dir(f: Facts) -> Hit | None:
     if not ctl or not _enough(http):
         return None
     failure = dominant_failure(http)
-    return Hit([*http, ctl[0]], f"TCP to the Tor directory at {_endpoint(http[0])} connected, but fetching the "
-                                f"consensus failed ({failure}) {_times(http)}, while control fetched it from the "
-                                f"same address (status {ctl[0].data.get('status')}).",
+    connected = [o for o in f.probe_tcp if o.ok and o.address == http[0].address][:1]
+    return Hit([*connected, *http, ctl[0]],
+               f"TCP to the Tor directory at {_endpoint(http[0])} connected, but fetching the consensus failed "
+               f"({failure}) {_times(http)}, while control fetched it from the same address (status "
+               f"{ctl[0].data.get('status')}).",
                detail=f"dpi.http_{_suffix(failure)}")
 
 

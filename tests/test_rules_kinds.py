@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from kzprobe import errors as E
-from kzprobe.analysis import RULES, Context
+from kzprobe.analysis import RULES, Context, classify_target
 from kzprobe.analysis.rules_kinds import KIND_DNS_RULES, KIND_RULES
 from kzprobe.model import CONTROL, MEASURE, PROBE, Observation
 from kzprobe.tests.test_rules import Case as SharedCase
@@ -257,3 +257,14 @@ def test_kind_rules_never_decide_a_url_target(rule: Any) -> None:
 
         obs = [Observation(**{**o.to_dict(), "target": url}) for o in case.observations]
         assert rule.check(Facts(target=url, domain="site.example", observations=obs)) is None
+
+
+@pytest.mark.parametrize("rule", ["dpi.proxy_tunnel", "dpi.tor_dir"])
+def test_blocked_kind_cites_the_step_its_sentence_starts_from(rule: str) -> None:
+    """'The proxy opened a tunnel' / 'TCP to the directory connected': that step is evidence too."""
+    case = next(c for c in POSITIVE if c.rule == rule)
+    check_case(case, case.target, case.context)
+    v = classify_target(case.target, case.observations, case.context)
+    wanted = next(o for o in case.observations if o.vantage == PROBE and o.ok
+                  and (o.data.get("method") == "CONNECT" if rule == "dpi.proxy_tunnel" else o.step == "tcp"))
+    assert wanted.id in v.observations, (v.observations, v.sentence)
