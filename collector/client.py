@@ -32,6 +32,12 @@ from kzprobe.storage.models import ObservationRow, RunRow, TargetRow, UploadRow
 TOKEN_ENV = "KZPROBE_UPLOAD_TOKEN"
 #: An observation's columns as sent (``seq`` is the local id; ``run_id`` and ``seq`` are not sent).
 _OBS_WIRE_COLUMNS = tuple(c for c in ObservationRow.__table__.columns.keys() if c not in ("id", "run_id", "seq"))
+_PLAIN_WIRE_COLUMNS = tuple(c for c in _OBS_WIRE_COLUMNS if c not in ("data", "packets"))
+#: A batch from a SQLite queue.  "+run_id": walk the primary key from the last acknowledged id on;
+#: otherwise SQLite picks the (run_id, target) index and sorts the whole run for every batch, which
+#: is quadratic in the run's size.
+SQLITE_BATCH = (f"SELECT id, {', '.join(_PLAIN_WIRE_COLUMNS)}, data, packets FROM observations "
+                "WHERE +run_id = ? AND id > ? ORDER BY id LIMIT ?")
 FINAL_STATES = ("done", "interrupted", "deadline", "failed")
 
 
@@ -222,16 +228,11 @@ class Uploader:
         # The hot path of a large upload: the JSON columns are sent as the text they are stored as
         # (SQLAlchemy's JSON type wrote them with json.dumps), not decoded and encoded again, and
         # the other columns are encoded in one call per row.  Half of the uploader's time before.
-        plain = [c for c in _OBS_WIRE_COLUMNS if c not in ("data", "packets")]
-        # "+run_id": walk the primary key from `after` on.  Otherwise SQLite picks the (run_id,
-        # target) index and sorts the whole run for every batch: quadratic in the run's size.
-        sql = (f"SELECT id, {', '.join(plain)}, data, packets FROM observations "
-               "WHERE +run_id = ? AND id > ? ORDER BY id LIMIT ?")
         with self.store.engine.connect() as c:
-            rows = c.exec_driver_sql(sql, (run_id, after, limit)).fetchall()
+            rows = c.exec_driver_sql(SQLITE_BATCH, (run_id, after, limit)).fetchall()
         if not rows:
             return b"", 0, 0
-        keys = ("seq", *plain)
+        keys = ("seq", *_PLAIN_WIRE_COLUMNS)
         n = len(keys)
         parts = []
         for r in rows:
