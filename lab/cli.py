@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from kzprobe.lab.core import (
     run_probe,
     run_probe_doc,
 )
-from kzprobe.lab.scenario import ROLES, ScenarioError
+from kzprobe.lab.scenario import ROLES, ScenarioError, load
 
 #: The instance the CLI uses when none is given, so that `lab up` and `lab down` pair up.
 CLI_INSTANCE = "kzlab"
@@ -61,6 +62,11 @@ def lab() -> None:
 @instance_opt
 def up(scenario: str, instance: str) -> None:
     """Build the lab (idempotent)."""
+    try:
+        if load(scenario).isps:
+            return _up_multi(scenario, instance)
+    except ScenarioError as exc:
+        raise click.ClickException(str(exc)) from None
     lab_ = _lab(scenario, instance)
     t0 = time.monotonic()
     try:
@@ -76,6 +82,26 @@ def up(scenario: str, instance: str) -> None:
                f"helper {lab_.helper_url or '(not available)'}")
 
 
+def _up_multi(scenario: str, instance: str) -> None:
+    """A multi-ISP scenario ([[isp]]): one chain per ISP joining one world (lab/multi.py)."""
+    from kzprobe.lab.multi import MultiLab
+
+    t0 = time.monotonic()
+    try:
+        require_root()
+        m = MultiLab(scenario, instance=instance)
+        m.up()
+    except (LabError, ScenarioError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"lab {instance} up ({m.scenario.name}, {len(m.chains)} ISPs, {len(m.scenario.sites)} sites) "
+               f"in {time.monotonic() - t0:.1f}s; world: ip netns exec {m.world.ns_name('world')} ...")
+    for isp, chain in m.chains:
+        click.echo(f"  {isp.name} ({isp.asn}): kzprobe lab exec --instance {chain.instance} -- CMD; "
+                   f"targets {chain.targets_file}")
+    click.echo(f"  lab CA: {m.world.ca_path}   helper {m.world.helper_url or '(not available)'}   "
+               f"free for a collector: {m.collector_address}")
+
+
 @lab.command()
 @click.option("--instance", default=CLI_INSTANCE, show_default=True, help="Lab instance to remove.")
 @click.option("--all", "all_", is_flag=True, help=f"Remove every lab instance ({DEFAULT_PREFIX}*).")
@@ -87,7 +113,9 @@ def down(instance: str, all_: bool) -> None:
             gone = down_all(DEFAULT_PREFIX)
             click.echo(f"removed {len(gone)} lab instance(s){': ' + ', '.join(gone) if gone else ''}")
         else:
-            destroy(instance)
+            # A multi-ISP lab's chains are instances INSTANCEi1, INSTANCEi2, ... (lab/multi.py).
+            for inst in [instance, *(i for i in instances(instance) if re.fullmatch(rf"{instance}i[0-9]+", i))]:
+                destroy(inst)
             click.echo(f"lab {instance} down")
     except LabError as exc:
         raise click.ClickException(str(exc)) from None
@@ -113,7 +141,9 @@ def status() -> None:
         for r in present:
             out = subprocess.run(["ip", "netns", "pids", f"{inst}-{r}"], capture_output=True, text=True)
             pids += len(out.stdout.split())
-        state = "up" if info and len(present) == len(ROLES) else "broken (run: kzprobe lab down)"
+        # A multi-ISP lab's world instance has only the world; its chains have no world.
+        want = len(ROLES) if "multi" not in info else (1 if info["multi"] == inst else len(ROLES) - 1)
+        state = "up" if info and len(present) == want else "broken (run: kzprobe lab down)"
         click.echo(f"{inst}: {state}; scenario {info.get('name', '?')}; namespaces {len(present)}/{len(ROLES)}; "
                    f"{pids} processes")
 

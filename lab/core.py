@@ -99,7 +99,7 @@ class Lab:
             )
         if self.scenario.isps:
             raise LabError(f"scenario {self.scenario.name} has {len(self.scenario.isps)} ISPs: it needs the "
-                           "multi-ISP lab (kzprobe.lab.multi.MultiLab)")
+                           "multi-ISP lab (`kzprobe lab up` builds it; kzprobe.lab.multi.MultiLab)")
         self.state_dir = STATE_ROOT / self.instance
         self.ca_path = self.state_dir / "ca.pem"
         self.interception_ca_path = self.state_dir / "qaznet-ca.pem"

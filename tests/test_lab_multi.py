@@ -84,3 +84,40 @@ def test_bad_multi_isp_files_give_one_line_errors(body: str, message: str) -> No
     with pytest.raises(ScenarioError, match=message) as exc:
         _parse(body)
     assert "t.toml" in str(exc.value) and "\n" not in str(exc.value)
+
+
+@pytest.mark.lab
+def test_lab_up_builds_a_multi_isp_scenario_and_down_removes_every_chain() -> None:
+    import os
+    import secrets
+    import shutil
+    import subprocess
+    import sys
+
+    if os.geteuid() != 0 or not all(shutil.which(t) for t in ("ip", "iptables", "nft", "dnsmasq", "nginx", "curl")):
+        pytest.skip("the lab needs root, iproute2, iptables, nftables, dnsmasq, nginx and curl")
+    from kzprobe.lab.topology import list_namespaces
+
+    kz = [sys.executable, "-m", "kzprobe.cli", "lab"]
+    inst = "kzl" + secrets.token_hex(3)  # (lab status lists kzl* instances)
+    try:
+        up = subprocess.run([*kz, "up", "--scenario", "vantage-3isp", "--instance", inst], capture_output=True,
+                            text=True, timeout=120)
+        assert up.returncode == 0, up.stderr
+        status = subprocess.run([*kz, "status"], capture_output=True, text=True, timeout=60).stdout
+        for name in (inst, f"{inst}i1", f"{inst}i2", f"{inst}i3"):
+            assert f"{name}: up;" in status, status
+        ca = f"/run/kzprobe-lab/{inst}/ca.pem"
+
+        def fetch(chain: str, url: str) -> str:
+            return subprocess.run([*kz, "exec", "--instance", chain, "--", "curl", "-s", "-m", "5", "-o", "/dev/null",
+                                   "-w", "%{http_code}", "--cacert", ca, url], capture_output=True, text=True).stdout
+
+        # From the scenario: Beeline (chain 2) answers NXDOMAIN for ratel.kz; Tele2 (chain 3) does not block it.
+        assert fetch(f"{inst}i2", "https://ratel.kz/") == "000"
+        assert fetch(f"{inst}i3", "https://ratel.kz/") == "200"
+        assert fetch(f"{inst}i2", "https://mail.ru/") == "200"
+    finally:
+        down = subprocess.run([*kz, "down", "--instance", inst], capture_output=True, text=True, timeout=60)
+    assert down.returncode == 0, down.stderr
+    assert not [ns for ns in list_namespaces() if ns.startswith(inst)]
