@@ -18,6 +18,7 @@ from urllib.parse import urljoin
 from kzprobe import errors as E
 from kzprobe.analysis.features import hello_fingerprint, host_of, http_features
 from kzprobe.model import FOLLOWUP, PROBE, STEP_HTTP, STEP_TLS, Observation
+from kzprobe.probes.hellos import DPI_SIGNATURE, PRE_2012_SIGNATURE
 from kzprobe.replay import parsers, tunnel
 from kzprobe.replay.pcapio import ACK, FIN, RST
 from kzprobe.replay.state import END_GRACE, SOURCE, TTL_MARGIN, FileState, seq_ge
@@ -81,7 +82,9 @@ def observe(st: FileState, fl: Flow, address: str, ref: Ref | None, cut: bool) -
         if hello is not None:  # "tor" / "browser": what a fingerprinting box would see (issue 15)
             data["hello"] = hello
             if hello == "tor":
-                st.find(domain, "tor_hello", [tn], f"packet {tn}: a Tor-like ClientHello (Tor's 2012-2013 cipher "
+                # Which of Tor's lists: the one DPI matched in 2012-2013, or the one before it.
+                era = "2012-2013" if DPI_SIGNATURE in buf or PRE_2012_SIGNATURE not in buf else "2008 to May 2012"
+                st.find(domain, "tor_hello", [tn], f"packet {tn}: a Tor-like ClientHello (Tor's {era} cipher "
                                                    f"list) to {address}:{fl.sport} with SNI {sni}")
     else:
         assert req is not None

@@ -85,3 +85,18 @@ def test_hello_fingerprint_on_odd_input() -> None:
     assert hello_fingerprint(b"GET / HTTP/1.1\r\n\r\n") is None
     assert hello_fingerprint(b"\x16\x03\x01\x00\x05\x01\x00\x00\x01\x00") is None
     assert hello_fingerprint(b"\x16\x03\x01" + b"\xff" * 64) is None
+
+
+def test_the_finding_names_which_of_tors_lists_was_sent(tmp_path: Path) -> None:
+    """The same capture with the Tor-like hellos' first six suites turned into the pre-May-2012 list's
+    (proposal 124: c00a c014 0039 0038 c00f c005, as long): the finding names that list, not 2012-2013's."""
+    from kzprobe.probes.hellos import DPI_SIGNATURE, PRE_2012_SIGNATURE
+
+    raw = FIXTURE.read_bytes()
+    assert raw.count(DPI_SIGNATURE) == 2  # the two Tor-like hellos of the recording
+    old = tmp_path / "hello-fingerprint-2011.pcap"
+    old.write_bytes(raw.replace(DPI_SIGNATURE, PRE_2012_SIGNATURE))
+    for capture, era in ((FIXTURE, "Tor's 2012-2013 cipher list"), (old, "Tor's 2008 to May 2012 cipher list")):
+        fr = Replayer().replay_file(str(capture))
+        sentences = [f.sentence for f in fr.findings if f.kind == "tor_hello"]
+        assert len(sentences) == 2 and all(era in s for s in sentences), sentences
