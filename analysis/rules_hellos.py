@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 from kzprobe.analysis.facts import INTERFERENCE, Facts, dominant_failure
 from kzprobe.analysis.rules import Hit, Rule, _enough, _suffix, _times
-from kzprobe.model import BLOCKED, FOLLOWUP, MEASURE, OK, PROBE, STEP_TLS, Observation
+from kzprobe.model import BLOCKED, FOLLOWUP, INCONCLUSIVE, MEASURE, OK, PROBE, STEP_TLS, Observation
 
 TOR_OR = "tor-or"
 DEFAULT, BROWSER, TOR = "default", "browser", "tor"
@@ -140,6 +140,25 @@ def _ok_tor_or(f: Facts) -> Hit | None:
                     f"({o.data.get('version') or 'TLS'}, {o.data.get('cipher') or 'cipher unknown'}).")
 
 
+def _tor_or_disagree(f: Facts) -> Hit | None:
+    """An OR port the probe reached with some hello, while control's handshake failed: the vantages
+    disagree, and neither "down" (the probe got through) nor "blocked" (control got nothing to
+    contrast with) is what the observations say."""
+    if not _is_tor_or(f):
+        return None
+    for (addr, _sni), obs in _probe_handshakes(f).items():
+        passed = [o for o in obs if o.ok]
+        if not passed or _control_says(f, addr) is not False:
+            continue
+        ctl = [o for o in f.control_tls if not o.ok and o.address == addr] or [o for o in f.control_tls if not o.ok]
+        what = dominant_failure(ctl) or "failure"
+        return Hit([passed[0], *ctl[:2]],
+                   f"The probe completed a handshake with the OR port {addr} (the "
+                   f"{_HELLO_NAMES.get(hello_of(passed[0]), hello_of(passed[0]))} ClientHello), but control's "
+                   f"failed ({what}): the two vantages disagree, so nothing is concluded.")
+    return None
+
+
 HELLO_RULES: tuple[Rule, ...] = (
     Rule("dpi.tls_fingerprint", BLOCKED, "dpi", "dpi.tls_fingerprint", 0.9, _fingerprint,
          "Only one ClientHello fails on an address (same SNI) while the other completes: DPI reads the "
@@ -147,6 +166,8 @@ HELLO_RULES: tuple[Rule, ...] = (
     Rule("ip.tor_or_tls", BLOCKED, "ip", "ip.tls_reset", 0.8, _tor_tls_both,
          "An OR port fails the handshake with every hello while control's completes."),
     Rule("ok.tor_or", OK, None, None, 0.85, _ok_tor_or, "A Tor-like handshake with the OR port completed."),
+    Rule("tor_or.disagree", INCONCLUSIVE, None, "inconclusive.control_differs", 0.3, _tor_or_disagree,
+         "The probe reached the OR port with some hello while control's handshake failed."),
 )
 
 

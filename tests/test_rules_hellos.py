@@ -67,6 +67,8 @@ POSITIVE: list[Case] = [
          https_default_blocked(), "dpi.tls_fingerprint", "blocked", "dpi", "dpi.tls_fingerprint"),
     Case("tor-or: both hellos reset while control's handshake completes", tor_blocked(browser=RESET),
          "ip.tor_or_tls", "blocked", "ip", "ip.tls_reset"),
+    Case("tor-or: the probe's browser-like hello completes, control's Tor-like one times out",
+         tor_blocked(control=TIMEOUT), "tor_or.disagree", "inconclusive", None, "inconclusive.control_differs"),
     Case("tor-or: the Tor-like handshake completes (self-signed link certificate, not validated)",
          [or_tcp(), or_tls("tor"), or_tcp(vantage=CONTROL), or_tls("tor", vantage=CONTROL)],
          "ok.tor_or", "ok"),
@@ -78,9 +80,13 @@ NEAR_MISS: list[Case] = [
          [or_tcp(), or_tls("tor", TIMEOUT), or_tcp(purpose=FOLLOWUP), or_tls("browser", purpose=FOLLOWUP),
           or_tcp(attempt=1), or_tls("tor", attempt=1)],
          "ok.tor_or", "ok", near="dpi.tls_fingerprint"),
-    # Control's Tor-like handshake fails too: the relay is down, not fingerprinted.
+    # Control's Tor-like handshake fails too: not fingerprinting as far as can be told (and not
+    # "down" either: the probe's browser-like hello reached the relay).
     Case("tor-or: control's Tor-like handshake fails as well", tor_blocked(control=RESET),
-         "down.everyone", "down", near="dpi.tls_fingerprint"),
+         "tor_or.disagree", "inconclusive", near="dpi.tls_fingerprint"),
+    # Every hello of the probe fails and so does control's: the relay is down, the vantages agree.
+    Case("tor-or: every handshake fails, control's too", tor_blocked(browser=RESET, control=RESET),
+         "down.everyone", "down", near="tor_or.disagree"),
     # SNI DPI: the browser-like hello with the target SNI is reset too; only the benign SNI passes.
     Case("https: the browser-like hello is reset too, the benign SNI completes",
          https_default_blocked(browser_followup=RESET, benign=None), "dpi.tls_followup", "blocked", "dpi",
