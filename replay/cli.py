@@ -114,8 +114,12 @@ def replay(files: tuple[str, ...], fmt: str, store: bool, db: str | None, finger
 
         objects = [output.verdict_object(v, run_id, capture={"file": fr.read.path})
                    for fr, vs in per_file for v in (vs or [])]
+        # A capture damaged part-way is replayed up to the damage: its verdicts are above, and the
+        # damage is a problem too, so that a script reading only "problems" still learns of it.
+        damaged = [{"where": fr.read.path, "reason": f"{fr.read.describe()}; the result covers the frames before it"}
+                   for fr in results if fr.read.error]
         doc: dict[str, Any] = output.envelope(
-            "replay", objects, problems=[{"where": e.path, "reason": e.reason} for e in failed],
+            "replay", objects, problems=[*({"where": e.path, "reason": e.reason} for e in failed), *damaged],
             run_id=run_id, classifier=note,
             files=[{k: v for k, v in _file_doc(fr, vs).items() if k != "verdicts"} for fr, vs in per_file])
         json.dump(doc, sys.stdout, ensure_ascii=False, indent=1, default=str)

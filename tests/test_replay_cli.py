@@ -148,6 +148,13 @@ def test_bad_files_are_reported_per_file(tmp_path: Path) -> None:
     assert len(warn) == 1 and "truncated" in warn[0]
     # The good file and the readable part of the cut one are still replayed.
     assert "ratel.kz" in out and "bambuser.com" in out
+    # In JSON, the cut file's verdicts are kept and its damage is a problem beside the unreadable files.
+    res = CliRunner().invoke(main, ["replay", "--format", "json", str(junk), str(cut)])
+    assert res.exit_code == 1, res.output
+    doc = json.loads(res.stdout)
+    where = {p["where"]: p["reason"] for p in doc["problems"]}
+    assert set(where) == {str(junk), str(cut)} and "truncated" in where[str(cut)], where
+    assert any(v["capture"]["file"] == str(cut) for v in doc["verdicts"]), doc["verdicts"]
 
 
 def test_every_file_unreadable_is_one_line_each(tmp_path: Path) -> None:
