@@ -208,8 +208,16 @@ def _print(rows: list[dict[str, Any]], fmt: str, head: dict[str, Any]) -> None:
 def run(scenario: str, fmt: str, instance: str | None, timeout: float, keep: bool) -> None:
     """Up, `kzprobe run` from the volunteer against the scenario, compare, down.
 
-    Exits non-zero when any verdict differs from the scenario's expectation.
+    Exits non-zero when any verdict differs from the scenario's expectation.  A multi-ISP scenario
+    ([[isp]], e.g. vantage-3isp) runs `kzprobe run` from every ISP's volunteer at once and compares
+    each with that ISP's expectations.
     """
+    try:
+        multi = bool(load(scenario).isps)
+    except ScenarioError as exc:
+        raise click.ClickException(str(exc)) from None
+    if multi:
+        return _run_multi(scenario, fmt, instance or _fresh_instance(), timeout, keep)
     lab_ = _lab(scenario, instance or _fresh_instance())
     windows: list[dict[str, Any]] = []
     try:
@@ -231,6 +239,64 @@ def run(scenario: str, fmt: str, instance: str | None, timeout: float, keep: boo
     _print(rows, fmt, head | ({"windows": windows} if windows else {}))
     if not all(r["match"] for r in rows):
         sys.exit(1)
+
+
+def _run_multi(scenario: str, fmt: str, instance: str, timeout: float, keep: bool) -> None:
+    from kzprobe.lab.multi import MultiLab
+
+    try:
+        require_root()
+        m = MultiLab(scenario, instance=instance)
+    except (LabError, ScenarioError) as exc:
+        raise click.ClickException(str(exc)) from None
+    try:
+        # up() removes what it built when it fails; the finally covers a failed or interrupted
+        # (Ctrl-C) measurement: every chain and the world go, from their names alone.
+        m.up()
+        measured = m.measure(timeout)
+    except LabError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        if not keep:
+            m.down()
+    rows = m.compare(measured)
+    ok = all(r["match"] for r in rows)
+    if fmt == "json":
+        from kzprobe import __version__
+
+        # The shared envelope, as for one ISP: every volunteer's verdicts at the top (a target
+        # appears once per ISP, in chain order), the comparison under "lab" with each row's ISP.
+        isps = [{"name": isp.name, "asn": isp.asn, "country": isp.country, "instance": chain.instance,
+                 "ok": all(r["match"] for r in rows if r["isp"] == isp.name)} for isp, chain in m.chains]
+        doc = {"command": "lab run", "kzprobe": __version__,
+               "verdicts": [v for _, d in measured for v in d["verdicts"]], "problems": [],
+               "lab": {"scenario": m.scenario.name, "instance": m.instance, "helper": m.world.helper_url,
+                       "ok": ok, "isps": isps, "results": rows}}
+        click.echo(json.dumps(doc, indent=2, ensure_ascii=False))
+    else:
+        _print_multi(m.scenario.name, rows)
+    if not ok:
+        sys.exit(1)
+
+
+def _print_multi(name: str, rows: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"kzprobe lab run: {name}")
+    for col in ("ISP", "target", "expected", "got", "match", "evidence"):
+        table.add_column(col, overflow="fold", ratio=4 if col == "evidence" else None)
+    for r in rows:
+        sentence = ((r["verdict"] or {}).get("evidence") or {}).get("sentence", "")
+        exp = r["expect"] + (f" ({r['expect_detail']})" if r.get("expect_detail") else "")
+        got = r["got"] + (f" ({r['got_detail']})" if r.get("got_detail") else "")
+        table.add_row(r["isp"], r["target"], exp, got, "✔" if r["match"] else "✘", sentence)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)
+    console.print(table)
+    bad = sum(not r["match"] for r in rows)
+    click.echo(f"{len(rows) - bad}/{len(rows)} verdicts as expected")
 
 
 def _fresh_instance() -> str:

@@ -26,9 +26,10 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from kzprobe.lab import services
-from kzprobe.lab.core import Lab
+from kzprobe.lab.core import Lab, compare, probe_argv
 from kzprobe.lab.scenario import ROLES, Isp, Scenario, load
 from kzprobe.lab.topology import (
     DEFAULT_PREFIX,
@@ -106,6 +107,18 @@ class MultiLab:
             if isp.name == isp_name:
                 return lab
         raise KeyError(isp_name)
+
+    def measure(self, timeout: float = 3.0) -> list[tuple[Isp, dict[str, Any]]]:
+        """``kzprobe run`` from every ISP's volunteer at once (each declaring its ISP's network
+        name, ASN and country, as a volunteer would); each ISP's JSON envelope, in chain order."""
+        with ThreadPoolExecutor(len(self.chains)) as pool:
+            docs = list(pool.map(lambda job: _probe(job[0], job[1], timeout), self.chains))
+        return list(zip([isp for isp, _ in self.chains], docs, strict=True))
+
+    def compare(self, measured: list[tuple[Isp, dict[str, Any]]]) -> list[dict[str, Any]]:
+        """One row per (ISP, site): that ISP's expectation (its view of the scenario) against
+        what its volunteer's kzprobe said; rows as :func:`~kzprobe.lab.core.compare`'s plus ``isp``."""
+        return [{"isp": isp.name, **row} for isp, doc in measured for row in compare(isp.scenario, doc["verdicts"])]
 
     def __enter__(self) -> MultiLab:
         return self.up()
@@ -193,3 +206,23 @@ class MultiLab:
 
         with ThreadPoolExecutor(4) as pool:
             list(pool.map(configure, jobs))
+
+
+def _probe(isp: Isp, chain: Lab, timeout: float) -> dict[str, Any]:
+    """``kzprobe run`` in one chain's volunteer namespace; its JSON envelope.  A run that printed no
+    JSON is a LabError naming the ISP and kzprobe's last stderr line (its whole stderr stays in the
+    chain's state directory, probe.stderr), as the one-ISP lab's run_probe_doc does."""
+    argv = [*probe_argv(chain, timeout), "--network-name", isp.name, "--asn", isp.asn, "--country", isp.country]
+    p = chain.exec("volunteer", argv, capture_output=True, text=True)
+    (chain.state_dir / "probe.stderr").write_text(p.stderr)
+    try:
+        doc = json.loads(p.stdout)
+    except json.JSONDecodeError:
+        last = (p.stderr.strip().splitlines() or ["no output"])[-1]
+        raise LabError(f"{isp.name}: kzprobe run failed (exit {p.returncode}): {last}") from None
+    if isinstance(doc, list):
+        doc = {"verdicts": doc}
+    verdicts = doc.get("verdicts") if isinstance(doc, dict) else None
+    if not isinstance(verdicts, list) or not all(isinstance(v, dict) for v in verdicts):
+        raise LabError(f"{isp.name}: kzprobe run printed JSON that holds no list of verdicts")
+    return doc
