@@ -205,7 +205,10 @@ def _print(rows: list[dict[str, Any]], fmt: str, head: dict[str, Any]) -> None:
 @click.option("--instance", default=None, help="Lab instance (default: a fresh one).")
 @click.option("--timeout", type=float, default=3.0, show_default=True, help="kzprobe's per-step timeout.")
 @click.option("--keep", is_flag=True, help="Leave the lab up afterwards.")
-def run(scenario: str, fmt: str, instance: str | None, timeout: float, keep: bool) -> None:
+@click.option("--collector", is_flag=True,
+              help="Multi-ISP scenarios: also run a collector in the world on a throwaway PostgreSQL, upload "
+                   "every volunteer's run and compare its verdicts with the volunteers'.")
+def run(scenario: str, fmt: str, instance: str | None, timeout: float, keep: bool, collector: bool) -> None:
     """Up, `kzprobe run` from the volunteer against the scenario, compare, down.
 
     Exits non-zero when any verdict differs from the scenario's expectation.  A multi-ISP scenario
@@ -217,7 +220,9 @@ def run(scenario: str, fmt: str, instance: str | None, timeout: float, keep: boo
     except ScenarioError as exc:
         raise click.ClickException(str(exc)) from None
     if multi:
-        return _run_multi(scenario, fmt, instance or _fresh_instance(), timeout, keep)
+        return _run_multi(scenario, fmt, instance or _fresh_instance(), timeout, keep, collector)
+    if collector:
+        raise click.UsageError("--collector: only for a multi-ISP scenario ([[isp]], e.g. vantage-3isp)")
     lab_ = _lab(scenario, instance or _fresh_instance())
     windows: list[dict[str, Any]] = []
     try:
@@ -241,7 +246,9 @@ def run(scenario: str, fmt: str, instance: str | None, timeout: float, keep: boo
         sys.exit(1)
 
 
-def _run_multi(scenario: str, fmt: str, instance: str, timeout: float, keep: bool) -> None:
+def _run_multi(scenario: str, fmt: str, instance: str, timeout: float, keep: bool, collector: bool) -> None:
+    from contextlib import ExitStack
+
     from kzprobe.lab.multi import MultiLab
 
     try:
@@ -249,29 +256,59 @@ def _run_multi(scenario: str, fmt: str, instance: str, timeout: float, keep: boo
         m = MultiLab(scenario, instance=instance)
     except (LabError, ScenarioError) as exc:
         raise click.ClickException(str(exc)) from None
-    try:
-        # up() removes what it built when it fails; the finally covers a failed or interrupted
-        # (Ctrl-C) measurement: every chain and the world go, from their names alone.
-        m.up()
-        measured = m.measure(timeout)
-    except LabError as exc:
-        raise click.ClickException(str(exc)) from None
-    finally:
-        if not keep:
-            m.down()
+    if collector:
+        from kzprobe.storage.pgcluster import unavailable_reason
+
+        reason = unavailable_reason()
+        if reason:
+            raise click.ClickException(f"--collector needs PostgreSQL: {reason}")
+    compared: tuple[Any, Any] | None = None
+    coll_url: str | None = None
+    with ExitStack() as stack:
+        try:
+            if collector:
+                from kzprobe.lab import multi_collector as mc
+                from kzprobe.storage.pgcluster import ClusterUnavailable, throwaway_cluster
+
+                try:
+                    cluster = stack.enter_context(throwaway_cluster())
+                except ClusterUnavailable as exc:
+                    raise click.ClickException(f"--collector: PostgreSQL cannot start: {exc}") from None
+                db_url = cluster.create_database("lab")
+            # up() removes what it built when it fails; the finally covers a failed or interrupted
+            # (Ctrl-C) measurement: every chain and the world go, from their names alone (the
+            # collector with the world), before the cluster stops.
+            m.up()
+            if collector:
+                coll_url, extra, env = mc.start(m, db_url)
+                measured = m.measure(timeout, extra, env)
+                compared = (mc.local_verdicts(m),
+                            mc.collector_verdicts(db_url, {isp.name for isp, _ in m.chains}))
+            else:
+                measured = m.measure(timeout)
+        except LabError as exc:
+            raise click.ClickException(str(exc)) from None
+        finally:
+            if not keep:
+                m.down()
     rows = m.compare(measured)
     ok = all(r["match"] for r in rows)
+    if compared is not None:
+        mc.annotate(rows, *compared)
+        ok = ok and all(r["collector_match"] for r in rows)
     if fmt == "json":
         from kzprobe import __version__
 
         # The shared envelope, as for one ISP: every volunteer's verdicts at the top (a target
         # appears once per ISP, in chain order), the comparison under "lab" with each row's ISP.
         isps = [{"name": isp.name, "asn": isp.asn, "country": isp.country, "instance": chain.instance,
-                 "ok": all(r["match"] for r in rows if r["isp"] == isp.name)} for isp, chain in m.chains]
+                 "ok": all(r["match"] and r.get("collector_match", True) for r in rows if r["isp"] == isp.name)}
+                for isp, chain in m.chains]
         doc = {"command": "lab run", "kzprobe": __version__,
                "verdicts": [v for _, d in measured for v in d["verdicts"]], "problems": [],
                "lab": {"scenario": m.scenario.name, "instance": m.instance, "helper": m.world.helper_url,
-                       "ok": ok, "isps": isps, "results": rows}}
+                       "ok": ok, "isps": isps, "results": rows}
+               | ({"collector": {"url": coll_url, "db": "throwaway PostgreSQL"}} if compared is not None else {})}
         click.echo(json.dumps(doc, indent=2, ensure_ascii=False))
     else:
         _print_multi(m.scenario.name, rows)
@@ -284,19 +321,27 @@ def _print_multi(name: str, rows: list[dict[str, Any]]) -> None:
     from rich.table import Table
 
     table = Table(title=f"kzprobe lab run: {name}")
-    for col in ("ISP", "target", "expected", "got", "match", "evidence"):
+    with_collector = any("collector" in r for r in rows)
+    cols = ("ISP", "target", "expected", "got", "match", *(("collector",) if with_collector else ()), "evidence")
+    for col in cols:
         table.add_column(col, overflow="fold", ratio=4 if col == "evidence" else None)
     for r in rows:
         sentence = ((r["verdict"] or {}).get("evidence") or {}).get("sentence", "")
         exp = r["expect"] + (f" ({r['expect_detail']})" if r.get("expect_detail") else "")
         got = r["got"] + (f" ({r['got_detail']})" if r.get("got_detail") else "")
-        table.add_row(r["isp"], r["target"], exp, got, "✔" if r["match"] else "✘", sentence)
+        # The collector column says whether its verdict equals the volunteer's stored one.
+        coll = (("same" if r["collector_match"] else f"differs: {r['collector'] or 'missing'}"),) \
+            if with_collector else ()
+        table.add_row(r["isp"], r["target"], exp, got, "✔" if r["match"] else "✘", *coll, sentence)
     console = Console()
     if not console.is_terminal:
         console = Console(width=160)
     console.print(table)
     bad = sum(not r["match"] for r in rows)
     click.echo(f"{len(rows) - bad}/{len(rows)} verdicts as expected")
+    if with_collector:
+        same = sum(bool(r["collector_match"]) for r in rows)
+        click.echo(f"{same}/{len(rows)} of the collector's verdicts equal the volunteers'")
 
 
 def _fresh_instance() -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import os
 import secrets
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -108,11 +109,14 @@ class MultiLab:
                 return lab
         raise KeyError(isp_name)
 
-    def measure(self, timeout: float = 3.0) -> list[tuple[Isp, dict[str, Any]]]:
+    def measure(self, timeout: float = 3.0, extra: dict[str, list[str]] | None = None,
+                env: dict[str, dict[str, str]] | None = None) -> list[tuple[Isp, dict[str, Any]]]:
         """``kzprobe run`` from every ISP's volunteer at once (each declaring its ISP's network
-        name, ASN and country, as a volunteer would); each ISP's JSON envelope, in chain order."""
+        name, ASN and country, as a volunteer would); each ISP's JSON envelope, in chain order.
+        ``extra``/``env``: more options / environment variables per ISP name (e.g. ``--upload``)."""
         with ThreadPoolExecutor(len(self.chains)) as pool:
-            docs = list(pool.map(lambda job: _probe(job[0], job[1], timeout), self.chains))
+            docs = list(pool.map(lambda job: _probe(job[0], job[1], timeout, (extra or {}).get(job[0].name, []),
+                                                    (env or {}).get(job[0].name)), self.chains))
         return list(zip([isp for isp, _ in self.chains], docs, strict=True))
 
     def compare(self, measured: list[tuple[Isp, dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -208,12 +212,13 @@ class MultiLab:
             list(pool.map(configure, jobs))
 
 
-def _probe(isp: Isp, chain: Lab, timeout: float) -> dict[str, Any]:
+def _probe(isp: Isp, chain: Lab, timeout: float, extra: list[str], env: dict[str, str] | None) -> dict[str, Any]:
     """``kzprobe run`` in one chain's volunteer namespace; its JSON envelope.  A run that printed no
     JSON is a LabError naming the ISP and kzprobe's last stderr line (its whole stderr stays in the
     chain's state directory, probe.stderr), as the one-ISP lab's run_probe_doc does."""
-    argv = [*probe_argv(chain, timeout), "--network-name", isp.name, "--asn", isp.asn, "--country", isp.country]
-    p = chain.exec("volunteer", argv, capture_output=True, text=True)
+    argv = [*probe_argv(chain, timeout), "--network-name", isp.name, "--asn", isp.asn, "--country", isp.country,
+            *extra]
+    p = chain.exec("volunteer", argv, capture_output=True, text=True, env={**os.environ, **env} if env else None)
     (chain.state_dir / "probe.stderr").write_text(p.stderr)
     try:
         doc = json.loads(p.stdout)

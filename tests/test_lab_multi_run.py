@@ -111,3 +111,36 @@ def test_lab_run_multi_exits_non_zero_on_a_mismatch(request: pytest.FixtureReque
     assert p.returncode == 1 and doc["lab"]["ok"] is False
     assert {i["name"]: i["ok"] for i in doc["lab"]["isps"]} == {"KazNet": True, "Beeline KZ": True, "Tele2 KZ": False}
     assert not [ns for ns in list_namespaces() if ns.startswith(inst)]
+
+
+@pytest.mark.postgres
+def test_lab_run_multi_with_the_collector(request: pytest.FixtureRequest) -> None:
+    """``--collector``: every volunteer uploads to a collector in the world (throwaway PostgreSQL);
+    the collector's own classification of each ISP's uploaded observations gives, target by
+    target, what that ISP was built to do."""
+    from kzprobe.storage.pgcluster import unavailable_reason
+
+    reason = unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"no PostgreSQL: {reason}")
+    inst = "kzm" + os.urandom(2).hex()
+    request.addfinalizer(lambda: [destroy(i) for i in (inst, f"{inst}i1", f"{inst}i2", f"{inst}i3")])
+    p = subprocess.run(
+        [sys.executable, "-m", "kzprobe.cli", "lab", "run", "--scenario", "vantage-3isp", "--format", "json",
+         "--instance", inst, "--collector"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert p.stdout, p.stderr[-3000:]
+    doc = json.loads(p.stdout)
+    expected = expectations(SCENARIO)
+    assert not check_rows(doc, expected)
+    for r in doc["lab"]["results"]:
+        exp, detail = expected[(r["isp"], r["target"])]
+        c = r["collector"]
+        assert c is not None, r
+        label = c["status"] if c["status"] != "blocked" else f"{c['status']}/{c['mechanism']}"
+        assert label == exp and (detail is None or c["detail"] == detail), r
+        assert r["collector_match"] is True, r
+    assert p.returncode == 0 and doc["lab"]["ok"] is True
+    assert doc["lab"]["collector"]["url"].startswith("http://198.51.100.")
+    assert not [ns for ns in list_namespaces() if ns.startswith(inst)]
