@@ -215,6 +215,10 @@ def run(scenario: str, fmt: str, instance: str | None, timeout: float, keep: boo
     ([[isp]], e.g. vantage-3isp) runs `kzprobe run` from every ISP's volunteer at once and compares
     each with that ISP's expectations.
     """
+    if collector and keep:
+        # The cluster is throwaway: it stops when the run ends, and a kept collector would have no database.
+        raise click.UsageError("--collector and --keep: the throwaway PostgreSQL stops when the run ends "
+                               "(to keep a lab up: kzprobe lab up)")
     try:
         multi = bool(load(scenario).isps)
     except ScenarioError as exc:
