@@ -1,8 +1,8 @@
 """The hardening layer shared by kzprobe's internet-facing services (the control helper, the collector).
 
-Small, ASGI-agnostic building blocks; nothing here knows about HTTP frameworks, routes or the
-probe engine, so any server can call them around its own request handling.  Everything is
-synchronous, O(1) per call and bounded in memory (keyed tables are LRU-capped): a flood of
+Small building blocks; nothing here knows about HTTP frameworks, routes or the probe engine, so
+any server can call them around its own request handling.  Apart from the ASGI body read, everything
+is synchronous, O(1) per call and bounded in memory (keyed tables are LRU-capped): a flood of
 distinct clients cannot grow them without limit.
 
 Clients (:mod:`kzprobe.hardening.limits`)
@@ -38,6 +38,13 @@ Budgets (:mod:`kzprobe.hardening.budget`)
     ``trim(seq, limit)`` cuts what goes back to the client.  ``current_budget()`` / ``budget_scope(b)``
     carry the request's budget through a context variable, so hooks deep in an HTTP client (which
     run in the request's task or its children) charge the right request.
+
+ASGI plumbing (:mod:`kzprobe.hardening.asgi`; imports trio, so it is not re-exported here)
+    ``HttpError(status, code, message, headers)``: the one error a route raises; ``json_response``
+    sends it (or any payload) as ``{"error", "code"}`` JSON.  ``header(scope, name)``,
+    ``parse_content_length(value)`` (ASCII ``1*DIGIT`` only, else 400), and
+    ``read_body(scope, receive, limit, timeout, drain=0)``: the bounded, timed body read (413 over
+    the limit or its declared length, 408 too slow, 400 bad length or client gone).
 
 Errors (:mod:`kzprobe.hardening.scrub`)
     ``scrub(text) -> str``: removes IP addresses, host:port endpoints, URLs and file paths, as
