@@ -31,7 +31,7 @@ import json
 import logging
 import math
 import signal
-from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -47,6 +47,18 @@ from kzprobe.hardening import (
     connection_cap,
     retry_after_header,
 )
+from kzprobe.hardening.asgi import (
+    HttpError,
+    Receive,
+    Scope,
+    Send,
+    header,
+    json_response,
+    lifespan,
+    read_body,
+    refuse_websocket,
+)
+from kzprobe.hardening.asgi import one_line as _one_line
 from kzprobe.hardening.tokens import Auth
 from kzprobe.helper.localnet import LocalNetworks, Network
 from kzprobe.helper.policy import Policy, PolicyError
@@ -62,10 +74,6 @@ TARPIT = 1.0
 GONE_POLL = 0.2
 log = logging.getLogger("kzprobe.helper")
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 Measure = Callable[[str, list[str]], Awaitable[ControlResult]]
 
 
@@ -100,19 +108,6 @@ class Limits:
     max_fetches: int = 16
     max_download: int = 1024 * 1024
     max_dns_answers: int = 16
-
-
-class HttpError(Exception):
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.headers = headers or {}
-
-
-def _one_line(text: str, limit: int = 300) -> str:
-    return " ".join(text.split())[:limit]
 
 
 def parse_request(body: bytes, max_addresses: int) -> tuple[str, list[str]]:
@@ -180,11 +175,10 @@ class HelperApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope.get("type")
         if kind == "lifespan":
-            await self._lifespan(receive, send)
+            await lifespan(receive, send)
             return
         if kind == "websocket":
-            await receive()  # websocket.connect
-            await send({"type": "websocket.close", "code": 1008})
+            await refuse_websocket(receive, send)
             return
         if kind != "http":
             return
@@ -205,7 +199,7 @@ class HelperApp:
                 raise HttpError(431, "header_too_large", f"request headers over {MAX_HEAD} bytes")
             status, payload, headers = await self._route(scope, receive)
         except HttpError as exc:
-            status, payload, headers = exc.status, {"error": exc.message, "code": exc.code}, exc.headers
+            status, payload, headers = exc.status, exc.payload(), exc.headers
             if status >= 500 or status == 403:
                 log.warning("%s %s -> %d %s: %s", scope.get("method"), scope.get("path"), status, exc.code,
                             exc.message)
@@ -213,24 +207,7 @@ class HelperApp:
             # A bug must cost one request, not the server.
             log.exception("internal error on %s %s", scope.get("method"), scope.get("path"))
             status, payload, headers = 500, {"error": "internal error in the helper", "code": "internal"}, {}
-        await self._respond(send, status, payload, headers)
-
-    async def _lifespan(self, receive: Receive, send: Send) -> None:
-        while True:
-            msg = await receive()
-            if msg["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif msg["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
-
-    async def _respond(self, send: Send, status: int, payload: dict[str, Any], headers: dict[str, str]) -> None:
-        body = json.dumps(payload, ensure_ascii=False, default=str, separators=(",", ":")).encode()
-        raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-               (b"cache-control", b"no-store")]
-        raw += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
-        await send({"type": "http.response.start", "status": status, "headers": raw})
-        await send({"type": "http.response.body", "body": body})
+        await json_response(send, status, payload, headers)
 
     async def _route(self, scope: Scope, receive: Receive) -> tuple[int, dict[str, Any], dict[str, str]]:
         path, method = scope.get("path", ""), scope.get("method", "")
@@ -238,8 +215,8 @@ class HelperApp:
             if method != "GET":
                 raise HttpError(405, "method_not_allowed", f"{method} not allowed on {path}", {"Allow": "GET"})
             # Liveness for anyone; what runs here (the version) only for the token holder.
-            if self.guard is not None and self._header(scope, b"authorization") is not None:
-                if self.guard.check(self._address(scope), self._header(scope, b"authorization")).ok:
+            if self.guard is not None and header(scope, b"authorization") is not None:
+                if self.guard.check(self._address(scope), header(scope, b"authorization")).ok:
                     return 200, {"ok": True, "version": PROTOCOL_VERSION, "kzprobe": __version__}, {}
             return 200, {"ok": True}, {}
         if path == "/v1/control":
@@ -247,12 +224,6 @@ class HelperApp:
                 raise HttpError(405, "method_not_allowed", f"{method} not allowed on {path}", {"Allow": "POST"})
             return await self._control(scope, receive)
         raise HttpError(404, "not_found", f"no such endpoint: {_one_line(path, 100)}")
-
-    def _header(self, scope: Scope, name: bytes) -> str | None:
-        for k, v in scope.get("headers", []):
-            if k.lower() == name:
-                return bytes(v).decode("latin-1")
-        return None
 
     def _address(self, scope: Scope) -> str:
         client = scope.get("client")
@@ -263,7 +234,7 @@ class HelperApp:
         address = self._address(scope)
         if self.guard is None:
             return address
-        result = self.guard.check(address, self._header(scope, b"authorization"))
+        result = self.guard.check(address, header(scope, b"authorization"))
         if result.status is Auth.LOCKED:
             raise HttpError(429, "too_many_failures", "too many wrong tokens from this client",
                             {"Retry-After": retry_after_header(result.retry_after)})
@@ -282,31 +253,6 @@ class HelperApp:
             raise HttpError(429, "too_many_requests",
                             f"more than {self.limits.client_concurrency} requests at once from this client",
                             {"Retry-After": "1"})
-
-    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
-        cap = self.limits.max_body
-        declared = self._header(scope, b"content-length")
-        if declared is not None and declared.strip().isdigit() and int(declared) > cap:
-            raise HttpError(413, "too_large", f"request body over {cap} bytes")
-        chunks: list[bytes] = []
-        size = 0
-        try:
-            with trio.fail_after(self.limits.body_timeout):
-                while True:
-                    msg = await receive()
-                    if msg["type"] == "http.disconnect":
-                        raise HttpError(400, "disconnected", "client went away before the body was complete")
-                    chunk = bytes(msg.get("body", b""))
-                    size += len(chunk)
-                    if size > cap:
-                        raise HttpError(413, "too_large", f"request body over {cap} bytes")
-                    chunks.append(chunk)
-                    if not msg.get("more_body", False):
-                        break
-        except trio.TooSlowError:
-            raise HttpError(408, "body_timeout",
-                            f"request body not received within {self.limits.body_timeout:g} s") from None
-        return b"".join(chunks)
 
     async def _admit(self) -> None:
         """Take a measurement slot, waiting in a bounded queue; 503 when that is not possible."""
@@ -352,10 +298,10 @@ class HelperApp:
 
     async def _limited_control(self, scope: Scope, receive: Receive, key: str
                                ) -> tuple[int, dict[str, Any], dict[str, str]]:
-        ctype = (self._header(scope, b"content-type") or "").split(";")[0].strip().lower()
+        ctype = (header(scope, b"content-type") or "").split(";")[0].strip().lower()
         if ctype != "application/json":
             raise HttpError(415, "unsupported_media_type", "Content-Type must be application/json")
-        body = await self._read_body(scope, receive)
+        body = await read_body(scope, receive, self.limits.max_body, self.limits.body_timeout)
         url, addresses = parse_request(body, self.limits.max_addresses)
         gone = False
         result: ControlResult | None = None
