@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -31,14 +31,21 @@ from kzprobe import __version__
 from kzprobe.collector.ingest import Ingest, Refused
 from kzprobe.collector.tokens import Verifier
 from kzprobe.collector.wire import API_VERSION, BadBody, parse_batch, parse_close, parse_open
+from kzprobe.hardening.asgi import (
+    HttpError,
+    Receive,
+    Scope,
+    Send,
+    header,
+    json_response,
+    lifespan,
+    read_body,
+    refuse_websocket,
+)
+from kzprobe.hardening.asgi import one_line as _one_line
 from kzprobe.hardening.limits import RateLimiter, client_key, retry_after_header
 
 log = logging.getLogger("kzprobe.collector")
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 _RUN_PATH = re.compile(r"^/v1/runs/([0-9a-f-]{36})(/observations|/close)?$")
 SCHEMAS = ("open_run.json", "batch.json", "close_run.json")
@@ -59,16 +66,6 @@ class Limits:
     auth_lockout: float = 60.0
 
 
-class HttpError(Exception):
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message, self.headers = status, code, message, headers or {}
-
-
-def _one_line(text: str, limit: int = 300) -> str:
-    return " ".join(text.split())[:limit]
-
-
 @dataclass
 class CollectorApp:
     ingest: Ingest
@@ -87,51 +84,33 @@ class CollectorApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope.get("type")
         if kind == "lifespan":
-            while True:
-                msg = await receive()
-                if msg["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif msg["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await lifespan(receive, send)
+            return
         if kind == "websocket":
-            await receive()
-            await send({"type": "websocket.close", "code": 1008})
+            await refuse_websocket(receive, send)
             return
         if kind != "http":
             return
         try:
             status, payload, headers = await self._route(scope, receive)
         except HttpError as exc:
-            status, payload, headers = exc.status, {"error": exc.message, "code": exc.code}, exc.headers
+            status, payload, headers = exc.status, exc.payload(), exc.headers
         except Exception:
             log.exception("internal error on %s %s", scope.get("method"), _one_line(scope.get("path", ""), 80))
             status, payload, headers = 500, {"error": "internal error in the collector", "code": "internal"}, {}
         if self.log_addresses:
             client = scope.get("client") or ("?", 0)
             log.info("%s %s %s -> %d", client[0], scope.get("method"), _one_line(scope.get("path", ""), 80), status)
-        body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
-        raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-               (b"cache-control", b"no-store")]
-        raw += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
-        await send({"type": "http.response.start", "status": status, "headers": raw})
-        await send({"type": "http.response.body", "body": body})
+        await json_response(send, status, payload, headers)
 
     # --- plumbing ------------------------------------------------------------------------------
-    @staticmethod
-    def _header(scope: Scope, name: bytes) -> str | None:
-        for k, v in scope.get("headers", []):
-            if k.lower() == name:
-                return bytes(v).decode("latin-1")
-        return None
-
     async def _authorize(self, scope: Scope) -> str:
         client = client_key(str((scope.get("client") or ("?", 0))[0]))  # in memory only, for the lockout
         unauthorized = HttpError(401, "unauthorized", "missing, unknown or revoked token",
                                  {"WWW-Authenticate": 'Bearer realm="kzprobe-collector"'})
         if self._failures.peek(client) > 0:
             raise unauthorized
-        scheme, _, given = (self._header(scope, b"authorization") or "").partition(" ")
+        scheme, _, given = (header(scope, b"authorization") or "").partition(" ")
         if scheme.lower() != "bearer" or not given.strip():
             raise unauthorized
         # scrypt takes tens of ms: never on the event loop.
@@ -142,36 +121,14 @@ class CollectorApp:
         return name
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
-        ctype = (self._header(scope, b"content-type") or "").split(";")[0].strip().lower()
-        cap = self.limits.max_body
-        declared = self._header(scope, b"content-length")
-        too_large = HttpError(413, "too_large", f"request body over {cap} bytes")
-        if declared is not None and declared.strip().isdigit() and int(declared) > 2 * cap:
-            raise too_large
-        chunks: list[bytes] = []
-        size = 0
-        with trio.move_on_after(self.limits.body_timeout) as cs:
-            while True:
-                msg = await receive()
-                if msg["type"] == "http.disconnect":
-                    raise HttpError(400, "disconnected", "client went away before the body was complete")
-                chunk = bytes(msg.get("body", b""))
-                size += len(chunk)
-                if size > 2 * cap:
-                    raise too_large
-                if size <= cap:
-                    chunks.append(chunk)
-                # A little over the cap is read and dropped rather than answered at once: a client
-                # still sending when the connection closes gets a reset instead of the 413 reason.
-                if not msg.get("more_body", False):
-                    break
-        if size > cap and not cs.cancelled_caught:
-            raise too_large
-        if cs.cancelled_caught:
-            raise HttpError(408, "body_timeout", f"request body not received within {self.limits.body_timeout:g} s")
+        ctype = (header(scope, b"content-type") or "").split(";")[0].strip().lower()
+        # Up to the cap again is read and dropped rather than answered at once: a client still
+        # sending when the connection closes gets a reset instead of the 413 reason.
+        body = await read_body(scope, receive, self.limits.max_body, self.limits.body_timeout,
+                               drain=self.limits.max_body)
         if ctype != "application/json":
             raise HttpError(415, "unsupported_media_type", "Content-Type must be application/json")
-        return b"".join(chunks)
+        return body
 
     async def _work(self, write: Callable[[Any], Any], parse: Callable[[bytes], Any] | None = None,
                     body: bytes = b"") -> Any:
