@@ -38,9 +38,8 @@ from kzprobe.hardening.asgi import (
     Send,
     header,
     json_response,
-    lifespan,
     read_body,
-    refuse_websocket,
+    serve_non_http,
 )
 from kzprobe.hardening.asgi import one_line as _one_line
 from kzprobe.hardening.limits import RateLimiter, client_key, retry_after_header
@@ -82,14 +81,7 @@ class CollectorApp:
                                      burst=self.limits.auth_failures)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        kind = scope.get("type")
-        if kind == "lifespan":
-            await lifespan(receive, send)
-            return
-        if kind == "websocket":
-            await refuse_websocket(receive, send)
-            return
-        if kind != "http":
+        if await serve_non_http(scope, receive, send):
             return
         try:
             status, payload, headers = await self._route(scope, receive)

@@ -127,6 +127,22 @@ async def json_response(send: Send, status: int, payload: dict[str, Any], header
     await send({"type": "http.response.body", "body": body})
 
 
+async def serve_non_http(scope: Scope, receive: Receive, send: Send) -> bool:
+    """Handle every scope that is not an HTTP request; True when done (the app returns at once).
+
+    Lifespan events are acknowledged (neither server sets anything up there), WebSockets refused
+    and unknown scope types ignored, as the ASGI spec allows.
+    """
+    kind = scope.get("type")
+    if kind == "http":
+        return False
+    if kind == "lifespan":
+        await lifespan(receive, send)
+    elif kind == "websocket":
+        await refuse_websocket(receive, send)
+    return True
+
+
 async def lifespan(receive: Receive, send: Send) -> None:
     """Answer ASGI lifespan startup and shutdown (neither server has anything to set up there)."""
     while True:
@@ -145,4 +161,4 @@ async def refuse_websocket(receive: Receive, send: Send) -> None:
 
 
 __all__ = ["HttpError", "Message", "Receive", "Scope", "Send", "declared_length", "header", "json_response",
-           "lifespan", "one_line", "parse_content_length", "read_body", "refuse_websocket"]
+           "lifespan", "one_line", "parse_content_length", "read_body", "refuse_websocket", "serve_non_http"]

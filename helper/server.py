@@ -54,9 +54,8 @@ from kzprobe.hardening.asgi import (
     Send,
     header,
     json_response,
-    lifespan,
     read_body,
-    refuse_websocket,
+    serve_non_http,
 )
 from kzprobe.hardening.asgi import one_line as _one_line
 from kzprobe.hardening.tokens import Auth
@@ -173,14 +172,7 @@ class HelperApp:
         self.per_client = ConcurrencyLimiter(self.limits.client_concurrency)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        kind = scope.get("type")
-        if kind == "lifespan":
-            await lifespan(receive, send)
-            return
-        if kind == "websocket":
-            await refuse_websocket(receive, send)
-            return
-        if kind != "http":
+        if await serve_non_http(scope, receive, send):
             return
         if self.connections is not None:
             self.connections.busy(scope, +1)

@@ -16,7 +16,7 @@ import trio
 import trio.testing
 
 from kzprobe.collector.app import CollectorApp
-from kzprobe.hardening.asgi import HttpError, json_response, parse_content_length, read_body
+from kzprobe.hardening.asgi import HttpError, json_response, parse_content_length, read_body, serve_non_http
 from kzprobe.helper.server import HelperApp
 from kzprobe.helper.service import ControlResult
 
@@ -138,6 +138,24 @@ def test_json_response_is_complete_and_uncached() -> None:
     assert start["status"] == 429 and json.loads(body["body"]) == {"error": "é", "code": "x"}
     assert headers[b"content-length"] == str(len(body["body"])).encode()
     assert headers[b"cache-control"] == b"no-store" and headers[b"retry-after"] == b"2"
+
+
+def test_non_http_scopes() -> None:
+    async def main() -> list[dict[str, Any]]:
+        sent: list[dict[str, Any]] = []
+
+        async def send(msg: Any) -> None:
+            sent.append(dict(msg))
+
+        life = Script({"type": "lifespan.startup"}, {"type": "lifespan.shutdown"})
+        assert await serve_non_http({"type": "lifespan"}, life, send)
+        assert await serve_non_http({"type": "websocket"}, Script({"type": "websocket.connect"}), send)
+        assert await serve_non_http({"type": "something-new"}, Script(), send)
+        assert not await serve_non_http(scope(), Script(), send)
+        return sent
+
+    assert trio.run(main) == [{"type": "lifespan.startup.complete"}, {"type": "lifespan.shutdown.complete"},
+                              {"type": "websocket.close", "code": 1008}]
 
 
 # --- both servers: a non-ASCII digit Content-Length is a 400, not a 500 ------------------------------------
