@@ -208,7 +208,7 @@ def test_collector_answers_400_to_a_latin1_digit_length() -> None:
     trio.run(main)
 
 
-# --- HTTP/2 on loopback: does hypercorn's h2 path hand such a header to the app? ---------------------------
+# --- HTTP/2 and HTTP/1.1 on loopback: does hypercorn hand such a header to the app? ---------------------------
 async def _h2_request(port: int, content_length: bytes) -> tuple[str, Any]:
     """One POST over HTTP/2 (prior knowledge, cleartext) with this raw Content-Length.  Returns
     ("response", status), ("reset", error code) or ("goaway", error code)."""
@@ -238,7 +238,23 @@ async def _h2_request(port: int, content_length: bytes) -> tuple[str, Any]:
                 await stream.send_all(conn.data_to_send())
 
 
-def test_http2_latin1_digit_length_never_reaches_the_app_as_a_500() -> None:
+async def _h1_status(port: int, content_length: bytes) -> int:
+    """The status hypercorn's HTTP/1.1 path answers to a POST with this raw Content-Length."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(b"POST /v1/control HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                              b"Content-Length: " + content_length + b"\r\nConnection: close\r\n\r\n" + GOOD)
+        answer = b""
+        with trio.fail_after(5):
+            while b"\r\n" not in answer:
+                data = await stream.receive_some(4096)
+                if not data:
+                    break
+                answer += data
+        return int(answer.split(b"\r\n", 1)[0].split()[1])
+
+
+def test_http2_and_http1_latin1_digit_length_never_reaches_the_app_as_a_500() -> None:
     from hypercorn.config import Config
     from hypercorn.trio import serve
 
@@ -269,6 +285,10 @@ def test_http2_latin1_digit_length_never_reaches_the_app_as_a_500() -> None:
                 # through, the app's strict parse must answer 400 -- never a 500.
                 assert (kind, detail) in {("goaway", h2.errors.ErrorCodes.PROTOCOL_ERROR), ("response", 400)}
             assert measured == ["https://a.test/"]
+            # HTTP/1.1: h11 refuses the head itself (400 from hypercorn), before the app.
+            assert await _h1_status(port, str(len(GOOD)).encode()) == 200
+            assert await _h1_status(port, b"\xb2") == 400
+            assert measured == ["https://a.test/"] * 2
             stop.set()
 
     trio.run(main)
