@@ -36,6 +36,7 @@ from kzprobe.hardening.asgi import (
     Receive,
     Scope,
     Send,
+    closes,
     header,
     json_response,
     read_body,
@@ -93,7 +94,7 @@ class CollectorApp:
         if self.log_addresses:
             client = scope.get("client") or ("?", 0)
             log.info("%s %s %s -> %d", client[0], scope.get("method"), _one_line(scope.get("path", ""), 80), status)
-        await json_response(send, status, payload, headers)
+        await json_response(send, status, payload, headers, close=closes(scope, status))
 
     # --- plumbing ------------------------------------------------------------------------------
     async def _authorize(self, scope: Scope) -> str:

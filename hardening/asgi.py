@@ -116,13 +116,28 @@ async def read_body(scope: Scope, receive: Receive, limit: int, timeout: float, 
     return b"".join(chunks)
 
 
-async def json_response(send: Send, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None
-                        ) -> None:
-    """Send ``payload`` as a complete JSON answer (never cached); ``headers`` are added as given."""
+def closes(scope: Scope, status: int) -> bool:
+    """Should an answer with ``status`` end an HTTP/1 connection?  Every error does.
+
+    An error is mostly answered before the request body was read (401, 429, 413 by the declared
+    length), and a client such as httpx writes the body after the head.  hypercorn then ends the
+    connection once the answer is out, without saying so; the client, told nothing, sends its next
+    request on it and gets "server disconnected without sending a response" (seen in CI on the
+    collector, after a run of 401s).  ``Connection: close`` says it.  HTTP/2 forbids the header,
+    and its streams end on their own."""
+    return status >= 400 and str(scope.get("http_version", "1.1")).startswith("1")
+
+
+async def json_response(send: Send, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None,
+                        *, close: bool = False) -> None:
+    """Send ``payload`` as a complete JSON answer (never cached); ``headers`` are added as given;
+    ``close`` (see :func:`closes`) ends the connection after it."""
     body = json.dumps(payload, ensure_ascii=False, default=str, separators=(",", ":")).encode()
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
            (b"cache-control", b"no-store")]
     raw += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
+    if close:
+        raw.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": raw})
     await send({"type": "http.response.body", "body": body})
 

@@ -52,6 +52,7 @@ from kzprobe.hardening.asgi import (
     Receive,
     Scope,
     Send,
+    closes,
     header,
     json_response,
     read_body,
@@ -199,7 +200,7 @@ class HelperApp:
             # A bug must cost one request, not the server.
             log.exception("internal error on %s %s", scope.get("method"), scope.get("path"))
             status, payload, headers = 500, {"error": "internal error in the helper", "code": "internal"}, {}
-        await json_response(send, status, payload, headers)
+        await json_response(send, status, payload, headers, close=closes(scope, status))
 
     async def _route(self, scope: Scope, receive: Receive) -> tuple[int, dict[str, Any], dict[str, str]]:
         path, method = scope.get("path", ""), scope.get("method", "")

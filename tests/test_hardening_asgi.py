@@ -209,7 +209,7 @@ def test_collector_answers_400_to_a_latin1_digit_length() -> None:
 
 
 # --- HTTP/2 and HTTP/1.1 on loopback: does hypercorn hand such a header to the app? ---------------------------
-async def _h2_request(port: int, content_length: bytes) -> tuple[str, Any]:
+async def _h2_request(port: int, content_length: bytes, path: bytes = b"/v1/control") -> tuple[str, Any]:
     """One POST over HTTP/2 (prior knowledge, cleartext) with this raw Content-Length.  Returns
     ("response", status), ("reset", error code) or ("goaway", error code)."""
     stream = await trio.open_tcp_stream("127.0.0.1", port)
@@ -218,7 +218,7 @@ async def _h2_request(port: int, content_length: bytes) -> tuple[str, Any]:
         client_side=True, validate_outbound_headers=False, normalize_outbound_headers=False))
     conn.initiate_connection()
     conn.send_headers(1, [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"127.0.0.1"),
-                          (b":path", b"/v1/control"), (b"content-type", b"application/json"),
+                          (b":path", path), (b"content-type", b"application/json"),
                           (b"content-length", content_length)])
     conn.send_data(1, GOOD, end_stream=True)
     async with stream:
@@ -290,5 +290,60 @@ def test_http2_and_http1_latin1_digit_length_never_reaches_the_app_as_a_500() ->
             assert await _h1_status(port, b"\xb2") == 400
             assert measured == ["https://a.test/"] * 2
             stop.set()
+
+    trio.run(main)
+
+
+async def _h1_head_only(port: int, path: bytes) -> tuple[bytes, bool]:
+    """A POST head announcing a body that is not sent (yet), as httpx writes head and body apart:
+    the answer's head, and whether the server then ended the connection."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(b"POST " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                              b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n")
+        answer = b""
+        with trio.fail_after(5):
+            while b"\r\n\r\n" not in answer:
+                data = await stream.receive_some(4096)
+                if not data:
+                    break
+                answer += data
+            head = answer.split(b"\r\n\r\n", 1)[0].lower()
+            while True:  # the rest of the answer, then the end of the connection
+                data = await stream.receive_some(4096)
+                if not data:
+                    return head, True
+
+
+def test_an_error_answered_before_the_body_says_connection_close() -> None:
+    """Both servers answer some errors before the body arrives (401, 404, 429), and hypercorn then
+    ends the HTTP/1 connection: the answer must say so, or a keep-alive client sends its next
+    request into the closing connection ("server disconnected without sending a response", a CI
+    failure of test_collector).  Over HTTP/2 the header is forbidden and the answer still comes."""
+    from hypercorn.config import Config
+    from hypercorn.trio import serve
+
+    async def measure(url: str, addresses: list[str]) -> ControlResult:
+        return ControlResult([], [])
+
+    apps = {b"/nope": HelperApp(measure), b"/v1/runs": CollectorApp(cast(Any, _NoIngest()), cast(Any, _Verifier()))}
+
+    async def main() -> None:
+        for path, app in apps.items():
+            config = Config()
+            config.bind = ["127.0.0.1:0"]
+            config.accesslog = None
+            config.errorlog = None
+            stop = trio.Event()
+            async with trio.open_nursery() as nursery:
+                binds = await nursery.start(lambda task_status, app=app, config=config, stop=stop: serve(
+                    cast(Any, app), config, shutdown_trigger=stop.wait, mode="asgi", task_status=task_status))
+                port = int(binds[0].rsplit(":", 1)[1])
+                head, ended = await _h1_head_only(port, path)
+                assert head.split(b"\r\n", 1)[0].split()[1] in (b"401", b"404"), head
+                assert b"\r\nconnection: close" in head and ended, head
+                kind, status = await _h2_request(port, str(len(GOOD)).encode(), path)
+                assert kind == "response" and status in (401, 404), (kind, status)
+                stop.set()
 
     trio.run(main)
