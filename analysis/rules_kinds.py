@@ -47,6 +47,13 @@ def _tunnelled(o: Observation) -> bool:
     return o.ok and isinstance(status, int) and 200 <= status < 300
 
 
+def _probe_tunnel(f: Facts) -> Observation | None:
+    """The probe's CONNECT that opened a tunnel, for a proxy+http target (else None)."""
+    if kind_of(f) != PROXY_HTTP:
+        return None
+    return next((o for o in _connects(f, PROBE) if _tunnelled(o)), None)
+
+
 def _tunnel_tls(f: Facts, vantage: str) -> list[Observation]:
     return [o for o in f.observations if o.step == STEP_TLS and o.vantage == vantage and o.purpose == MEASURE]
 
@@ -76,9 +83,7 @@ def _proxy_connect(f: Facts) -> Hit | None:
 def _proxy_tunnel(f: Facts) -> Hit | None:
     """The proxy opened the tunnel, but TLS through it (benign SNI) fails by interference while
     control's handshake through the same proxy completes: the proxied flow itself is cut."""
-    if kind_of(f) != PROXY_HTTP:
-        return None
-    tunnel = next((o for o in _connects(f, PROBE) if _tunnelled(o)), None)
+    tunnel = _probe_tunnel(f)
     if tunnel is None:
         return None
     tls = _tunnel_tls(f, PROBE)
@@ -96,9 +101,7 @@ def _proxy_tunnel(f: Facts) -> Hit | None:
 
 
 def _ok_proxy(f: Facts) -> Hit | None:
-    if kind_of(f) != PROXY_HTTP:
-        return None
-    tunnel = next((o for o in _connects(f, PROBE) if _tunnelled(o)), None)
+    tunnel = _probe_tunnel(f)
     tls = next((o for o in _tunnel_tls(f, PROBE) if o.ok), None)
     if tunnel is None or tls is None:
         return None
@@ -111,7 +114,7 @@ def _ok_proxy(f: Facts) -> Hit | None:
 def _proxy_down(f: Facts) -> Hit | None:
     """Both vantages got a tunnel, and TLS through it failed for both: the proxy does not carry
     TLS for anyone (or the benign server is down), which no censor explains."""
-    if kind_of(f) != PROXY_HTTP or not any(_tunnelled(o) for o in _connects(f, PROBE)):
+    if _probe_tunnel(f) is None:
         return None
     tls, ctl_tls = _tunnel_tls(f, PROBE), _tunnel_tls(f, CONTROL)
     if not tls or any(o.ok for o in tls) or not ctl_tls or any(o.ok for o in ctl_tls):
@@ -126,9 +129,7 @@ def _proxy_unconfirmed(f: Facts) -> Hit | None:
     """The tunnel opened but no TLS through it completed, with no contrast that could tell why
     (a lone stall, or control did not get that far).  Never the generic ok.http: a CONNECT
     answer is not a page."""
-    if kind_of(f) != PROXY_HTTP:
-        return None
-    tunnel = next((o for o in _connects(f, PROBE) if _tunnelled(o)), None)
+    tunnel = _probe_tunnel(f)
     if tunnel is None:
         return None
     tls = _tunnel_tls(f, PROBE)
