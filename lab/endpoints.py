@@ -204,20 +204,28 @@ def _parse_endpoint(e: dict[str, Any], where: str) -> Endpoint:
         raise ScenarioError(f"{where}: tls-fingerprint applies to tor-or targets")
     if "dns-nxdomain" in methods and is_ip:
         raise ScenarioError(f"{where}: dns-nxdomain needs a target given by name")
+    expect, detail, reason = _expectation(e, where, "dpi.tls_fingerprint", " (say why, in the source's words)")
+    return Endpoint(
+        target=target, scheme=scheme, host=host, port=port, address=address, server=server, methods=methods,
+        hop=hop, expect=expect, reason=reason, detail=detail, quote=str(e.get("quote", "")).strip(),
+        label=str(e.get("label", "")), category=str(e.get("category", "")),
+    )
+
+
+def _expectation(e: dict[str, Any], where: str, detail_example: str, reason_hint: str = ""
+                 ) -> tuple[str, str, str]:
+    """An entry's ``expect``, ``detail`` and ``reason`` (stripped), each checked: what [[endpoint]]
+    and [[outage]] tables both say about the verdict they expect."""
     expect = e.get("expect")
     if expect not in EXPECTATIONS:
         raise ScenarioError(f"{where}: 'expect' must be one of {', '.join(EXPECTATIONS)}, got {expect!r}")
     detail = e.get("detail", "")
     if not isinstance(detail, str) or (detail and not _DETAIL.match(detail)):
-        raise ScenarioError(f"{where}: 'detail' must be a verdict detail such as 'dpi.tls_fingerprint'")
+        raise ScenarioError(f"{where}: 'detail' must be a verdict detail such as {detail_example!r}")
     reason = e.get("reason")
     if not isinstance(reason, str) or not reason.strip():
-        raise ScenarioError(f"{where}: 'reason' is required (say why, in the source's words)")
-    return Endpoint(
-        target=target, scheme=scheme, host=host, port=port, address=address, server=server, methods=methods,
-        hop=hop, expect=str(expect), reason=reason.strip(), detail=detail, quote=str(e.get("quote", "")).strip(),
-        label=str(e.get("label", "")), category=str(e.get("category", "")),
-    )
+        raise ScenarioError(f"{where}: 'reason' is required{reason_hint}")
+    return str(expect), detail, reason.strip()
 
 
 def parse_outages(entries: object, path: Path, endpoints: tuple[Endpoint, ...]) -> tuple[Outage, ...]:
@@ -254,15 +262,7 @@ def parse_outages(entries: object, path: Path, endpoints: tuple[Endpoint, ...]) 
         for t in targets:
             if known[t].scheme == "udp-dns":
                 raise ScenarioError(f"{where}: {t}: an address drop cannot act on a DNS-only target")
-        expect = e.get("expect")
-        if expect not in EXPECTATIONS:
-            raise ScenarioError(f"{where}: 'expect' must be one of {', '.join(EXPECTATIONS)}, got {expect!r}")
-        detail = e.get("detail", "")
-        if not isinstance(detail, str) or (detail and not _DETAIL.match(detail)):
-            raise ScenarioError(f"{where}: 'detail' must be a verdict detail such as 'ip.tcp_timeout'")
-        reason = e.get("reason")
-        if not isinstance(reason, str) or not reason.strip():
-            raise ScenarioError(f"{where}: 'reason' is required")
+        expect, detail, reason = _expectation(e, where, "ip.tcp_timeout")
         try:
             hold = float(e.get("hold", 0.0))
         except (TypeError, ValueError):
@@ -270,7 +270,7 @@ def parse_outages(entries: object, path: Path, endpoints: tuple[Endpoint, ...]) 
         if not 0 <= hold <= 600:
             raise ScenarioError(f"{where}: 'hold' must be 0-600 seconds")
         out.append(Outage(name=name, targets=tuple(targets), measure=tuple(measure), method=str(method), hop=hop,
-                          expect=str(expect), reason=reason.strip(), detail=detail, date=str(e.get("date", "")),
+                          expect=expect, reason=reason, detail=detail, date=str(e.get("date", "")),
                           quote=str(e.get("quote", "")).strip(), hold=hold))
     return tuple(out)
 
